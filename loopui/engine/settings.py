@@ -86,6 +86,10 @@ class LoopRequest:
     mask: Any = field(default=None, metadata={"help": "Motion mask (path, PIL image or HxW array, white = may "
                                                       "move); wins over the computed saliency mask.", "json": False})
     mask_model: str = _knob("u2netp", "Saliency model that finds the moving object (rembg model name).")
+    mask_threshold: float = _knob(0.5, "Saliency cut-off: higher keeps only the most certain object pixels.",
+                                  0.0, 1.0, step=0.05)
+    mask_grow: int = _knob(0, "Grow (+) or shrink (-) the mask by this many pixels.", -64, 64, step=1)
+    mask_feather: int = _knob(8, "Soften the mask edge over this many pixels.", 0, 64, step=1)
     motion_region: str = _knob("object", "Where motion may happen: the salient object, the background (mask "
                                          "inverted), or everywhere (no mask).", choices=MOTION_REGIONS)
     anchor_strength: float = _knob(1.0, "How firmly the reference image is held as the loop's first frame "
