@@ -11,8 +11,6 @@ import logging
 import string
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_ID = "loopui/tiny-random-cogvideox"
@@ -60,6 +58,7 @@ def build_tiny_cogvideox(
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
+    import torch  # lazy: importing loopui.models (e.g. for DEMO_MODEL_ID) must not import torch
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -108,6 +107,8 @@ def build_tiny_cogvideox(
     )
     tokenizer = build_tiny_tokenizer()
     cls = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    for module in (transformer, vae, text_encoder):
+        module.eval()  # freshly built modules are in training mode: T5's dropout would make runs differ
     pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
