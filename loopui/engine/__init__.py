@@ -3,7 +3,8 @@
 Importing this package imports torch but touches no GPU, network or weights.
 """
 
-from .loop import LoopInterrupted, LoopResult, PipelineInfo, SEAM_POLISH_PRESETS, generate_loop, pipeline_info
+from .loop import LoopInterrupted, LoopResult, PipelineInfo, generate_loop, pipeline_info
+from .polish import SEAM_POLISH_PRESETS
 from .render import RenderResult, render_loop
 from .settings import LoopRequest, default_shift_skip, knob_info, latent_length
 

@@ -24,20 +24,12 @@ from .decode import decode_cycle, decoded_frame_count, video_to_uint8
 from .rope import scaled_rope_preparer
 from .schedulers import build_scheduler
 from .settings import LoopRequest, default_shift_skip
-from .shift import CycleDenoiser, SeamPolish, ShiftSchedule, StepState
+from .polish import SEAM_POLISH_PRESETS
+from .shift import CycleDenoiser, ShiftSchedule, StepState
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]
-
-# Seam-polish levels: (offsets averaged, fraction of final steps, spread one offset per step).
-SEAM_POLISH_PRESETS: dict[str, SeamPolish] = {
-    "off": SeamPolish(),
-    "fast": SeamPolish(num_offsets=2, fraction=0.2, spread=False),
-    "balanced": SeamPolish(num_offsets=3, fraction=0.2, spread=False),
-    "strong": SeamPolish(num_offsets=4, fraction=0.3, spread=False),
-}
-
 
 class LoopInterrupted(RuntimeError):
     """Raised when a generation was stopped through its ``cancel_event``."""
