@@ -1,0 +1,43 @@
+"""The models room: which models exist (registry), loading and caching them (manager), the tiny demo model.
+
+Names are re-exported lazily (PEP 562) so ``import loopui.models`` pulls in neither torch nor diffusers; they are
+imported on first use of the function that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelManager": "loopui.models.manager",
+    "LoadedModel": "loopui.models.manager",
+    "ModelLoadError": "loopui.models.manager",
+    "choose_memory_policy": "loopui.models.manager",
+    "MEMORY_POLICIES": "loopui.models.manager",
+    "ModelSpec": "loopui.models.registry",
+    "REGISTRY": "loopui.models.registry",
+    "DEFAULT_MODEL_ID": "loopui.models.registry",
+    "spec_for": "loopui.models.registry",
+    "spec_for_pipeline": "loopui.models.registry",
+    "resolve_model_id": "loopui.models.registry",
+    "list_models": "loopui.models.registry",
+    "DEMO_MODEL_ID": "loopui.models.demo",
+    "build_tiny_cogvideox": "loopui.models.demo",
+    "save_tiny_cogvideox": "loopui.models.demo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
