@@ -1,0 +1,62 @@
+"""The ``mask`` subcommand: ``python -m loopui mask IMAGE --output MASK.png [--mask-model NAME] ...``.
+
+Writes the motion mask as an 8-bit grayscale PNG (white = may move). ``loopui/cli.py`` wires these two
+functions into its subparsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .masks import DEFAULT_FEATHER, DEFAULT_GROW, DEFAULT_THRESHOLD, load_rgb_image
+from .models import DEFAULT_MASK_MODEL, MASK_MODEL_INFO, MASK_MODELS, SaliencyUnavailable
+from .resolve import resolve_mask
+
+
+def add_mask_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``mask`` subcommand's arguments to ``parser`` (a subparser); returns it."""
+    models = "; ".join(MASK_MODEL_INFO[name].label for name in MASK_MODELS)
+    parser.add_argument("image", help="Reference image (PNG/JPEG/WebP...).")
+    parser.add_argument("--output", "-o", required=True, help="Where to write the mask (8-bit grayscale PNG).")
+    parser.add_argument("--mask-model", default=DEFAULT_MASK_MODEL, choices=MASK_MODELS, metavar="NAME",
+                        help=f"Saliency model (default {DEFAULT_MASK_MODEL}): {models}.")
+    parser.add_argument("--model-path", default=None,
+                        help="A custom U^2-Net-style ONNX file inside rembg's model folder (used instead of "
+                             "--mask-model).")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"Saliency cut-off in [0, 1] (default {DEFAULT_THRESHOLD}).")
+    parser.add_argument("--grow", type=int, default=DEFAULT_GROW,
+                        help=f"Grow (+) or shrink (-) the mask by this many pixels (default {DEFAULT_GROW}).")
+    parser.add_argument("--feather", type=int, default=DEFAULT_FEATHER,
+                        help=f"Soften the mask edge over this many pixels (default {DEFAULT_FEATHER}).")
+    parser.add_argument("--invert", action="store_true",
+                        help="Animate the background instead of the object.")
+    return parser
+
+
+def run_mask_command(args: argparse.Namespace) -> int:
+    """Compute the mask of ``args.image`` and write it to ``args.output``; 0 on success, 2 on a user error.
+
+    Prints one line (output path and coverage) on success, or one ``loopui: error: ...`` line on stderr.
+    """
+    try:
+        output = Path(args.output)
+        if output.suffix.lower() != ".png":
+            raise ValueError(f"--output must be a .png file, got {str(output)!r}")
+        image = load_rgb_image(args.image)
+        result = resolve_mask(image, model_name=args.mask_model, threshold=args.threshold, grow=args.grow,
+                              feather=args.feather, invert=args.invert,
+                              model_path=getattr(args, "model_path", None))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(result.mask * 255.0).astype(np.uint8), mode="L").save(output)
+    except (ValueError, SaliencyUnavailable, OSError) as err:
+        print(f"loopui: error: {err}", file=sys.stderr)
+        return 2
+    source = result.model_name if result.source == "model" else "your mask"
+    print(f"{output}: mask coverage {100.0 * result.coverage:.1f}% ({source})")
+    return 0
