@@ -97,10 +97,11 @@ class ImageConditioning:
         if self.background_freeze > 0:
             still = 1.0 - (self.motion_mask if self.motion_mask is not None else torch.zeros_like(target[:, :, :1]))
             weight = (self.background_freeze * still).to(latents.device, latents.dtype)
-            latents = latents + weight * (target - latents)
+            # lerp is exact at the ends (weight 1 gives the target bit-for-bit).
+            latents = torch.lerp(latents, target.expand_as(latents), weight.expand_as(latents))
         if self.anchor_strength > 0:
             latents = latents.clone()
-            latents[:, :1] = latents[:, :1] + self.anchor_strength * (target - latents[:, :1])
+            latents[:, :1] = torch.lerp(latents[:, :1], target, self.anchor_strength)
         return latents
 
 

@@ -1,0 +1,164 @@
+"""Reference-image loops on tiny CogVideoX pipelines: anchor, init strength, background freeze, I2V rolling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loopui.engine import LoopRequest, generate_loop
+from loopui.engine.conditioning import encode_reference, mask_to_latent_grid
+from loopui.media import load_reference_image
+
+H, W = 64, 96  # latent grid 8 x 12
+BASE = dict(prompt="a flag waving in the wind", height=H, width=W, num_inference_steps=5, seed=11)
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    """A synthetic reference: smooth colour ramps with a bright disc on the left."""
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    img = np.stack([xx / W, yy / H, 0.5 + 0.5 * np.sin(xx / 7.0)], axis=-1)
+    img[(yy - 32) ** 2 + (xx - 24) ** 2 < 15 ** 2] = [1.0, 0.9, 0.2]
+    return (img * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def left_half_mask() -> np.ndarray:
+    """Half-plane motion mask: the left half may move, the right half is background."""
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[:, : W // 2] = 255
+    return mask
+
+
+def _reference_latent(pipe, image) -> torch.Tensor:
+    return encode_reference(pipe, load_reference_image(image, W, H), H, W, torch.device("cpu"), torch.float32)
+
+
+def test_all_controls_off_equals_the_text_only_loop(tiny_pipe, image):
+    plain = generate_loop(tiny_pipe, LoopRequest(**BASE), output_type="latent")
+    off = generate_loop(tiny_pipe, LoopRequest(**BASE, image=image, anchor_strength=0.0, init_strength=1.0,
+                                               background_freeze=0.0), output_type="latent")
+    assert torch.equal(plain.latents, off.latents)
+
+
+def test_full_anchor_makes_the_first_latent_the_encoded_reference(tiny_pipe, image):
+    result = generate_loop(tiny_pipe, LoopRequest(**BASE, image=image, anchor_strength=1.0), output_type="latent")
+    reference = _reference_latent(tiny_pipe, image)
+    torch.testing.assert_close(result.latents[:, :1], reference, rtol=1e-5, atol=1e-5)
+    # ... and only the first: the rest of the cycle is free to move.
+    assert not torch.allclose(result.latents[:, 5:6], reference, atol=1e-2)
+    half = generate_loop(tiny_pipe, LoopRequest(**BASE, image=image, anchor_strength=0.5), output_type="latent")
+    plain = generate_loop(tiny_pipe, LoopRequest(**BASE), output_type="latent")
+    d_half = (half.latents[:, 0] - reference[:, 0]).abs().mean()
+    d_plain = (plain.latents[:, 0] - reference[:, 0]).abs().mean()
+    assert 0 < d_half < d_plain
+
+
+def test_full_background_freeze_holds_the_background_still(tiny_pipe, image, left_half_mask):
+    result = generate_loop(tiny_pipe, LoopRequest(**BASE, image=image, mask=left_half_mask, anchor_strength=0.0,
+                                                  background_freeze=1.0), output_type="latent")
+    latents = result.latents[0]  # (T, C, 8, 12)
+    background = latents[..., 8:]  # pixels 64..95: far from the feathered edge at 48
+    moving = latents[..., :4]
+    assert torch.equal(background, background[:1].expand_as(background)), "background identical in every frame"
+    assert torch.equal(background[0], _reference_latent(tiny_pipe, image)[0, 0, ..., 8:])
+    assert (moving - moving[:1]).abs().mean() > 1e-3, "the masked object still moves"
+
+
+def test_inverted_motion_region_freezes_the_object_instead(tiny_pipe, image, left_half_mask):
+    result = generate_loop(tiny_pipe, LoopRequest(**BASE, image=image, mask=left_half_mask, anchor_strength=0.0,
+                                                  background_freeze=1.0, motion_region="background"),
+                           output_type="latent")
+    latents = result.latents[0]
+    assert torch.equal(latents[..., :4], latents[:1, ..., :4].expand_as(latents[..., :4]))
+    assert (latents[..., 8:] - latents[:1, ..., 8:]).abs().mean() > 1e-3
+
+
+def test_mask_downsampling_keeps_feathering():
+    mask = np.zeros((64, 96), dtype=np.float32)
+    mask[:, :44] = 1.0
+    mask[:, 44:52] = np.linspace(1, 0, 8)[None]
+    grid = mask_to_latent_grid(mask, 8, 12)[0, 0, 0]
+    assert grid.shape == (8, 12)
+    assert torch.all(grid[:, :5] == 1) and torch.all(grid[:, 7:] == 0)
+    assert 0 < float(grid[0, 5]) < 1 and 0 < float(grid[0, 6]) < 1
+
+
+def test_init_strength_starts_from_the_noised_reference(tiny_pipe, image):
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = tiny_pipe.transformer.forward
+
+    def recorder(**kwargs):
+        seen.append((kwargs["hidden_states"].detach().clone(), kwargs["timestep"].detach().clone()))
+        return original(**kwargs)
+
+    steps, strength = 10, 0.6  # floor((1 - 0.6) * 10) = 4 steps replaced by the noised reference
+    tiny_pipe.transformer.forward = recorder
+    try:
+        result = generate_loop(tiny_pipe, LoopRequest(**{**BASE, "num_inference_steps": steps}, image=image,
+                                                      anchor_strength=0.0, init_strength=strength),
+                               output_type="latent")
+    finally:
+        del tiny_pipe.transformer.forward
+    assert result.settings["model_calls"] == len(seen) == steps - 4
+
+    scheduler = tiny_pipe.scheduler
+    scheduler.set_timesteps(steps)
+    t4 = scheduler.timesteps[4]
+    assert int(seen[0][1][0]) == int(t4)
+    # The pipeline's own starting noise, as prepare_latents draws it from the seed.
+    noise = torch.randn((1, 13, 4, 8, 12), generator=torch.Generator().manual_seed(BASE["seed"]))
+    reference = _reference_latent(tiny_pipe, image)
+    expected = scheduler.add_noise(reference.expand_as(noise), noise, t4.reshape(1))
+    offset = (4 * 6) % 13  # the model sees the cycle rotated as usual at step 4
+    torch.testing.assert_close(seen[0][0][:1], torch.roll(expected, -offset, dims=1), rtol=1e-5, atol=1e-5)
+
+
+def test_full_init_strength_is_pure_noise(tiny_pipe, image):
+    plain = generate_loop(tiny_pipe, LoopRequest(**BASE), output_type="latent")
+    same = generate_loop(tiny_pipe, LoopRequest(**BASE, image=image, anchor_strength=0.0, init_strength=1.0),
+                         output_type="latent")
+    assert torch.equal(plain.latents, same.latents)
+
+
+def test_i2v_image_latents_roll_with_the_cycle(tiny_i2v_pipe, image):
+    seen: list[torch.Tensor] = []
+    original = tiny_i2v_pipe.transformer.forward
+
+    def recorder(**kwargs):
+        seen.append(kwargs["hidden_states"].detach().clone())
+        return original(**kwargs)
+
+    tiny_i2v_pipe.transformer.forward = recorder
+    try:
+        generate_loop(tiny_i2v_pipe, LoopRequest(**{**BASE, "height": 32, "width": 48, "num_inference_steps": 6},
+                                                 image=image, anchor_strength=0.0), output_type="latent")
+    finally:
+        del tiny_i2v_pipe.transformer.forward
+    assert len(seen) == 6
+    for i, hidden in enumerate(seen):
+        offset = (i * 6) % 13
+        assert hidden.shape[2] == 8  # 4 noisy + 4 image-conditioning channels
+        carries_image = hidden[0, :, 4:].abs().flatten(1).sum(dim=1) > 0
+        # The image latent belongs to cycle position 0; rotated left by the offset it sits at (L - offset) mod L.
+        assert carries_image.nonzero().flatten().tolist() == [(13 - offset) % 13], f"step {i}"
+
+
+def test_i2v_needs_an_image(tiny_i2v_pipe):
+    with pytest.raises(ValueError, match="image"):
+        generate_loop(tiny_i2v_pipe, LoopRequest(**{**BASE, "height": 32, "width": 48}), output_type="latent")
+
+
+@pytest.mark.parametrize("bad", [dict(anchor_strength=1.5), dict(init_strength=-0.1),
+                                 dict(background_freeze=2.0), dict(motion_region="sky")])
+def test_bad_image_settings_raise(tiny_pipe, image, bad):
+    with pytest.raises(ValueError):
+        generate_loop(tiny_pipe, LoopRequest(**BASE, image=image, **bad))
+
+
+def test_unreadable_image_is_a_clear_error(tiny_pipe, tmp_path):
+    bogus = tmp_path / "not-an-image.png"
+    bogus.write_text("hello")
+    with pytest.raises(ValueError, match="image"):
+        generate_loop(tiny_pipe, LoopRequest(**BASE, image=str(bogus)))
