@@ -178,6 +178,26 @@ def test_missing_weights_raise_saliency_unavailable(empty_home):
         resolve_mask(red_square_image(), model_name="birefnet-general")
 
 
+def test_failed_real_download_prints_one_line(empty_home, tmp_path, capfd, monkeypatch):
+    """Let rembg run pooch.retrieve for real (it logs "Downloading data from ...") with only the transfer
+    itself blocked: the CLI must still print exactly one line."""
+    import pooch
+    import pooch.core
+    import requests
+
+    def no_transfer(url, *args, **kwargs):
+        raise requests.exceptions.ConnectionError(f"network disabled in tests: {url}")
+
+    monkeypatch.setattr(pooch, "retrieve", pooch.core.retrieve)
+    monkeypatch.setattr(pooch.core, "stream_download", no_transfer)
+    source = tmp_path / "square.png"
+    Image.fromarray(red_square_image()).save(source)
+    assert run_mask_command(parse([str(source), "-o", str(tmp_path / "m.png")])) == 2
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1 and "u2netp" in captured.err
+
+
 def test_corrupt_weights_raise_saliency_unavailable(empty_home):
     path = empty_home / "models" / "u2netp" / "u2netp.onnx"
     path.parent.mkdir(parents=True)

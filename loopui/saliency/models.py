@@ -11,13 +11,14 @@ rembg is imported lazily (it takes ~1.5 s and pulls in onnxruntime), never at ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
@@ -158,8 +159,11 @@ def _get_session(model_name: str, model_path: Optional[Union[str, "os.PathLike[s
 
         kwargs = {"model_path": str(path)} if model_path is not None else {}
         start = time.perf_counter()
+        if info is not None and not path.is_file():
+            logger.info("downloading mask model %s (~%g MB) to %s", info.name, info.size_mb, path)
         try:
-            session = new_session(name, **kwargs)
+            with _quiet_pooch():
+                session = new_session(name, **kwargs)
         except OSError as err:
             # requests.ConnectionError / HTTPError (offline, blocked, 404) and disk errors while downloading.
             if info is None:
@@ -180,6 +184,21 @@ def _get_session(model_name: str, model_path: Optional[Union[str, "os.PathLike[s
         logger.info("loaded mask model %s from %s in %.2fs", name, path, time.perf_counter() - start)
         _SESSIONS[key] = session
         return session
+
+
+@contextlib.contextmanager
+def _quiet_pooch() -> Iterator[None]:
+    """Silence pooch's own "Downloading data from ..." stderr line; we log the download ourselves, and offline
+    the CLI must print one error line only. (pooch's progress bar, shown once bytes flow, is unaffected.)"""
+    import pooch  # rembg's downloader; its logger is not registered with logging, so ask pooch for it
+
+    pooch_logger = pooch.get_logger()
+    previous = pooch_logger.level
+    pooch_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        pooch_logger.setLevel(previous)
 
 
 def clear_session_cache() -> None:
