@@ -178,22 +178,38 @@ def test_missing_weights_raise_saliency_unavailable(empty_home):
         resolve_mask(red_square_image(), model_name="birefnet-general")
 
 
-def test_failed_real_download_prints_one_line(empty_home, tmp_path, capfd, monkeypatch):
-    """Let rembg run pooch.retrieve for real (it logs "Downloading data from ...") with only the transfer
-    itself blocked: the CLI must still print exactly one line."""
+def test_failed_real_download_prints_one_line(empty_home, tmp_path, capsys, monkeypatch):
+    """Let rembg run pooch.retrieve for real (it logs "Downloading data from ..." to stderr through its own
+    handler) with only the transfer blocked: nothing reaches pooch's handlers and the CLI prints one line."""
+    import logging
+
     import pooch
     import pooch.core
     import requests
 
+    attempts, records = [], []
+
     def no_transfer(url, *args, **kwargs):
+        attempts.append(url)
         raise requests.exceptions.ConnectionError(f"network disabled in tests: {url}")
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
 
     monkeypatch.setattr(pooch, "retrieve", pooch.core.retrieve)
     monkeypatch.setattr(pooch.core, "stream_download", no_transfer)
-    source = tmp_path / "square.png"
-    Image.fromarray(red_square_image()).save(source)
-    assert run_mask_command(parse([str(source), "-o", str(tmp_path / "m.png")])) == 2
-    captured = capfd.readouterr()
+    recorder = Recorder()
+    pooch.get_logger().addHandler(recorder)
+    try:
+        source = tmp_path / "square.png"
+        Image.fromarray(red_square_image()).save(source)
+        assert run_mask_command(parse([str(source), "-o", str(tmp_path / "m.png")])) == 2
+    finally:
+        pooch.get_logger().removeHandler(recorder)
+    assert len(attempts) == 1 and attempts[0].endswith("u2netp.onnx")
+    assert records == []
+    captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and "u2netp" in captured.err
 
