@@ -1,0 +1,466 @@
+"""The Gradio Blocks studio: layout and thin callbacks over :class:`loopui.ui.studio.Studio`.
+
+Callbacks validate, turn ``ValueError`` into ``gr.Error`` and call one studio/engine function. Generation runs in a
+worker thread (``loopui.ui.jobs``); the ``generate`` generator only relays its progress, and Stop sets the job's
+cancel event, which the engine checks after every denoising step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import gradio as gr
+import numpy as np
+
+from loopui.engine.settings import default_shift_skip, knob_info, latent_length
+from loopui.ui.spaces_compat import gpu_decorator
+from loopui.ui.studio import (
+    AUTO_SCHEDULER,
+    CUSTOM_RESOLUTION,
+    PAINT_MOVE_COLOR,
+    PAINT_STILL_COLOR,
+    PREVIEW_SETTINGS,
+    RESOLUTION_LABELS,
+    RESOLUTION_PRESETS,
+    RESTORED_FIELDS,
+    MAX_HISTORY,
+    HistoryEntry,
+    Studio,
+    shift_note,
+)
+
+logger = logging.getLogger(__name__)
+
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
+EXAMPLE_PROMPTS = (
+    "ocean waves rolling onto a sandy beach at sunset, gentle foam, cinematic",
+    "a campfire burning at night, sparks drifting upward, warm light",
+    "clouds drifting over snowy mountain peaks, timelapse, golden hour",
+    "a koi fish swimming in circles in a clear pond, top-down view",
+    "northern lights rippling over a frozen lake, stars, slow motion",
+)
+QUEUE_MAX_SIZE = 16  # waiting generations beyond this are refused with "queue full" instead of piling up
+GPU_SECONDS = 300  # ZeroGPU time budget per generation (spaces.GPU duration)
+STAGE_LABELS = {"load": "Loading model", "encode": "Encoding prompt", "denoise": "Denoising",
+                "decode": "Decoding frames", "export": "Writing MP4 / GIF / WebP"}
+CSS = """
+#loopui-banner {border-left: 4px solid #f59e0b; padding: 6px 12px; background: rgba(245, 158, 11, 0.08);}
+#loopui-status {min-height: 1.6em;}
+"""
+
+
+def launch_options() -> dict[str, Any]:
+    """Keyword arguments every launch of the studio uses (app.py, tests, the screenshot script)."""
+    # show_error: a file that is not an image fails in Gradio's own preprocessing, before our callbacks can
+    # word it; with this the client still gets the cause ("cannot identify image file ...") instead of a blank.
+    return dict(allowed_paths=[str(ASSETS_DIR)], css=CSS, show_error=True)
+
+
+def _ui_help(name: str) -> str:
+    """A knob's help text for a slider or dropdown, which cannot be left empty (drops "empty = ..." clauses)."""
+    text = knob_info(name)["help"]
+    return re.sub(r"[;,]?\s*empty = [^.;)]*", "", text).replace(" ()", "").strip()
+
+
+def _slider(name: str, label: str, value: Any, **overrides: Any) -> gr.Slider:
+    info = knob_info(name)
+    kwargs = dict(minimum=info["min"], maximum=info["max"], step=info["step"], value=value, label=label,
+                  info=_ui_help(name))
+    kwargs.update(overrides)
+    return gr.Slider(**kwargs)
+
+
+def _dropdown(name: str, label: str, value: Any, choices: Optional[list] = None, **overrides: Any) -> gr.Dropdown:
+    choices = choices if choices is not None else list(knob_info(name)["choices"])
+    return gr.Dropdown(choices=choices, value=value, label=label, info=_ui_help(name), **overrides)
+
+
+def _session(request: Optional[gr.Request]) -> str:
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
+def _rope_update(studio: Studio, model_id: str, num_frames: int, window_mode: str, value: Optional[float] = None):
+    spec = studio.spec(model_id)
+    if not spec.rotary:
+        return gr.update(value=1.0, interactive=False,
+                         info="Off: this model has no rotary position embeddings, so there is nothing to rescale "
+                              "(use the window mode for long loops).")
+    auto = studio.auto_rope_scale(model_id, num_frames, window_mode)
+    note = (f" Automatic for this length: {auto:.2f}." if auto != 1.0
+            else " Automatic for this length: 1 (the cycle fits the trained length).")
+    return gr.update(value=auto if value is None else value, interactive=True, info=_ui_help("rope_scale") + note)
+
+
+def _shift_update(studio: Studio, model_id: str, num_frames: int, value: Optional[int] = None):
+    length = latent_length(int(num_frames), studio.spec(model_id).temporal_compression)
+    k = default_shift_skip(length) if value is None else min(int(value), max(length - 1, 0))
+    return gr.update(maximum=max(length - 1, 1), value=k, interactive=length > 1)
+
+
+def build_app(studio: Studio) -> gr.Blocks:
+    """The studio page, queued (bounded queue, one generation per GPU at a time); launch it with ``.launch()``."""
+    spec = studio.spec(studio.model_id)
+    frames0 = studio.default("num_frames")
+
+    with gr.Blocks(title="loopui — seamless looping videos", delete_cache=(3600, 6 * 3600)) as demo:
+        history = gr.State([])
+        gr.Markdown("# loopui — seamless looping videos\nType a prompt (optionally add a reference image), press "
+                    "**Generate**, get a loop that plays without a seam. Training-free: the model sees its latent "
+                    "cycle rotated a little at every denoising step, so no frame is the edge.")
+        banner_text = studio.banner()
+        with gr.Row(visible=bool(banner_text), elem_id="loopui-banner"):
+            gr.Markdown(banner_text)
+            preview_btn = gr.Button("Use preview settings", size="sm", scale=0, min_width=180)
+
+        with gr.Row():
+            # ---------------------------------------------------------------- inputs
+            with gr.Column(scale=5):
+                prompt = gr.Textbox(label="Prompt", lines=3, value="",
+                                    placeholder="ocean waves rolling onto a beach at sunset", info=_ui_help("prompt"))
+                gr.Examples(examples=[[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts",
+                            cache_examples=False, api_visibility="private")
+                negative_prompt = gr.Textbox(label="Negative prompt", lines=1, value="",
+                                             info=_ui_help("negative_prompt"))
+                with gr.Row():
+                    model = gr.Dropdown(choices=studio.model_choices(), value=studio.model_id, label="Model",
+                                        info="Video model; it loads on the first Generate and then stays loaded.")
+                    resolution = gr.Dropdown(
+                        choices=[(label, key) for key, label in RESOLUTION_LABELS.items()]
+                        + [("Custom", CUSTOM_RESOLUTION)],
+                        value=studio.default_resolution(), label="Resolution",
+                        info="Smaller is much faster; the model's native size looks best.")
+                model_md = gr.Markdown(studio.model_text(studio.model_id))
+                with gr.Row():
+                    preset_h, preset_w = RESOLUTION_PRESETS[studio.default_resolution()]
+                    height = gr.Number(label="Height", value=preset_h, precision=0, minimum=knob_info("height")["min"],
+                                       maximum=knob_info("height")["max"], step=knob_info("height")["step"],
+                                       info=knob_info("height")["help"])
+                    width = gr.Number(label="Width", value=preset_w, precision=0, minimum=knob_info("width")["min"],
+                                      maximum=knob_info("width")["max"], step=knob_info("width")["step"],
+                                      info=knob_info("width")["help"])
+                num_frames = _slider("num_frames", "Loop length (frames)", frames0)
+                # Built with the knob's full range so API clients may pass any k (the engine checks k < L);
+                # the page narrows it to 0..L-1 on load and whenever the loop length changes.
+                shift_skip = _slider("shift_skip", "Shift step k", studio.default("shift_skip"))
+                shift_md = gr.Markdown(shift_note(frames0, studio.default("shift_skip"), spec.temporal_compression))
+                rope_scale = _slider("rope_scale", "RoPE scale", studio.default("rope_scale"))
+                with gr.Row():
+                    num_inference_steps = _slider("num_inference_steps", "Steps", studio.default("num_inference_steps"))
+                    guidance_scale = _slider("guidance_scale", "Guidance", studio.default("guidance_scale"))
+                with gr.Row():
+                    seed_info = knob_info("seed")
+                    seed = gr.Number(label="Seed", value=studio.default("seed"), precision=0,
+                                     minimum=seed_info["min"], maximum=seed_info["max"], info=seed_info["help"],
+                                     scale=4)
+                    dice = gr.Button("🎲 Random seed", scale=1, min_width=120)
+
+                with gr.Accordion("Reference image (optional)", open=True):
+                    with gr.Row():
+                        image = gr.Image(label="Reference image", type="filepath", sources=["upload", "clipboard",
+                                                                                             "webcam"],
+                                         height=300, elem_id="loopui-image")
+                        mask_editor = gr.ImageEditor(
+                            label="Motion mask (red = may move; paint to change)", type="numpy", format="png",
+                            sources=(), transforms=(), layers=False, height=300, elem_id="loopui-mask",
+                            brush=gr.Brush(colors=[(PAINT_MOVE_COLOR, 0.75), (PAINT_STILL_COLOR, 0.75)],
+                                           default_color=(PAINT_MOVE_COLOR, 0.75), color_mode="fixed"),
+                            eraser=gr.Eraser())
+                    mask_note = gr.Markdown("", elem_id="loopui-mask-note")
+                    image_examples = sorted(str(p) for p in ASSETS_DIR.glob("*.png") if p.name != "screenshot.png")
+                    if image_examples:
+                        gr.Examples(examples=[[p] for p in image_examples], inputs=[image],
+                                    label="Example images (made by scripts/make_assets.py)",
+                                    cache_examples=False, api_visibility="private")
+                    with gr.Group(visible=False) as image_controls:
+                        motion_region = gr.Radio(choices=list(knob_info("motion_region")["choices"]),
+                                                 value=studio.default("motion_region"), label="Motion region",
+                                                 info=_ui_help("motion_region"))
+                        with gr.Row():
+                            anchor_strength = _slider("anchor_strength", "Anchor strength",
+                                                      studio.default("anchor_strength"))
+                            init_strength = _slider("init_strength", "Init strength", studio.default("init_strength"))
+                            background_freeze = _slider("background_freeze", "Background freeze",
+                                                        studio.default("background_freeze"))
+                        from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS
+
+                        mask_model = _dropdown("mask_model", "Mask model", studio.default("mask_model"),
+                                               choices=[(MASK_MODEL_INFO[m].label, m) for m in MASK_MODELS])
+                        with gr.Row():
+                            mask_threshold = _slider("mask_threshold", "Mask threshold",
+                                                     studio.default("mask_threshold"))
+                            mask_grow = _slider("mask_grow", "Mask grow / shrink", studio.default("mask_grow"))
+                            mask_feather = _slider("mask_feather", "Mask feather", studio.default("mask_feather"))
+
+                with gr.Accordion("Advanced", open=False):
+                    scheduler = _dropdown("scheduler", "Scheduler", studio.default("scheduler"),
+                                          choices=[("Pipeline's own", AUTO_SCHEDULER), ("DDIM", "ddim"),
+                                                   ("DPM (trailing)", "dpm")])
+                    with gr.Row():
+                        use_dynamic_cfg = gr.Checkbox(value=studio.default("use_dynamic_cfg"), label="Dynamic CFG",
+                                                      info=_ui_help("use_dynamic_cfg"))
+                        frame_invariant_decoding = gr.Checkbox(value=studio.default("frame_invariant_decoding"),
+                                                               label="Frame-invariant decoding",
+                                                               info=_ui_help("frame_invariant_decoding"))
+                    with gr.Row():
+                        shift_start = _slider("shift_start", "Shift start", studio.default("shift_start"))
+                        shift_end = _slider("shift_end", "Shift end", studio.default("shift_end"))
+                    window_mode = gr.Radio(choices=list(knob_info("window_mode")["choices"]),
+                                           value=studio.default("window_mode"), label="Long-loop mode",
+                                           info=_ui_help("window_mode"))
+                    with gr.Row():
+                        fps = _slider("fps", "FPS", studio.default("fps"))
+                        seam_polish = _dropdown("seam_polish", "Seam polish", studio.default("seam_polish"))
+
+                with gr.Row():
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="loopui-generate", scale=3)
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="loopui-stop", scale=1)
+
+            # ---------------------------------------------------------------- outputs
+            with gr.Column(scale=4):
+                video = gr.Video(label="Loop", loop=True, autoplay=True, interactive=False, elem_id="loopui-video",
+                                 height=360)
+                status = gr.Markdown("Ready.", label="status", elem_id="loopui-status")
+                seam_md = gr.Markdown("", label="seam", elem_id="loopui-seam")
+                strip = gr.Image(label="Seam strip: last 3 frames | first 3 frames", type="filepath",
+                                 interactive=False, height=120)
+                files = gr.File(label="Downloads (MP4, GIF, WebP, settings JSON)", file_count="multiple",
+                                interactive=False)
+                gallery = gr.Gallery(label="This session's loops (click to restore settings)", columns=2,
+                                     height=260, allow_preview=False, interactive=False)
+
+        # Hidden plumbing: the mask sent with /generate, and the /mask endpoint's output and trigger.
+        mask = gr.Image(label="Motion mask", type="filepath", image_mode="L", format="png", visible=False)
+        api_mask = gr.Image(label="Motion mask", type="filepath", image_mode="L", format="png", visible=False)
+        api_mask_trigger = gr.Button(visible=False)
+
+        knobs: dict[str, gr.components.Component] = dict(
+            prompt=prompt, negative_prompt=negative_prompt, image=image, mask=mask, shift_skip=shift_skip,
+            rope_scale=rope_scale, num_frames=num_frames, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, seed=seed, height=height, width=width, scheduler=scheduler,
+            use_dynamic_cfg=use_dynamic_cfg, frame_invariant_decoding=frame_invariant_decoding,
+            shift_start=shift_start, shift_end=shift_end, window_mode=window_mode, fps=fps, seam_polish=seam_polish,
+            anchor_strength=anchor_strength, init_strength=init_strength, background_freeze=background_freeze,
+            motion_region=motion_region, mask_model=mask_model, mask_threshold=mask_threshold, mask_grow=mask_grow,
+            mask_feather=mask_feather,
+        )
+
+        # ---------------------------------------------------------------- generation
+        @gpu_decorator(duration=GPU_SECONDS)
+        def generate(prompt: str, negative_prompt: str, shift_skip: float, rope_scale: float, num_frames: float,
+                     num_inference_steps: float, guidance_scale: float, seed: float, height: Optional[float],
+                     width: Optional[float], scheduler: str, use_dynamic_cfg: bool, frame_invariant_decoding: bool,
+                     shift_start: float, shift_end: float, window_mode: str, fps: float, seam_polish: str,
+                     anchor_strength: float, init_strength: float, background_freeze: float, motion_region: str,
+                     mask_model: str, mask_threshold: float, mask_grow: float, mask_feather: float, model: str,
+                     history: list, image: Optional[str] = None, mask: Optional[str] = None,
+                     request: gr.Request = None, progress: gr.Progress = gr.Progress()):
+            """Generate a seamless loop; returns the looping MP4 first, then the seam note, the seam strip, the
+            files (MP4, GIF, WebP, settings JSON) and a status line."""
+            values = dict(locals())
+            for name in ("history", "request", "progress", "model"):
+                values.pop(name, None)
+            skip = gr.skip()
+            try:
+                loop_request = studio.build_request(values, model_id=model or studio.model_id)
+            except ValueError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+            session = _session(request)
+            job = studio.start(session, model or studio.model_id, loop_request)
+            try:
+                for event in job.events():
+                    if event is None:
+                        yield skip, skip, skip, skip, skip, skip
+                    elif event.kind == "progress":
+                        label = STAGE_LABELS.get(event.stage, event.stage)
+                        if event.stage == "denoise":
+                            progress((event.step, event.total), desc=label, unit="steps")
+                            text = f"{label}: step {event.step}/{event.total}"
+                        elif event.stage == "load":
+                            progress(event.step / 100.0 if event.total else None, desc=event.message or label)
+                            text = event.message or label
+                        else:
+                            progress(None if not event.total else event.step / event.total, desc=label)
+                            text = label + "…"
+                        yield skip, skip, skip, skip, text, skip
+                    elif event.kind == "done":
+                        outcome = event.payload
+                        entry = studio.history_entry(outcome, values, model or studio.model_id)
+                        new_history = ([entry] + list(history or []))[:MAX_HISTORY]
+                        warn = "".join(f"\n\n⚠ {w}" for w in outcome.warnings)
+                        text = f"Done. {outcome.details}\n\n{outcome.model_text}{warn}"
+                        yield (str(outcome.video), outcome.seam_text, str(outcome.strip),
+                               [str(f) for f in outcome.files], text, new_history)
+                    else:  # error
+                        exc = event.payload
+                        from loopui.engine import LoopInterrupted
+
+                        if isinstance(exc, LoopInterrupted):
+                            yield skip, skip, skip, skip, f"Stopped ({exc}). Ready for the next loop.", skip
+                            return
+                        if not isinstance(exc, ValueError):
+                            logger.error("generation failed", exc_info=exc)
+                        raise gr.Error(studio.error_text(exc), print_exception=False)
+            finally:
+                # A cancelled Gradio event closes this generator: make the worker stop too (within one step).
+                if job.running:
+                    job.cancel()
+                studio.jobs.finish(session, job)
+
+        def prepare_mask(image_path: Optional[str], editor: Optional[dict], mask_model: str,
+                         motion_region: str) -> Optional[np.ndarray]:
+            layers = (editor or {}).get("layers") if isinstance(editor, dict) else None
+            try:
+                return studio.painted_user_mask(image_path, layers, mask_model, motion_region)
+            except ValueError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+
+        def stop(request: gr.Request) -> str:
+            if studio.jobs.stop(_session(request)):
+                return "Stopping: the current denoising step finishes, then the job ends…"
+            return "Nothing to stop. Ready."
+
+        # Inputs follow generate's signature (image and mask last, so API clients may omit them).
+        by_name = {**knobs, "model": model, "history": history}
+        gen_inputs = [by_name[p] for p in inspect.signature(generate).parameters if p in by_name]
+        mask_step = generate_btn.click(prepare_mask, inputs=[image, mask_editor, mask_model, motion_region],
+                                       outputs=[mask], api_visibility="private", queue=False)
+        gen_event = mask_step.then(generate, inputs=gen_inputs,
+                                   outputs=[video, seam_md, strip, files, status, history], api_name="generate",
+                                   concurrency_limit=1, concurrency_id="gpu", show_progress_on=[video])
+        gen_event.then(lambda h: [(e.strip, e.caption) for e in h], inputs=[history], outputs=[gallery],
+                       api_visibility="private", queue=False)
+        stop_btn.click(stop, inputs=None, outputs=[status], cancels=[gen_event], queue=False, api_name="stop",
+                       api_visibility="undocumented")
+
+        # ---------------------------------------------------------------- masks
+        mask_settings = [mask_model, mask_threshold, mask_grow, mask_feather, motion_region]
+
+        def show_mask(image_path: Optional[str], mask_model: str, threshold: float, grow: float, feather: float,
+                      motion_region: str, editor: Optional[dict] = None):
+            visible = gr.update(visible=bool(image_path))
+            try:
+                preview = studio.mask_preview(image_path, mask_model, threshold, grow, feather, motion_region)
+            except ValueError as exc:
+                return None, f"⚠ {exc}", visible
+            if preview.image is None:
+                return None, "", visible
+            layers = (editor or {}).get("layers") if isinstance(editor, dict) else None
+            value = {"background": preview.overlay, "layers": list(layers or []), "composite": None}
+            return value, preview.note, visible
+
+        image.change(show_mask, inputs=[image, *mask_settings], outputs=[mask_editor, mask_note, image_controls],
+                     api_visibility="private", trigger_mode="always_last")
+        gr.on([c.change for c in mask_settings], show_mask, inputs=[image, *mask_settings, mask_editor],
+              outputs=[mask_editor, mask_note, image_controls], api_visibility="private", trigger_mode="always_last")
+
+        def mask_endpoint(image: Optional[str], mask_model: str, mask_threshold: float, mask_grow: float,
+                          mask_feather: float, motion_region: str) -> np.ndarray:
+            """The motion mask the engine would use for ``image`` (white = may move), at preview size."""
+            if not image:
+                raise gr.Error("no image given: pass a reference image", print_exception=False)
+            try:
+                preview = studio.mask_preview(image, mask_model, mask_threshold, mask_grow, mask_feather,
+                                              motion_region)
+            except ValueError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+            if preview.mask is None:
+                if motion_region == "everything":
+                    return np.full(preview.image.shape[:2], 255, dtype=np.uint8)
+                raise gr.Error(preview.note, print_exception=False)
+            return np.round(preview.mask * 255).astype(np.uint8)
+
+        api_mask_trigger.click(mask_endpoint, inputs=[image, *mask_settings], outputs=[api_mask], api_name="mask")
+
+        # ---------------------------------------------------------------- knobs that depend on each other
+        def on_frames(model_id: str, frames: float, window: str):
+            upd = _shift_update(studio, model_id, int(frames))
+            return upd, _rope_update(studio, model_id, int(frames), window)
+
+        num_frames.input(on_frames, inputs=[model, num_frames, window_mode], outputs=[shift_skip, rope_scale],
+                         api_visibility="private", trigger_mode="always_last", queue=False)
+        window_mode.input(lambda m, f, w: _rope_update(studio, m, int(f), w), inputs=[model, num_frames, window_mode],
+                          outputs=[rope_scale], api_visibility="private", queue=False)
+
+        def on_shift(model_id: str, frames: float, k: float) -> str:
+            return shift_note(int(frames), int(k), studio.spec(model_id).temporal_compression)
+
+        gr.on([shift_skip.change, num_frames.change], on_shift, inputs=[model, num_frames, shift_skip],
+              outputs=[shift_md], api_visibility="private", trigger_mode="always_last", queue=False)
+
+        def on_model(model_id: str, frames: float, window: str):
+            try:
+                spec = studio.spec(model_id)
+            except ValueError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+            return (_rope_update(studio, model_id, int(frames), window), _shift_update(studio, model_id, int(frames)),
+                    spec.scheduler or AUTO_SCHEDULER, spec.guidance_scale, spec.use_dynamic_cfg,
+                    studio.model_text(model_id))
+
+        model.input(on_model, inputs=[model, num_frames, window_mode],
+                    outputs=[rope_scale, shift_skip, scheduler, guidance_scale, use_dynamic_cfg, model_md],
+                    api_visibility="private", queue=False)
+
+        def on_resolution(preset: str):
+            if preset not in RESOLUTION_PRESETS:
+                return gr.skip(), gr.skip()
+            h, w = RESOLUTION_PRESETS[preset]
+            return h, w
+
+        resolution.input(on_resolution, inputs=[resolution], outputs=[height, width], api_visibility="private",
+                         queue=False)
+        gr.on([height.input, width.input], lambda: CUSTOM_RESOLUTION, outputs=[resolution], api_visibility="private",
+              queue=False)
+        dice.click(lambda: random.randint(0, 2**31 - 1), outputs=[seed], api_visibility="private", queue=False)
+
+        def use_preview(model_id: str):
+            frames = PREVIEW_SETTINGS["num_frames"]
+            return ("64x96", PREVIEW_SETTINGS["height"], PREVIEW_SETTINGS["width"], frames,
+                    PREVIEW_SETTINGS["num_inference_steps"], _shift_update(studio, model_id, frames))
+
+        preview_btn.click(use_preview, inputs=[model],
+                          outputs=[resolution, height, width, num_frames, num_inference_steps, shift_skip],
+                          api_visibility="private", queue=False)
+
+        # ---------------------------------------------------------------- gallery restore
+        restored = [knobs[name] for name in RESTORED_FIELDS]
+
+        def restore(entries: list, evt: gr.SelectData):
+            if not entries or evt.index is None or not 0 <= int(evt.index) < len(entries):
+                raise gr.Error("that loop is no longer in this session's history", print_exception=False)
+            entry: HistoryEntry = entries[int(evt.index)]
+            values = dict(entry.values)
+            out: list[Any] = []
+            for name in RESTORED_FIELDS:
+                value = values.get(name)
+                if name == "shift_skip":
+                    out.append(_shift_update(studio, entry.model, int(values["num_frames"]), value))
+                elif name == "rope_scale":
+                    out.append(_rope_update(studio, entry.model, int(values["num_frames"]),
+                                            values.get("window_mode") or "full", value))
+                else:
+                    out.append(value)
+            preset = next((k for k, hw in RESOLUTION_PRESETS.items()
+                           if hw == (values.get("height"), values.get("width"))), CUSTOM_RESOLUTION)
+            note = " (it used a reference image, which is not restored)" if entry.used_image else ""
+            return (entry.model, preset, studio.model_text(entry.model), *out, entry.video, entry.strip,
+                    entry.files, f"Restored the settings of loop #{entry.index}{note}.")
+
+        gallery.select(restore, inputs=[history],
+                       outputs=[model, resolution, model_md, *restored, video, strip, files, status],
+                       api_visibility="private", queue=False)
+
+        demo.load(lambda: _shift_update(studio, studio.model_id, frames0, studio.default("shift_skip")),
+                  outputs=[shift_skip], api_visibility="private", queue=False)
+
+        def cleanup(request: gr.Request) -> None:
+            studio.drop_session(_session(request))
+
+        demo.unload(cleanup)
+
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=4)
+    return demo

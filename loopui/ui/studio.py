@@ -1,0 +1,533 @@
+"""The app's logic without gradio: models, requests, session files, mask previews, history entries.
+
+``blocks.py`` wires these to components and turns ``ValueError`` into ``gr.Error``; everything here returns plain
+data, so it reads (and tests) without a browser. Heavy imports (torch, the engine, rembg) happen inside methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import shutil
+import tempfile
+import threading
+import time
+import typing
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from loopui.engine.settings import LoopRequest, default_shift_skip, knob_info, latent_length
+from loopui.ui.jobs import JobRegistry, LoopJob, ProgressCallback
+
+logger = logging.getLogger(__name__)
+
+# Settings that make a generation take seconds on a CPU (a preview, not a finished loop).
+PREVIEW_SETTINGS: dict[str, int] = {"height": 64, "width": 96, "num_frames": 49, "num_inference_steps": 4}
+
+# Resolution presets: value -> (height, width); "native" means the model's own size (None, None).
+RESOLUTION_PRESETS: dict[str, tuple[Optional[int], Optional[int]]] = {
+    "native": (None, None),
+    "64x96": (64, 96),
+    "256x384": (256, 384),
+    "320x480": (320, 480),
+    "480x720": (480, 720),
+}
+RESOLUTION_LABELS: dict[str, str] = {
+    "native": "Model's native size",
+    "64x96": "Preview 64×96 (seconds on a CPU)",
+    "256x384": "Small 256×384",
+    "320x480": "Medium 320×480",
+    "480x720": "Full 480×720 (CogVideoX)",
+}
+CUSTOM_RESOLUTION = "custom"
+
+OUTPUT_SUFFIXES = (".mp4", ".gif", ".webp")
+AUTO_SCHEDULER = "auto"  # dropdown value for "the model's own scheduler" (LoopRequest.scheduler = None)
+MASK_PREVIEW_MAX_SIDE = 512  # the preview mask is computed on a downscaled copy: fast, and the engine resizes it
+MAX_HISTORY = 12
+SESSION_ROOT_NAME = "loopui-sessions"
+
+# Painting on the mask editor: these two brush colours; the red channel decides (bright = may move).
+PAINT_MOVE_COLOR = "rgb(255, 64, 64)"
+PAINT_STILL_COLOR = "rgb(32, 32, 160)"
+
+# The /generate parameters that are LoopRequest fields, in the order the UI and the API list them.
+REQUEST_FIELDS: tuple[str, ...] = (
+    "prompt", "negative_prompt", "image", "mask", "shift_skip", "rope_scale", "num_frames", "num_inference_steps",
+    "guidance_scale", "seed", "height", "width", "scheduler", "use_dynamic_cfg", "frame_invariant_decoding",
+    "shift_start", "shift_end", "window_mode", "fps", "seam_polish", "anchor_strength", "init_strength",
+    "background_freeze", "motion_region", "mask_model", "mask_threshold", "mask_grow", "mask_feather",
+)
+# The knobs a gallery click restores (the reference image and painted mask are not restored).
+RESTORED_FIELDS: tuple[str, ...] = tuple(f for f in REQUEST_FIELDS if f not in ("image", "mask"))
+
+
+def _integer_fields() -> frozenset[str]:
+    hints = typing.get_type_hints(LoopRequest)
+    out = set()
+    for f in dataclasses.fields(LoopRequest):
+        hint = hints[f.name]
+        if hint is int or int in typing.get_args(hint):
+            out.add(f.name)
+    return frozenset(out)
+
+
+INTEGER_FIELDS = _integer_fields()
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device is usable (asks torch; creates no CUDA context of ours)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def shift_note(num_frames: int, shift_skip: int, temporal_compression: int = 4) -> str:
+    """One line under the shift slider: the cycle length L, and a warning when gcd(k, L) > 1."""
+    length = latent_length(num_frames, temporal_compression)
+    best = default_shift_skip(length)
+    k = int(shift_skip)
+    if k == 0:
+        return f"Cycle of L = {length} latents. Shift 0 = plain sampling: the loop will not close (try {best})."
+    divisor = math.gcd(k, length)
+    if k > 1 and divisor > 1:
+        return (f"⚠ Shift {k} shares the factor {divisor} with L = {length}: some offsets are never visited, so a "
+                f"seam can remain. Try {best} (coprime with {length}).")
+    return f"Cycle of L = {length} latents; shift {k} visits every offset (the automatic choice is {best})."
+
+
+def seam_summary(seam_ratio: Optional[float], worst_text: str = "") -> str:
+    """The seam ratio with its meaning in one line (markdown)."""
+    if seam_ratio is None:
+        return "Seam ratio: not measured (too few frames)."
+    verdict = ("seamless" if seam_ratio < 1.3 else "a slight bump at the wrap" if seam_ratio < 2.0
+               else "a visible cut at the wrap")
+    line = (f"**Seam ratio {seam_ratio:.2f}** — the jump from the last frame back to the first is "
+            f"{seam_ratio:.2f}× an ordinary frame-to-frame step (≈ 1 is seamless): {verdict}.")
+    return f"{line} {worst_text[:1].upper()}{worst_text[1:]}." if worst_text else line
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "", text)[:32] or "anonymous"
+
+
+@dataclass
+class MaskPreview:
+    """A reference image prepared for the mask editor: preview-sized image, motion mask, overlay and a note."""
+
+    image: Optional[np.ndarray]  # (h, w, 3) uint8, downscaled
+    mask: Optional[np.ndarray]  # (h, w) float32 motion mask (1 = may move), None when there is none
+    overlay: Optional[np.ndarray]  # (h, w, 3) uint8 image tinted where it may move
+    note: str
+
+
+@dataclass
+class LoopOutcome:
+    """What one finished generation gives the page."""
+
+    index: int
+    video: Path
+    files: list[Path]
+    strip: Path
+    seam_ratio: Optional[float]
+    seam_text: str
+    details: str
+    warnings: list[str]
+    model_text: str
+    settings: dict
+
+
+@dataclass
+class HistoryEntry:
+    """One loop of the session gallery: its knobs (UI values) and files."""
+
+    index: int
+    model: str
+    values: dict
+    video: str
+    files: list[str]
+    strip: str
+    caption: str
+    used_image: bool = False
+
+
+@dataclass
+class Studio:
+    """State shared by every session of the app: the model manager, running jobs, defaults and caches.
+
+    ``manager`` is a ``loopui.models.ModelManager`` (built lazily when None). ``demo`` switches the defaults to the
+    tiny random model and preview settings. ``has_gpu`` None = ask torch.
+    """
+
+    manager: Any = None
+    model_id: Optional[str] = None
+    demo: bool = False
+    has_gpu: Optional[bool] = None
+    output_root: Optional[Path] = None
+    jobs: JobRegistry = field(default_factory=JobRegistry)
+    _saliency_cache: "OrderedDict[tuple, Any]" = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _counter: int = 0
+
+    def __post_init__(self) -> None:
+        from loopui.models import DEFAULT_MODEL_ID, DEMO_MODEL_ID, resolve_model_id
+
+        if self.manager is None:
+            from loopui.models import ModelManager
+
+            self.manager = ModelManager(max_models=1)
+        if self.model_id is None:
+            self.model_id = DEMO_MODEL_ID if self.demo else DEFAULT_MODEL_ID
+        self.model_id = resolve_model_id(str(self.model_id))
+        self.spec(self.model_id)  # a bad --model fails at start, with the registry's message
+        if self.has_gpu is None:
+            self.has_gpu = cuda_available()
+        if self.output_root is None:
+            self.output_root = Path(tempfile.gettempdir()) / SESSION_ROOT_NAME
+        self.output_root = Path(self.output_root)
+
+    # -- models ---------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def spec(model_id: str):
+        """The registry's ``ModelSpec`` for an id, the ``demo`` alias or a local folder (``ValueError`` if unknown)."""
+        from loopui.models import spec_for
+
+        return spec_for(model_id)
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the model dropdown: the registry, plus the start-up model if it is a folder."""
+        from loopui.models import list_models
+
+        choices = [(s.model_id + (" (demo: random weights)" if s.builtin else ""), s.model_id)
+                   for s in list_models()]
+        if self.model_id not in [value for _, value in choices]:
+            choices.insert(0, (f"{self.model_id} (local)", self.model_id))
+        return choices
+
+    def model_text(self, model_id: str) -> str:
+        """One line about a model for the page: description, trained cycle, RoPE."""
+        spec = self.spec(model_id)
+        rope = "rotary (RoPE scaling available)" if spec.rotary else "no rotary embeddings (RoPE scaling off)"
+        return (f"{spec.description} Trained on {spec.native_num_frames} frames = {spec.trained_latent_frames} "
+                f"latents; {rope}.")
+
+    def auto_rope_scale(self, model_id: str, num_frames: int, window_mode: str = "full") -> float:
+        """The engine's automatic RoPE scale for this model and cycle (1.0 = off)."""
+        from loopui.engine.loop import PipelineInfo, resolve_rope_scale
+
+        spec = self.spec(model_id)
+        info = PipelineInfo(image_to_video=spec.image_to_video, rotary=spec.rotary,
+                            trained_latent_frames=spec.trained_latent_frames,
+                            temporal_compression=spec.temporal_compression, native_height=spec.native_height,
+                            native_width=spec.native_width, prediction_type="", model_id=spec.model_id)
+        request = LoopRequest(num_frames=int(num_frames), window_mode=window_mode)
+        length = latent_length(int(num_frames), spec.temporal_compression)
+        return round(float(resolve_rope_scale(request, info, length)), 2)
+
+    # -- defaults -------------------------------------------------------------------------------------------------
+
+    @property
+    def preview_defaults(self) -> bool:
+        """Start with preview settings: the demo model, or no GPU."""
+        return bool(self.demo or not self.has_gpu)
+
+    def default(self, name: str) -> Any:
+        """The initial value of one knob: LoopRequest's default, preview settings where they apply."""
+        if self.preview_defaults and name in PREVIEW_SETTINGS:
+            return PREVIEW_SETTINGS[name]
+        if name == "shift_skip":
+            return default_shift_skip(latent_length(self.default("num_frames"),
+                                                    self.spec(self.model_id).temporal_compression))
+        if name == "rope_scale":
+            return self.auto_rope_scale(self.model_id, self.default("num_frames"))
+        if name == "scheduler":
+            return self.spec(self.model_id).scheduler or AUTO_SCHEDULER
+        if name == "guidance_scale":
+            return self.spec(self.model_id).guidance_scale
+        if name == "use_dynamic_cfg":
+            return self.spec(self.model_id).use_dynamic_cfg
+        return knob_info(name)["default"]
+
+    def default_resolution(self) -> str:
+        """The resolution preset shown at start."""
+        return "64x96" if self.preview_defaults else "native"
+
+    def banner(self) -> str:
+        """Markdown shown at the top of the page (demo model, no GPU), empty when there is nothing to say."""
+        lines = []
+        if self.demo:
+            lines.append("**Demo model.** This page runs a tiny random-weight CogVideoX built in code: it produces "
+                         "abstract noise and exists to try the interface (sliders, progress, Stop, exports, "
+                         "API) in seconds without a GPU or a download.")
+        if not self.has_gpu:
+            lines.append("**No GPU found.** Generation runs on the CPU, which is very slow for real models: the "
+                         "page starts with preview settings (64×96, 49 frames, 4 steps). Press *Use preview "
+                         "settings* to get them back.")
+        return "\n\n".join(lines)
+
+    # -- requests -------------------------------------------------------------------------------------------------
+
+    def build_request(self, values: dict, model_id: Optional[str] = None) -> LoopRequest:
+        """A validated ``LoopRequest`` from UI/API values; ``ValueError`` with a readable message otherwise."""
+        data = {}
+        for name in REQUEST_FIELDS:
+            if name not in values:
+                continue
+            value = values[name]
+            if isinstance(value, str) and name not in ("prompt", "negative_prompt"):
+                value = value.strip() or None
+            if name in ("height", "width") and value in (0, None):
+                value = None  # an empty box means the model's native size
+            if name == "scheduler" and value in (None, AUTO_SCHEDULER):
+                value = None
+            if name in INTEGER_FIELDS and value is not None:
+                value = _as_int(name, value)
+            data[name] = value
+        data.setdefault("prompt", "")
+        if data.get("prompt") is None:
+            data["prompt"] = ""
+        if data.get("negative_prompt") is None:
+            data["negative_prompt"] = ""
+        request = LoopRequest(**data).validate()
+        if not request.prompt.strip():
+            raise ValueError("prompt is empty: describe what the loop should show")
+        spec = self.spec(model_id or self.model_id)
+        if request.shift_skip is not None:
+            from loopui.engine.loop import resolve_shift_skip
+
+            resolve_shift_skip(request, latent_length(request.num_frames, spec.temporal_compression))
+        if spec.image_to_video and request.image is None:
+            raise ValueError(f"{spec.model_id} animates a reference image: add an image first")
+        return request
+
+    # -- files ----------------------------------------------------------------------------------------------------
+
+    def session_dir(self, session: str) -> Path:
+        """This session's output folder under the temp dir (Gradio may serve files from there)."""
+        path = Path(self.output_root) / _safe_name(session)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def drop_session(self, session: str) -> None:
+        """Delete a session's files (when its browser tab goes away) and stop its job."""
+        self.jobs.stop(session)
+        path = Path(self.output_root) / _safe_name(session)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def _next_index(self) -> int:
+        with self._lock:
+            self._counter += 1
+            return self._counter
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def start(self, session: str, model_id: str, request: LoopRequest) -> LoopJob:
+        """Start a generation in a worker thread: load (cached), render under the GPU lock, export, seam strip."""
+        index = self._next_index()
+        stem = self.session_dir(session) / f"loop-{index:03d}-seed{request.seed}"
+        outputs = [stem.with_suffix(s) for s in OUTPUT_SUFFIXES]
+
+        def run(report: ProgressCallback, cancel: threading.Event) -> LoopOutcome:
+            from loopui.engine import LoopInterrupted, render_loop
+
+            def on_load(stage: str, fraction: Optional[float], message: str) -> None:
+                report("load", int(round(100 * (fraction or 0.0))), 100, message)
+
+            report("load", 0, 100, f"Loading {model_id}")
+            loaded = self.manager.get(model_id, progress=on_load)
+            if cancel.is_set():
+                raise LoopInterrupted("stopped before sampling started")
+            with self.manager.gpu_lock(loaded.device):
+                render = render_loop(loaded.pipe, request, outputs=outputs, model_id=loaded.spec.model_id,
+                                     callback=report, cancel_event=cancel)
+            return self._outcome(index, render, stem, loaded)
+
+        return self.jobs.start(session, run)
+
+    @staticmethod
+    def _outcome(index: int, render: Any, stem: Path, loaded: Any) -> LoopOutcome:
+        from PIL import Image
+
+        from loopui.media import seam_strip
+
+        result = render.result
+        strip = stem.with_name(stem.name + "-seam.png")
+        Image.fromarray(seam_strip(result.frames, n=3)).save(strip)
+        s = result.settings
+        timings = result.timings
+        details = (f"{len(result.frames)} frames · {s.get('width')}×{s.get('height')} · L = "
+                   f"{s.get('num_latent_frames')} latents · shift {s.get('shift_skip')} · RoPE scale "
+                   f"{float(s.get('rope_scale', 1.0)):.2f} · {timings.get('total', 0.0):.1f} s (denoise "
+                   f"{timings.get('denoise', 0.0):.1f} s, decode {timings.get('decode', 0.0):.1f} s)")
+        files = [Path(f) for f in render.files] + [Path(render.sidecar)]
+        return LoopOutcome(index=index, video=Path(render.files[0]), files=files, strip=strip, seam_ratio=result.seam_ratio,
+                           seam_text=seam_summary(result.seam_ratio, result.describe_worst_step()),
+                           details=details, warnings=list(result.warnings), model_text=loaded.describe(),
+                           settings=dict(s))
+
+    def history_entry(self, outcome: LoopOutcome, values: dict, model_id: str) -> HistoryEntry:
+        """A gallery entry: the UI values that made the loop (to restore them) and its files."""
+        kept = {name: values.get(name) for name in RESTORED_FIELDS}
+        prompt = str(values.get("prompt") or "")
+        short = prompt if len(prompt) <= 40 else prompt[:39] + "…"
+        seam = "" if outcome.seam_ratio is None else f" · seam {outcome.seam_ratio:.2f}"
+        caption = f"#{outcome.index} “{short}” · seed {values.get('seed')} · shift {outcome.settings.get('shift_skip')}{seam}"
+        return HistoryEntry(index=outcome.index, model=model_id, values=kept, video=str(outcome.video),
+                            files=[str(f) for f in outcome.files], strip=str(outcome.strip), caption=caption,
+                            used_image=values.get("image") is not None)
+
+    @staticmethod
+    def error_text(exc: BaseException) -> str:
+        """A one-line message for the page from an exception raised by a generation."""
+        from loopui.models import ModelLoadError
+
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, (ValueError, ModelLoadError)):
+            return text
+        try:
+            from loopui.saliency import SaliencyUnavailable
+        except ImportError:  # the saliency room is optional for text-only loops
+            SaliencyUnavailable = ()  # type: ignore[assignment]  # noqa: N806
+        if SaliencyUnavailable and isinstance(exc, SaliencyUnavailable):
+            return text
+        return f"generation failed ({type(exc).__name__}): {text}"
+
+    # -- masks ----------------------------------------------------------------------------------------------------
+
+    def _raw_saliency(self, image: np.ndarray, key: tuple, mask_model: str) -> Any:
+        """The model's soft object mask for a preview image (cached: slider moves only re-run post-processing)."""
+        with self._lock:
+            if key in self._saliency_cache:
+                self._saliency_cache.move_to_end(key)
+                return self._saliency_cache[key]
+        from loopui.saliency import compute_saliency
+
+        raw = compute_saliency(image, mask_model)
+        with self._lock:
+            self._saliency_cache[key] = raw
+            while len(self._saliency_cache) > 16:
+                self._saliency_cache.popitem(last=False)
+        return raw
+
+    def mask_preview(self, image_path: Optional[str], mask_model: str, threshold: float, grow: int,
+                     feather: int, motion_region: str) -> MaskPreview:
+        """The motion mask the engine would use for this image and these settings, at preview size.
+
+        Missing saliency weights are not an error here: the note says why and the user can still paint.
+        """
+        if not image_path:
+            return MaskPreview(None, None, None, "")
+        from loopui import saliency
+
+        image = preview_image(image_path)
+        if motion_region == "everything":
+            return MaskPreview(image, None, image, "Motion region *everything*: the whole frame may move; no mask "
+                                                   "is used (painting has no effect).")
+        start = time.perf_counter()
+        try:
+            path = Path(image_path)
+            key = (str(path), path.stat().st_mtime_ns if path.exists() else 0, mask_model)
+            raw = self._raw_saliency(image, key, mask_model)
+        except saliency.SaliencyUnavailable as exc:
+            return MaskPreview(image, None, image, f"No automatic mask: {exc}. You can still paint the region that "
+                                                   "may move (red) on the image.")
+        mask = saliency.postprocess_mask(raw, float(threshold), int(grow), float(feather),
+                                         invert=motion_region == "background")
+        overlay = saliency.overlay_mask(image, mask)
+        region = "background" if motion_region == "background" else "object"
+        note = (f"Red = may move ({region} from {mask_model}, {100 * saliency.mask_coverage(mask):.0f}% of the "
+                f"frame, {time.perf_counter() - start:.2f} s). Paint red to add motion, blue to hold still.")
+        return MaskPreview(image, mask, overlay, note)
+
+    def painted_user_mask(self, image_path: Optional[str], layers: Optional[list], mask_model: str,
+                          motion_region: str) -> Optional[np.ndarray]:
+        """The mask to send with a request when the user painted, else None (the engine computes the same mask).
+
+        Paint means "may move" (red) or "hold still" (blue) in the preview's terms. The engine post-processes a
+        user mask exactly like the model's (threshold, invert for the background, grow, feather), so the
+        strokes are written into the model's raw *object* mask: a red stroke is object when the object moves
+        and background when the background moves.
+        """
+        if not image_path or motion_region == "everything":
+            return None
+        move, painted = paint_from_layers(layers)
+        if painted is None or not painted.any():
+            return None
+        image = preview_image(image_path)
+        height, width = image.shape[:2]
+        move = _resize_bool(move, width, height)
+        painted = _resize_bool(painted, width, height)
+        from loopui import saliency
+
+        try:
+            path = Path(image_path)
+            key = (str(path), path.stat().st_mtime_ns if path.exists() else 0, mask_model)
+            base = np.asarray(self._raw_saliency(image, key, mask_model), dtype=np.float32)
+        except saliency.SaliencyUnavailable:
+            base = np.zeros((height, width), dtype=np.float32)
+        is_object = move if motion_region != "background" else ~move
+        out = base.copy()
+        out[painted] = is_object[painted].astype(np.float32)
+        return np.round(out * 255).astype(np.uint8)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def preview_image(image_path: str, max_side: int = MASK_PREVIEW_MAX_SIDE) -> np.ndarray:
+    """The reference image upright, RGB, downscaled to ``max_side`` (``ValueError`` if unreadable)."""
+    from PIL import Image
+
+    from loopui.saliency import load_rgb_image
+
+    image = load_rgb_image(image_path)
+    image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+def paint_from_layers(layers: Optional[list]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(may-move HxW bool, painted HxW bool) from ImageEditor layers (HxWx4 RGBA), or (None, None)."""
+    if not layers:
+        return None, None
+    move = painted = None
+    for layer in layers:
+        if layer is None:
+            continue
+        arr = np.asarray(layer)
+        if arr.ndim != 3 or arr.shape[2] != 4:
+            continue
+        here = arr[..., 3] > 0
+        # The red channel tells the two brushes apart (move = bright red, still = dark blue).
+        red = arr[..., 0] > 127
+        if move is None:
+            move, painted = np.zeros(here.shape, bool), np.zeros(here.shape, bool)
+        if here.shape != painted.shape:
+            continue
+        move = np.where(here, red, move)
+        painted |= here
+    return move, painted
+
+
+def _resize_bool(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    if mask.shape == (height, width):
+        return mask
+    from PIL import Image
+
+    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(img) > 127

@@ -1,0 +1,185 @@
+"""The app headless: launch it on the demo model and drive /generate, /mask and /stop with gradio_client.
+
+One server for the module (the tiny model loads once); rembg runs a tiny ONNX stand-in for u2netp from a temp home.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gradio")
+pytest.importorskip("gradio_client")
+
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from saliency_fixtures import install_tiny_u2netp  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+FAST = dict(num_inference_steps=2, height=64, width=96, num_frames=49)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """(studio, client): the demo app on a free port, rembg pointed at a tiny u2netp, outputs in a temp dir."""
+    from loopui.ui import Studio, build_app, launch_options
+
+    home = tmp_path_factory.mktemp("rembg-home")
+    install_tiny_u2netp(home)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("U2NET_HOME", str(home))
+        mp.setenv("MODEL_CHECKSUM_DISABLED", "1")
+        from loopui.saliency import clear_session_cache
+
+        clear_session_cache()
+        studio = Studio(demo=True, has_gpu=False, output_root=tmp_path_factory.mktemp("sessions"))
+        demo = build_app(studio)
+        demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, **launch_options())
+        try:
+            yield studio, Client(demo.local_url, verbose=False)
+        finally:
+            demo.close()
+            clear_session_cache()
+
+
+def read_back(path: str) -> np.ndarray:
+    from loopui.media import read_video
+
+    return read_video(path)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def test_api_lists_generate_and_mask_with_request_field_names(app):
+    _, client = app
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(endpoints) == {"/generate", "/mask"}  # internal events (sliders, gallery, stop) stay out
+    names = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
+    for name in ("prompt", "negative_prompt", "image", "mask", "shift_skip", "rope_scale", "num_frames",
+                 "num_inference_steps", "guidance_scale", "seed", "anchor_strength", "motion_region"):
+        assert name in names
+    optional = {p["parameter_name"] for p in endpoints["/generate"]["parameters"] if p["parameter_has_default"]}
+    assert {"image", "mask", "prompt"} <= optional
+    assert endpoints["/generate"]["returns"][0]["component"] == "Video"
+
+
+def test_generate_returns_a_looping_mp4_and_reuses_the_model(app):
+    studio, client = app
+    video, seam, strip, files, status = client.predict(prompt="ocean waves", seed=7, api_name="/generate", **FAST)
+    frames = read_back(video)
+    # Frame-invariant decoding of L = 13 latents plays 4·L = 52 frames at the requested size.
+    assert frames.shape == (52, 64, 96, 3)
+    assert "Seam ratio" in seam and "Done." in status
+    suffixes = sorted(Path(f).suffix for f in files)
+    assert suffixes == [".gif", ".json", ".mp4", ".webp"]
+    sidecar = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+    assert sidecar["seed"] == 7 and sidecar["settings"]["shift_skip"] == 6
+    assert studio.manager.load_count == 1
+
+    # Second call, with a reference image: same cached model, a different loop.
+    video2, *_ = client.predict(prompt="ocean waves", seed=8, image=handle_file(str(ASSETS / "balloon.png")),
+                                anchor_strength=0.5, api_name="/generate", **FAST)
+    assert studio.manager.load_count == 1
+    frames2 = read_back(video2)
+    assert frames2.shape == frames.shape
+    assert not np.array_equal(frames, frames2)
+
+
+def test_mask_endpoint_finds_the_object_and_inverts_for_background(app):
+    from PIL import Image
+
+    _, client = app
+    image = handle_file(str(ASSETS / "balloon.png"))
+    obj = np.asarray(Image.open(client.predict(image=image, api_name="/mask")).convert("L")) / 255.0
+    assert obj.shape == (320, 480)
+    assert obj[100, 240] > 0.9  # the red balloon
+    assert obj[10, 10] < 0.1  # blue sky
+    back = np.asarray(Image.open(client.predict(image=image, motion_region="background", mask_feather=0,
+                                                api_name="/mask")).convert("L")) / 255.0
+    assert back[100, 240] < 0.1 and back[10, 10] > 0.9
+
+
+def test_painted_strokes_win_over_the_computed_mask(app):
+    studio, _ = app
+    image = str(ASSETS / "balloon.png")
+    layer = np.zeros((320, 480, 4), np.uint8)
+    layer[0:40, 0:60] = (255, 64, 64, 190)  # "may move" over the sky
+    layer[90:110, 230:250] = (32, 32, 160, 190)  # "hold still" on the balloon
+    mask = studio.painted_user_mask(image, [layer], "u2netp", "object") / 255.0
+    assert mask[20, 30] == 1.0 and mask[100, 240] == 0.0
+    assert mask[60, 240] > 0.9 and mask[300, 400] < 0.1  # unpainted pixels keep the model's mask
+    # With the background moving, a "may move" stroke means "not the object" (the engine inverts the mask).
+    inverted = studio.painted_user_mask(image, [layer], "u2netp", "background") / 255.0
+    assert inverted[20, 30] == 0.0 and inverted[100, 240] == 1.0
+    assert studio.painted_user_mask(image, [np.zeros_like(layer)], "u2netp", "object") is None
+
+
+def test_stop_interrupts_a_long_generation_and_the_app_stays_ready(app):
+    from gradio_client.utils import Status
+
+    studio, client = app
+    before = set(Path(studio.output_root).rglob("*.mp4"))
+
+    def long_job():
+        return client.submit(prompt="a long one", api_name="/generate", **{**FAST, "num_inference_steps": 200})
+
+    def denoising(job) -> bool:
+        status = job.status()
+        return status.code == Status.PROGRESS and bool(status.progress_data) and any(
+            "Denoising" in (p.desc or "") for p in status.progress_data)
+
+    # 1. Cancelling the client job (what the browser's Stop does to the event) stops the worker too.
+    job = long_job()
+    assert wait_until(lambda: denoising(job), timeout=30)
+    started = time.monotonic()
+    job.cancel()
+    assert wait_until(lambda: studio.jobs.running() == 0, timeout=5), "worker kept running after cancel"
+    assert time.monotonic() - started < 5
+
+    # 2. The Stop endpoint reaches the same session's worker; the run ends with a "Stopped" status.
+    job = long_job()
+    assert wait_until(lambda: denoising(job), timeout=30)
+    assert "Stopping" in client.predict(api_name="/stop")
+    outputs = job.result(timeout=10)
+    assert "Stopped" in outputs[-1]
+    assert studio.jobs.running() == 0
+    assert set(Path(studio.output_root).rglob("*.mp4")) == before  # neither long run wrote a loop
+
+    # 3. Ready again at once.
+    video, *_ = client.predict(prompt="after the stop", api_name="/generate", **FAST)
+    assert read_back(video).shape[0] == 52
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt="   "), "prompt is empty"),
+    (dict(prompt="x", shift_skip=13), "shift_skip must be in [0, 12]"),
+    (dict(prompt="x", height=50), "height must be a multiple of 16"),
+    (dict(prompt="x", model="no/such-model"), "not in the list of choices"),
+    (dict(prompt="x", image=handle_file(str(Path(__file__)))), "cannot identify image file"),
+])
+def test_bad_inputs_come_back_as_readable_errors(app, kwargs, message):
+    _, client = app
+    with pytest.raises(AppError) as info:
+        client.predict(api_name="/generate", **{**FAST, **kwargs})
+    assert message in str(info.value)
+    # ...and the server keeps serving.
+    assert client.predict(image=handle_file(str(ASSETS / "koi.png")), api_name="/mask")
