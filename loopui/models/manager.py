@@ -280,7 +280,7 @@ class ModelManager:
                     pipe.enable_model_cpu_offload(device=device)
                 else:
                     pipe.enable_sequential_cpu_offload(device=device)
-            except torch.OutOfMemoryError as exc:
+            except torch.cuda.OutOfMemoryError as exc:
                 del pipe
                 _free_memory()
                 raise ModelLoadError(f"out of GPU memory placing {spec.model_id} on {device} (policy {policy}): "

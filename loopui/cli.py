@@ -1,0 +1,400 @@
+"""Command line: ``python -m loopui generate|mask|models``.
+
+Every ``generate`` flag takes its default, range, choices and help from ``LoopRequest``'s field metadata, so the CLI,
+the UI and the Python API cannot drift apart. Where the user leaves a flag out, the model's recommendation applies
+(scheduler, guidance, dynamic CFG, native size). User mistakes end as one ``loopui: error: ...`` line and exit
+code 2; an interrupt exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from loopui.engine.settings import LoopRequest, knob_info
+
+logger = logging.getLogger(__name__)
+
+PROG = "loopui"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Flags of knobs that may be left to the model's recommendation (registry): default None = "ask the model".
+_MODEL_RECOMMENDED = ("scheduler", "guidance_scale", "use_dynamic_cfg", "height", "width")
+
+
+def _rope_scale(text: str) -> Optional[float]:
+    """``--rope-scale``: a number, or ``auto`` (None: the engine picks L / L_trained for over-long cycles)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+# (flag, LoopRequest field, argparse type). Booleans and the image paths are added separately.
+_KNOB_FLAGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
+    ("--negative-prompt", "negative_prompt", str),
+    ("--frames", "num_frames", int),
+    ("--height", "height", int),
+    ("--width", "width", int),
+    ("--steps", "num_inference_steps", int),
+    ("--guidance", "guidance_scale", float),
+    ("--seed", "seed", int),
+    ("--shift-skip", "shift_skip", int),
+    ("--shift-start", "shift_start", float),
+    ("--shift-end", "shift_end", float),
+    ("--rope-scale", "rope_scale", _rope_scale),
+    ("--window", "window_mode", str),
+    ("--scheduler", "scheduler", str),
+    ("--fps", "fps", int),
+    ("--seam-polish", "seam_polish", str),
+    ("--mask-model", "mask_model", str),
+    ("--mask-threshold", "mask_threshold", float),
+    ("--mask-grow", "mask_grow", int),
+    ("--mask-feather", "mask_feather", int),
+    ("--motion-region", "motion_region", str),
+    ("--anchor-strength", "anchor_strength", float),
+    ("--init-strength", "init_strength", float),
+    ("--background-freeze", "background_freeze", float),
+)
+# For error messages: "num_frames must be >= 5" is clearer as "... [--frames]" on the command line.
+_FIELD_FLAGS = {field: flag for flag, field, _ in _KNOB_FLAGS} | {
+    "prompt": "--prompt", "use_dynamic_cfg": "--dynamic-cfg", "image": "--image", "mask": "--mask",
+    "frame_invariant_decoding": "--no-frame-invariant-decoding"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``loopui: error: ...``, exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _knob_help(field: str, recommended: bool = False) -> str:
+    info = knob_info(field)
+    parts = [info["help"]]
+    if info.get("min") is not None and info.get("max") is not None:
+        parts.append(f"Range {info['min']:g}..{info['max']:g}.")
+    if recommended:
+        parts.append("Default: the model's recommendation.")
+    elif info["default"] is not None and info["default"] != "":
+        parts.append(f"Default: {info['default']}.")
+    return " ".join(parts).replace("%", "%%")  # argparse formats help with %
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from loopui.models.registry import DEFAULT_MODEL_ID
+
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, metavar="ID_OR_DIR",
+                        help=f"Hub id, local diffusers folder, or 'demo' (a tiny random model for trying the "
+                             f"pipeline without a GPU). Default: {DEFAULT_MODEL_ID}. See `{PROG} models`.")
+    parser.add_argument("--prompt", required=True, help=_knob_help("prompt"))
+    for flag, field, kind in _KNOB_FLAGS:
+        info = knob_info(field)
+        recommended = field in _MODEL_RECOMMENDED
+        default = None if recommended else info["default"]
+        metavar = "S|auto" if field == "rope_scale" else (None if info.get("choices") else
+                                                           flag.lstrip("-").upper().replace("-", "_"))
+        parser.add_argument(flag, dest=field, type=kind, default=default, choices=info.get("choices"),
+                            metavar=metavar, help=_knob_help(field, recommended))
+    parser.add_argument("--dynamic-cfg", dest="use_dynamic_cfg", action=argparse.BooleanOptionalAction,
+                        default=None, help=_knob_help("use_dynamic_cfg", recommended=True))
+    parser.add_argument("--no-frame-invariant-decoding", dest="frame_invariant_decoding", action="store_false",
+                        default=knob_info("frame_invariant_decoding")["default"],
+                        help="Decode the cycle as a plain clip instead: "
+                             + _knob_help("frame_invariant_decoding"))
+    parser.add_argument("--image", default=None, metavar="PATH", help=_knob_help("image"))
+    parser.add_argument("--mask", default=None, metavar="PATH", help=_knob_help("mask"))
+    parser.add_argument("--invert-mask", action="store_true",
+                        help="Animate the background instead of the object (same as --motion-region background).")
+    parser.add_argument("--output", "-o", action="append", required=True, metavar="PATH",
+                        help="Output file (.mp4, .gif or .webp); repeat for several formats. A JSON sidecar with "
+                             "every setting is written beside the first.")
+    parser.add_argument("--save-latents", default=None, metavar="PATH.pt",
+                        help="Also save the final latents (float32, (B, T, C, H/8, W/8)) with torch.save.")
+    parser.add_argument("--device", default=None, help="Torch device (default: cuda when available, else cpu).")
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                        help="Weights dtype (default: the model's on CUDA, float32 on CPU).")
+    parser.add_argument("--offload", default=None, choices=("auto", "none", "model", "sequential"),
+                        help="GPU memory policy (default: LOOPUI_OFFLOAD, else chosen from free VRAM).")
+    parser.add_argument("--quiet", "-q", action="store_true", help="No progress output, only the summary.")
+    parser.add_argument("--verbose", "-v", action="store_true", help="Log details (and diffusers' messages).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``loopui`` argument parser with its ``generate``, ``mask`` and ``models`` subcommands."""
+    parser = _Parser(prog=PROG, description="Seamlessly looping videos from video diffusion models.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    generate = commands.add_parser("generate", help="Generate a looping video.",
+                                   description="Generate a seamlessly looping video from a text prompt "
+                                               "(optionally anchored on a reference image).")
+    _add_generate_arguments(generate)
+    mask = commands.add_parser("mask", help="Compute the motion mask of a reference image.")
+    try:
+        from loopui.saliency.cli import add_mask_arguments
+    except ImportError as exc:  # the saliency room is optional for generate/models
+        mask.set_defaults(mask_unavailable=str(exc))
+    else:
+        add_mask_arguments(mask)
+    models = commands.add_parser("models", help="List the known models (or describe model folders).")
+    models.add_argument("model", nargs="*", metavar="ID_OR_DIR", help="Describe these instead of the registry.")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad arguments, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) and argument errors (2); return instead of exiting the caller
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "models":
+        return _run_models(args.model)
+    if args.command == "mask":
+        if getattr(args, "mask_unavailable", None):
+            return _fail(f"the mask command is unavailable: {args.mask_unavailable}")
+        from loopui.saliency.cli import run_mask_command
+
+        return run_mask_command(args)
+    with _cli_logging(verbose=args.verbose, quiet=args.quiet) as shown:
+        return _run_generate(args, shown)
+
+
+# -- generate -------------------------------------------------------------------------------------------------------
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _flag_hint(message: str) -> str:
+    field = message.split(" ", 1)[0]
+    flag = _FIELD_FLAGS.get(field)
+    return f"{message} [{flag}]" if flag else message
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def build_request(args: argparse.Namespace, spec: Any) -> LoopRequest:
+    """A validated ``LoopRequest`` from parsed ``generate`` arguments, the model's recommendations filling gaps."""
+    values = {field: getattr(args, field) for _, field, _ in _KNOB_FLAGS}
+    values.update(prompt=args.prompt, use_dynamic_cfg=args.use_dynamic_cfg, image=args.image, mask=args.mask,
+                  frame_invariant_decoding=args.frame_invariant_decoding)
+    if args.invert_mask:
+        if values["motion_region"] not in ("object", "background"):
+            raise ValueError(f"--invert-mask contradicts --motion-region {values['motion_region']}")
+        values["motion_region"] = "background"
+    recommended = {"scheduler": spec.scheduler, "guidance_scale": spec.guidance_scale,
+                   "use_dynamic_cfg": spec.use_dynamic_cfg, "height": spec.native_height,
+                   "width": spec.native_width}
+    for field in _MODEL_RECOMMENDED:
+        if values[field] is None:
+            values[field] = recommended[field]
+    return LoopRequest(**values).validate()
+
+
+def _check_inputs(request: LoopRequest, spec: Any) -> None:
+    """Fail before the (slow) model load on mistakes the engine would only find after it."""
+    from loopui.media import load_mask_image, load_reference_image
+
+    if not request.prompt.strip():
+        raise ValueError("prompt is empty: describe what the loop should show [--prompt]")
+    if spec.image_to_video and request.image is None:
+        raise ValueError(f"{spec.model_id} animates a reference image: pass --image PATH")
+    if request.image is not None:
+        load_reference_image(request.image, request.width, request.height)
+    if request.mask is not None:
+        load_mask_image(request.mask, request.width, request.height)
+
+
+class _Progress:
+    """The engine callback: one tqdm bar on stderr for the denoising steps."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if stage == "denoise":
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr, dynamic_ncols=True)
+            self.bar.update(max(0, step - self.bar.n))
+        elif stage == "decode" and step == 0:
+            self.close()
+            print(f"{PROG}: decoding", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
+    import torch
+
+    from loopui.engine import LoopInterrupted, render_loop
+    from loopui.engine.render import check_outputs
+    from loopui.models import ModelLoadError, ModelManager, spec_for
+
+    progress = _Progress(enabled=not args.quiet)
+    try:
+        # 1. Check everything that needs no model
+        spec = spec_for(args.model)
+        request = build_request(args, spec)
+        outputs = check_outputs(args.output)
+        _check_inputs(request, spec)
+
+        # 2. Load the model
+        def on_load(stage: str, fraction: Optional[float], message: str) -> None:
+            if not args.quiet:
+                print(f"{PROG}: {message}", file=sys.stderr)
+
+        manager = ModelManager(device=args.device, offload=args.offload)
+        loaded = manager.get(args.model, dtype=args.dtype, progress=on_load)
+        loaded.pipe.set_progress_bar_config(disable=True)  # our own bar replaces diffusers'
+
+        # 3. Generate and write the files
+        start = time.perf_counter()
+        render = render_loop(loaded.pipe, request, outputs=outputs, model_id=spec.model_id, callback=progress)
+        if args.save_latents:
+            _save_latents(render.result.latents, Path(args.save_latents))
+        elapsed = time.perf_counter() - start
+    except (KeyboardInterrupt, LoopInterrupted) as exc:
+        return _fail("interrupted" + (f": {_one_line(exc)}" if str(exc) else ""), EXIT_INTERRUPTED)
+    except ModelLoadError as exc:
+        return _fail(_one_line(exc))
+    except ValueError as exc:  # bad settings, unreadable images, the engine's input checks
+        return _fail(_flag_hint(_one_line(exc)))
+    except torch.cuda.OutOfMemoryError as exc:
+        return _fail(f"out of memory: {_one_line(exc)} -- try a smaller size, fewer frames or --offload sequential",
+                     EXIT_FAILURE)
+    except OSError as exc:  # an output that cannot be written
+        return _fail(_one_line(exc), EXIT_FAILURE)
+    finally:
+        progress.close()
+
+    # 4. Summary: one line per file, the seam, the time
+    result = render.result
+    for message in result.warnings:
+        if message not in shown_warnings:
+            print(f"{PROG}: warning: {message}", file=sys.stderr)
+    frames, height, width = result.frames.shape[:3]
+    for path in render.files:
+        print(f"wrote {path} ({frames} frames, {width}x{height}, {request.fps} fps, "
+              f"{path.stat().st_size / 1024:.0f} KiB)")
+    print(f"wrote {render.sidecar} (settings and metrics)")
+    if args.save_latents:
+        print(f"wrote {args.save_latents} (latents {tuple(result.latents.shape)})")
+    if result.seam_ratio is not None:
+        print(f"seam ratio {result.seam_ratio:.2f} (the wrap's jump vs. the mean frame step; about 1 = seamless), "
+              f"interior ratio {result.interior_ratio:.2f} (the largest other jump)")
+    timings = result.timings
+    print(f"time {elapsed:.1f} s (denoise {timings.get('denoise', 0):.1f} s, decode {timings.get('decode', 0):.1f} s; "
+          f"model load {loaded.load_seconds:.1f} s)")
+    return EXIT_OK
+
+
+def _save_latents(latents: Any, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(latents.detach().to(device="cpu", dtype=torch.float32).contiguous(), path)
+
+
+# -- models ---------------------------------------------------------------------------------------------------------
+
+def _run_models(names: Sequence[str]) -> int:
+    from loopui.models.registry import DEFAULT_MODEL_ID, list_models, spec_for
+
+    try:
+        specs = [spec_for(name) for name in names] if names else list_models()
+    except ValueError as exc:
+        return _fail(_one_line(exc))
+    rows = [("MODEL", "TASK", "ROPE", "LATENTS", "NATIVE", "DTYPE", "VRAM")]
+    for spec in specs:
+        name = spec.model_id + (" (default)" if spec.model_id == DEFAULT_MODEL_ID else "")
+        rows.append((name, "i2v" if spec.image_to_video else "t2v", "yes" if spec.rotary else "no",
+                     str(spec.trained_latent_frames),
+                     f"{spec.native_width}x{spec.native_height}x{spec.native_num_frames}", spec.cuda_dtype,
+                     f"~{spec.vram_gb:g} GiB"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if not names:
+        print(f"\n'demo' is an alias of {spec_for('demo').model_id}. A local diffusers folder works as --model too.")
+    return EXIT_OK
+
+
+# -- logging --------------------------------------------------------------------------------------------------------
+
+class _OneLineHandler(logging.Handler):
+    """Log records as ``loopui: warning: ...`` lines on stderr, remembering what was shown (to avoid repeats)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.shown.add(message)
+        sys.stderr.write(f"{PROG}: {record.levelname.lower()}: {message}\n")
+
+
+class _cli_logging:
+    """Route loopui's log records to one-line stderr messages for one command, then restore the logger."""
+
+    def __init__(self, verbose: bool, quiet: bool) -> None:
+        self.level = logging.INFO if verbose else (logging.ERROR if quiet else logging.WARNING)
+        self.verbose = verbose
+        self.quiet = quiet
+        self.handler = _OneLineHandler()
+
+    def __enter__(self) -> set[str]:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        root = logging.getLogger("loopui")
+        self.libraries = (diffusers_logging, transformers_logging)
+        self.saved = (root.level, root.propagate, [lib.get_verbosity() for lib in self.libraries],
+                      [lib.is_progress_bar_enabled() for lib in self.libraries])
+        self.handler.setLevel(self.level)
+        root.addHandler(self.handler)
+        root.setLevel(self.level)
+        root.propagate = False  # our handler prints it; a root handler would print it twice
+        if not self.verbose:
+            # diffusers/transformers chat about config keys and deprecations; only their errors matter here, and
+            # with --quiet not even those (a failed load still ends in our one-line error).
+            for library in self.libraries:
+                library.set_verbosity(logging.CRITICAL if self.quiet else logging.ERROR)
+        if self.quiet:
+            for library in self.libraries:  # the "Loading pipeline components" / "Loading weights" bars
+                library.disable_progress_bar()
+        return self.handler.shown
+
+    def __exit__(self, *exc_info: Any) -> None:
+        root = logging.getLogger("loopui")
+        root.removeHandler(self.handler)
+        root.setLevel(self.saved[0])
+        root.propagate = self.saved[1]
+        for library, verbosity, bars in zip(self.libraries, self.saved[2], self.saved[3]):
+            library.set_verbosity(verbosity)
+            if bars:
+                library.enable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

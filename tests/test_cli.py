@@ -1,0 +1,193 @@
+"""The command line end to end on a saved tiny model folder, plus its one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loopui.cli import build_parser, main
+from loopui.engine.settings import knob_info
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--height", "32", "--width", "48", "--steps", "2", "--frames", "49"]
+
+
+def _generate(model_dir: Path, *extra: str) -> list[str]:
+    return ["generate", "--model", str(model_dir), "--prompt", "a red ball bouncing", *SMALL, *extra]
+
+
+def _error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("loopui: error: ") and "Traceback" not in captured.err
+    return lines[0]
+
+
+# -- end to end -----------------------------------------------------------------------------------------------------
+
+def test_generate_writes_loop_sidecar_and_latents(tiny_model_dir, tmp_path, capsys):
+    from loopui.media import read_video
+
+    out = tmp_path / "out" / "loop.mp4"
+    latents_path = tmp_path / "latents.pt"
+    start = time.perf_counter()
+    code = main(_generate(tiny_model_dir, "--output", str(out), "--save-latents", str(latents_path)))
+    elapsed = time.perf_counter() - start
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+
+    frames = read_video(out)
+    assert frames.shape == (52, 32, 48, 3)  # 49 frames -> 13 latents -> 4 * 13 frame-invariant frames
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["model"] == str(tiny_model_dir) and sidecar["seed"] == knob_info("seed")["default"]
+    assert sidecar["settings"]["shift_skip"] == 6  # resolved: coprime with 13, nearest 13 / 2
+    assert sidecar["settings"]["num_latent_frames"] == 13 and sidecar["num_frames_written"] == 52
+    seam, interior = sidecar["seam_ratio"], sidecar["interior_ratio"]
+    assert isinstance(seam, float) and seam > 0 and isinstance(interior, float)
+
+    import torch
+
+    latents = torch.load(latents_path)
+    assert latents.dtype == torch.float32 and tuple(latents.shape) == (1, 13, 4, 4, 6)
+
+    stdout = captured.out.splitlines()
+    assert any(line.startswith(f"wrote {out} (52 frames, 48x32") for line in stdout)
+    seam_lines = [line for line in stdout if line.startswith(f"seam ratio {seam:.2f} ")]
+    assert len(seam_lines) == 1 and f"interior ratio {interior:.2f} " in seam_lines[0]
+    assert stdout[-1].startswith("time ")
+    # Measured numbers for the report (visible with pytest -s / -rA).
+    print(f"[cli e2e] seam_ratio={seam:.3f} interior_ratio={interior:.3f} wall={elapsed:.1f}s", file=sys.__stderr__)
+
+
+def test_model_recommendations_fill_unset_flags_only(tiny_model_dir, tmp_path):
+    from loopui.cli import build_request
+    from loopui.models import REGISTRY, spec_for
+
+    parser = build_parser()
+    five = REGISTRY["THUDM/CogVideoX-5b"]
+    args = parser.parse_args(["generate", "--prompt", "waves", "-o", "x.mp4", "--rope-scale", "auto"])
+    request = build_request(args, spec_for(args.model))
+    assert (request.scheduler, request.use_dynamic_cfg, request.guidance_scale) == ("dpm", True, five.guidance_scale)
+    assert (request.height, request.width, request.rope_scale) == (480, 720, None)
+    args = parser.parse_args(["generate", "--model", "demo", "--prompt", "waves", "-o", "x.mp4", "--scheduler",
+                              "ddim", "--no-dynamic-cfg", "--guidance", "3.5", "--height", "32", "--invert-mask",
+                              "--rope-scale", "1.5"])
+    request = build_request(args, spec_for(args.model))
+    assert (request.scheduler, request.use_dynamic_cfg, request.guidance_scale) == ("ddim", False, 3.5)
+    assert (request.height, request.width) == (32, 96)  # width from the demo model's preview size
+    assert request.motion_region == "background" and request.rope_scale == 1.5
+
+
+def test_generate_help_takes_defaults_and_choices_from_loop_request():
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    actions = {a.dest: a for a in generate._actions}
+    assert actions["num_frames"].default == knob_info("num_frames")["default"]
+    assert actions["seam_polish"].choices == knob_info("seam_polish")["choices"]
+    assert actions["window_mode"].choices == knob_info("window_mode")["choices"]
+    assert knob_info("shift_skip")["help"].replace("%", "%%") in actions["shift_skip"].help
+
+
+def test_no_frame_invariant_decoding_gives_the_requested_frame_count(tiny_model_dir, tmp_path, capsys):
+    from loopui.media import read_video
+
+    out = tmp_path / "plain.gif"
+    code = main(_generate(tiny_model_dir, "--no-frame-invariant-decoding", "--quiet", "-o", str(out)))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert read_video(out).shape[0] == 49
+    assert captured.err == ""  # --quiet: no progress, no load messages
+
+
+def test_module_entry_point_runs_in_a_subprocess_and_warns_once(tiny_model_dir, tmp_path):
+    # 33 frames -> 9 latents; a skip of 3 shares the factor 3 with the cycle: one warning line, not two
+    # (the engine both logs it and returns it).
+    out = tmp_path / "sub.webp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "loopui", "generate", "--model", str(tiny_model_dir), "--prompt", "tide",
+         "--height", "16", "--width", "16", "--steps", "1", "--frames", "33", "--shift-skip", "3",
+         "--no-frame-invariant-decoding", "-o", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert f"wrote {out} (33 frames, 16x16" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("loopui: warning: ")]
+    assert len(warnings) == 1 and "shift_skip 3" in warnings[0]
+
+
+# -- errors ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["-o", "x.avi"], "x.avi"),
+    (["--frames", "3", "-o", "x.mp4"], "[--frames]"),
+    (["--shift-start", "0.8", "--shift-end", "0.2", "-o", "x.mp4"], "shift_start"),
+    (["--rope-scale", "wide", "-o", "x.mp4"], "'wide'"),
+    (["--window", "sliding", "-o", "x.mp4"], "sliding"),
+    (["--image", "{bad_image}", "-o", "x.mp4"], "bad.png"),
+    (["--mask", "{missing}", "-o", "x.mp4"], "missing.png"),
+    (["--prompt", "  ", "-o", "x.mp4"], "prompt is empty"),
+])
+def test_bad_generate_arguments_exit_2_with_one_line(tiny_model_dir, tmp_path, capsys, argv, needle):
+    bad_image = tmp_path / "bad.png"
+    bad_image.write_text("not an image")
+    argv = [a.format(bad_image=bad_image, missing=tmp_path / "missing.png") for a in argv]
+    base = ["generate", "--model", str(tiny_model_dir), *SMALL]
+    if "--prompt" not in argv:
+        base += ["--prompt", "x"]
+    assert main(base + argv) == 2
+    assert needle in _error_line(capsys)
+    assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "-o", "x.mp4"], "--prompt"),
+    (["generate", "--model", "/nonexistent/model-dir", "--prompt", "x", "-o", "x.mp4"], "/nonexistent/model-dir"),
+    (["generate", "--model", "someone/unknown", "--prompt", "x", "-o", "x.mp4"], "someone/unknown"),
+    (["generate", "--model", "THUDM/CogVideoX-5b-I2V", "--prompt", "x", "-o", "x.mp4"], "--image"),
+    (["models", "/nonexistent/model-dir"], "/nonexistent/model-dir"),
+])
+def test_usage_errors_exit_2_with_one_line(capsys, argv, needle):
+    assert main(argv) == 2
+    assert needle in _error_line(capsys)
+
+
+def test_model_load_error_and_engine_value_error_exit_2(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = Path(shutil.copytree(tiny_model_dir, tmp_path / "broken"))
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    assert main(_generate(broken, "-q", "-o", str(tmp_path / "a.mp4"))) == 2
+    assert str(broken) in _error_line(capsys)
+    # The engine's own check (skip out of range for 13 latents) surfaces the same way, after the model loaded.
+    assert main(_generate(tiny_model_dir, "--shift-skip", "20", "-q", "-o", str(tmp_path / "b.mp4"))) == 2
+    assert "shift_skip" in _error_line(capsys)
+
+
+def test_keyboard_interrupt_exits_130(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import loopui.engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loopui.engine, "render_loop", interrupted)
+    assert main(_generate(tiny_model_dir, "-q", "-o", str(tmp_path / "c.mp4"))) == 130
+    assert "interrupted" in _error_line(capsys)
+
+
+def test_models_lists_the_registry(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "THUDM/CogVideoX-5b (default)" in out and "THUDM/CogVideoX-2b" in out and "i2v" in out
+    assert "loopui/tiny-random-cogvideox" in out and "720x480x49" in out
+
+
+def test_mask_subcommand_is_wired(tmp_path, capsys):
+    assert main(["mask", str(tmp_path / "nope.png"), "--output", str(tmp_path / "m.png")]) == 2
+    assert "nope.png" in _error_line(capsys)
