@@ -1,14 +1,27 @@
 """Sampling: Mobius latent shift, RoPE scaling, wrapping windows, frame-invariant decoding, image conditioning.
 
-Importing this package imports torch but touches no GPU, network or weights.
+Names are imported lazily, so ``import loopui.engine`` (and the CLI's ``--help``) stays fast and torch is only
+imported when the sampler is used. Nothing here touches a GPU, the network or weights at import time.
 """
 
-from .loop import LoopInterrupted, LoopResult, PipelineInfo, generate_loop, pipeline_info
-from .polish import SEAM_POLISH_PRESETS
-from .render import RenderResult, render_loop
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .settings import LoopRequest, default_shift_skip, knob_info, latent_length
 
-__all__ = [
-    "LoopInterrupted", "LoopRequest", "LoopResult", "PipelineInfo", "RenderResult", "SEAM_POLISH_PRESETS",
-    "default_shift_skip", "generate_loop", "knob_info", "latent_length", "pipeline_info", "render_loop",
-]
+_LAZY = {
+    "LoopInterrupted": ".loop", "LoopResult": ".loop", "PipelineInfo": ".loop", "generate_loop": ".loop",
+    "pipeline_info": ".loop", "SEAM_POLISH_PRESETS": ".polish", "RenderResult": ".render", "render_loop": ".render",
+}
+
+__all__ = ["LoopRequest", "default_shift_skip", "knob_info", "latent_length", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

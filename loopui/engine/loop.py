@@ -58,7 +58,7 @@ class LoopResult:
 
 @dataclass(frozen=True)
 class PipelineInfo:
-    """What the sampler needs to know about a built pipeline."""
+    """What the sampler needs to know about a model (read from its registry spec / transformer config)."""
 
     image_to_video: bool
     rotary: bool
@@ -66,27 +66,24 @@ class PipelineInfo:
     temporal_compression: int
     native_height: int
     native_width: int
-    prediction_type: str
-    model_id: str
+    prediction_type: str = "v_prediction"
+    model_id: str = ""
+
+    @classmethod
+    def from_spec(cls, spec, prediction_type: str = "v_prediction") -> "PipelineInfo":
+        """From a ``loopui.models.ModelSpec`` (the one source of model facts)."""
+        return cls(image_to_video=spec.image_to_video, rotary=spec.rotary,
+                   trained_latent_frames=spec.trained_latent_frames, temporal_compression=spec.temporal_compression,
+                   native_height=spec.native_height, native_width=spec.native_width,
+                   prediction_type=prediction_type, model_id=spec.model_id)
 
 
 def pipeline_info(pipe) -> PipelineInfo:
-    """Read the trained latent length, rotary use, I2V-ness and native size from a built CogVideoX pipeline."""
-    cfg = pipe.transformer.config
-    if getattr(cfg, "patch_size_t", None) is not None:
-        raise ValueError("CogVideoX 1.5 models (temporal patching) are not supported yet; use CogVideoX-5b/2b/5b-I2V")
-    ratio = int(getattr(pipe, "vae_scale_factor_temporal", 4))
-    spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
-    return PipelineInfo(
-        image_to_video=type(pipe).__name__ == "CogVideoXImageToVideoPipeline",
-        rotary=bool(cfg.use_rotary_positional_embeddings),
-        trained_latent_frames=(int(cfg.sample_frames) - 1) // ratio + 1,
-        temporal_compression=ratio,
-        native_height=int(cfg.sample_height) * spatial,
-        native_width=int(cfg.sample_width) * spatial,
-        prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),
-        model_id=str(getattr(pipe.config, "_name_or_path", "") or getattr(pipe, "name_or_path", "") or ""),
-    )
+    """Trained latent length, rotary use, I2V-ness and native size of a built CogVideoX pipeline."""
+    from loopui.models.registry import spec_for_pipeline
+
+    spec = spec_for_pipeline(pipe)  # raises ValueError for unsupported pipelines (e.g. CogVideoX 1.5)
+    return PipelineInfo.from_spec(spec, prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")))
 
 
 def resolve_rope_scale(request: LoopRequest, info: PipelineInfo, length: int) -> float:
