@@ -122,8 +122,8 @@ def test_painted_strokes_win_over_the_computed_mask(app):
     studio, _ = app
     image = str(ASSETS / "balloon.png")
     layer = np.zeros((320, 480, 4), np.uint8)
-    layer[0:40, 0:60] = (255, 64, 64, 190)  # "may move" over the sky
-    layer[90:110, 230:250] = (32, 32, 160, 190)  # "hold still" on the balloon
+    layer[0:40, 0:60] = (40, 220, 120, 200)  # the "may move" brush over the sky
+    layer[90:110, 230:250] = (40, 40, 40, 200)  # the "hold still" brush on the balloon
     mask = studio.painted_user_mask(image, [layer], "u2netp", "object") / 255.0
     assert mask[20, 30] == 1.0 and mask[100, 240] == 0.0
     assert mask[60, 240] > 0.9 and mask[300, 400] < 0.1  # unpainted pixels keep the model's mask
@@ -183,3 +183,19 @@ def test_bad_inputs_come_back_as_readable_errors(app, kwargs, message):
     assert message in str(info.value)
     # ...and the server keeps serving.
     assert client.predict(image=handle_file(str(ASSETS / "koi.png")), api_name="/mask")
+
+
+def test_dependent_knobs_follow_the_model_and_loop_length(app):
+    from loopui.ui.blocks import _rope_update, _shift_update
+    from loopui.ui.studio import shift_note
+
+    studio, _ = app
+    # RoPE scaling is off (and locked) for a model without rotary embeddings, automatic for long cycles otherwise.
+    locked = _rope_update(studio, "THUDM/CogVideoX-2b", 97, "full")
+    assert locked["interactive"] is False and locked["value"] == 1.0 and "no rotary" in locked["info"]
+    long_loop = _rope_update(studio, "THUDM/CogVideoX-5b", 97, "full")
+    assert long_loop["interactive"] is True and long_loop["value"] == pytest.approx(25 / 13, abs=0.01)
+    # The shift slider spans 0..L-1 and resets to the coprime skip nearest L/2.
+    shift = _shift_update(studio, "THUDM/CogVideoX-5b", 97)
+    assert shift["maximum"] == 24 and shift["value"] == 12
+    assert "shares the factor 5" in shift_note(97, 10) and "⚠" not in shift_note(97, 12)

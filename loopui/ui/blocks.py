@@ -120,7 +120,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         with gr.Row():
             # ---------------------------------------------------------------- inputs
             with gr.Column(scale=5):
-                prompt = gr.Textbox(label="Prompt", lines=3, value="",
+                prompt = gr.Textbox(label="Prompt", lines=3, value="", elem_id="loopui-prompt",
                                     placeholder="ocean waves rolling onto a beach at sunset", info=_ui_help("prompt"))
                 gr.Examples(examples=[[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts",
                             cache_examples=False, api_visibility="private")
@@ -156,8 +156,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                     seed_info = knob_info("seed")
                     seed = gr.Number(label="Seed", value=studio.default("seed"), precision=0,
                                      minimum=seed_info["min"], maximum=seed_info["max"], info=seed_info["help"],
-                                     scale=4)
-                    dice = gr.Button("🎲 Random seed", scale=1, min_width=120)
+                                     scale=4, elem_id="loopui-seed")
+                    dice = gr.Button("Random seed", scale=1, min_width=120)
 
                 with gr.Accordion("Reference image (optional)", open=True):
                     with gr.Row():
@@ -165,10 +165,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                                                                                              "webcam"],
                                          height=300, elem_id="loopui-image")
                         mask_editor = gr.ImageEditor(
-                            label="Motion mask (red = may move; paint to change)", type="numpy", format="png",
+                            label="Motion mask (green = may move; paint to change)", type="numpy", format="png",
                             sources=(), transforms=(), layers=False, height=300, elem_id="loopui-mask",
-                            brush=gr.Brush(colors=[(PAINT_MOVE_COLOR, 0.75), (PAINT_STILL_COLOR, 0.75)],
-                                           default_color=(PAINT_MOVE_COLOR, 0.75), color_mode="fixed"),
+                            brush=gr.Brush(colors=[(PAINT_MOVE_COLOR, 0.8), (PAINT_STILL_COLOR, 0.8)],
+                                           default_color=(PAINT_MOVE_COLOR, 0.8), color_mode="fixed"),
                             eraser=gr.Eraser())
                     mask_note = gr.Markdown("", elem_id="loopui-mask-note")
                     image_examples = sorted(str(p) for p in ASSETS_DIR.glob("*.png") if p.name != "screenshot.png")
@@ -180,17 +180,16 @@ def build_app(studio: Studio) -> gr.Blocks:
                         motion_region = gr.Radio(choices=list(knob_info("motion_region")["choices"]),
                                                  value=studio.default("motion_region"), label="Motion region",
                                                  info=_ui_help("motion_region"))
-                        with gr.Row():
-                            anchor_strength = _slider("anchor_strength", "Anchor strength",
-                                                      studio.default("anchor_strength"))
-                            init_strength = _slider("init_strength", "Init strength", studio.default("init_strength"))
-                            background_freeze = _slider("background_freeze", "Background freeze",
-                                                        studio.default("background_freeze"))
+                        anchor_strength = _slider("anchor_strength", "Anchor strength",
+                                                  studio.default("anchor_strength"))
+                        init_strength = _slider("init_strength", "Init strength", studio.default("init_strength"))
+                        background_freeze = _slider("background_freeze", "Background freeze",
+                                                    studio.default("background_freeze"))
                         from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS
 
-                        mask_model = _dropdown("mask_model", "Mask model", studio.default("mask_model"),
-                                               choices=[(MASK_MODEL_INFO[m].label, m) for m in MASK_MODELS])
-                        with gr.Row():
+                        with gr.Accordion("Mask settings", open=False):
+                            mask_model = _dropdown("mask_model", "Mask model", studio.default("mask_model"),
+                                                   choices=[(MASK_MODEL_INFO[m].label, m) for m in MASK_MODELS])
                             mask_threshold = _slider("mask_threshold", "Mask threshold",
                                                      studio.default("mask_threshold"))
                             mask_grow = _slider("mask_grow", "Mask grow / shrink", studio.default("mask_grow"))
@@ -216,12 +215,11 @@ def build_app(studio: Studio) -> gr.Blocks:
                         fps = _slider("fps", "FPS", studio.default("fps"))
                         seam_polish = _dropdown("seam_polish", "Seam polish", studio.default("seam_polish"))
 
+            # ---------------------------------------------------------------- outputs
+            with gr.Column(scale=4):
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="loopui-generate", scale=3)
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="loopui-stop", scale=1)
-
-            # ---------------------------------------------------------------- outputs
-            with gr.Column(scale=4):
                 video = gr.Video(label="Loop", loop=True, autoplay=True, interactive=False, elem_id="loopui-video",
                                  height=360)
                 status = gr.Markdown("Ready.", label="status", elem_id="loopui-status")
@@ -230,8 +228,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                                  interactive=False, height=120)
                 files = gr.File(label="Downloads (MP4, GIF, WebP, settings JSON)", file_count="multiple",
                                 interactive=False)
-                gallery = gr.Gallery(label="This session's loops (click to restore settings)", columns=2,
-                                     height=260, allow_preview=False, interactive=False)
+                gallery = gr.Gallery(label="This session's loops (click to restore settings)", columns=4,
+                                     height=220, allow_preview=False, interactive=False, object_fit="cover", fit_columns=False,
+                                     elem_id="loopui-gallery")
 
         # Hidden plumbing: the mask sent with /generate, and the /mask endpoint's output and trigger.
         mask = gr.Image(label="Motion mask", type="filepath", image_mode="L", format="png", visible=False)
@@ -332,7 +331,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         gen_event = mask_step.then(generate, inputs=gen_inputs,
                                    outputs=[video, seam_md, strip, files, status, history], api_name="generate",
                                    concurrency_limit=1, concurrency_id="gpu", show_progress_on=[video])
-        gen_event.then(lambda h: [(e.strip, e.caption) for e in h], inputs=[history], outputs=[gallery],
+        gen_event.then(lambda h: [(e.thumb, e.caption) for e in h], inputs=[history], outputs=[gallery],
                        api_visibility="private", queue=False)
         stop_btn.click(stop, inputs=None, outputs=[status], cancels=[gen_event], queue=False, api_name="stop",
                        api_visibility="undocumented")
@@ -354,9 +353,10 @@ def build_app(studio: Studio) -> gr.Blocks:
             return value, preview.note, visible
 
         image.change(show_mask, inputs=[image, *mask_settings], outputs=[mask_editor, mask_note, image_controls],
-                     api_visibility="private", trigger_mode="always_last")
+                     api_visibility="private", trigger_mode="always_last", show_progress_on=[mask_editor])
         gr.on([c.change for c in mask_settings], show_mask, inputs=[image, *mask_settings, mask_editor],
-              outputs=[mask_editor, mask_note, image_controls], api_visibility="private", trigger_mode="always_last")
+              outputs=[mask_editor, mask_note, image_controls], api_visibility="private", trigger_mode="always_last",
+              show_progress_on=[mask_editor])
 
         def mask_endpoint(image: Optional[str], mask_model: str, mask_threshold: float, mask_grow: float,
                           mask_feather: float, motion_region: str) -> np.ndarray:

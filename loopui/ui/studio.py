@@ -53,9 +53,11 @@ MASK_PREVIEW_MAX_SIDE = 512  # the preview mask is computed on a downscaled copy
 MAX_HISTORY = 12
 SESSION_ROOT_NAME = "loopui-sessions"
 
-# Painting on the mask editor: these two brush colours; the red channel decides (bright = may move).
-PAINT_MOVE_COLOR = "rgb(255, 64, 64)"
-PAINT_STILL_COLOR = "rgb(32, 32, 160)"
+# The preview tints what may move in green (it stays visible on red and orange objects); the two brushes are the
+# same green ("may move") and a dark grey ("hold still"), and the green channel tells painted strokes apart.
+OVERLAY_COLOR = (40, 220, 120)
+PAINT_MOVE_COLOR = "rgb(40, 220, 120)"
+PAINT_STILL_COLOR = "rgb(40, 40, 40)"
 
 # The /generate parameters that are LoopRequest fields, in the order the UI and the API list them.
 REQUEST_FIELDS: tuple[str, ...] = (
@@ -135,6 +137,7 @@ class LoopOutcome:
     video: Path
     files: list[Path]
     strip: Path
+    thumb: Path
     seam_ratio: Optional[float]
     seam_text: str
     details: str
@@ -153,6 +156,7 @@ class HistoryEntry:
     video: str
     files: list[str]
     strip: str
+    thumb: str
     caption: str
     used_image: bool = False
 
@@ -360,6 +364,8 @@ class Studio:
         result = render.result
         strip = stem.with_name(stem.name + "-seam.png")
         Image.fromarray(seam_strip(result.frames, n=3)).save(strip)
+        thumb = stem.with_name(stem.name + "-thumb.png")
+        Image.fromarray(result.frames[0]).save(thumb)
         s = result.settings
         timings = result.timings
         details = (f"{len(result.frames)} frames · {s.get('width')}×{s.get('height')} · L = "
@@ -367,7 +373,8 @@ class Studio:
                    f"{float(s.get('rope_scale', 1.0)):.2f} · {timings.get('total', 0.0):.1f} s (denoise "
                    f"{timings.get('denoise', 0.0):.1f} s, decode {timings.get('decode', 0.0):.1f} s)")
         files = [Path(f) for f in render.files] + [Path(render.sidecar)]
-        return LoopOutcome(index=index, video=Path(render.files[0]), files=files, strip=strip, seam_ratio=result.seam_ratio,
+        return LoopOutcome(index=index, video=Path(render.files[0]), files=files, strip=strip, thumb=thumb,
+                           seam_ratio=result.seam_ratio,
                            seam_text=seam_summary(result.seam_ratio, result.describe_worst_step()),
                            details=details, warnings=list(result.warnings), model_text=loaded.describe(),
                            settings=dict(s))
@@ -378,9 +385,11 @@ class Studio:
         prompt = str(values.get("prompt") or "")
         short = prompt if len(prompt) <= 40 else prompt[:39] + "…"
         seam = "" if outcome.seam_ratio is None else f" · seam {outcome.seam_ratio:.2f}"
-        caption = f"#{outcome.index} “{short}” · seed {values.get('seed')} · shift {outcome.settings.get('shift_skip')}{seam}"
+        shift = outcome.settings.get("shift_skip")
+        caption = f"#{outcome.index} “{short}” · seed {values.get('seed')} · shift {shift}{seam}"
         return HistoryEntry(index=outcome.index, model=model_id, values=kept, video=str(outcome.video),
-                            files=[str(f) for f in outcome.files], strip=str(outcome.strip), caption=caption,
+                            files=[str(f) for f in outcome.files], strip=str(outcome.strip),
+                            thumb=str(outcome.thumb), caption=caption,
                             used_image=values.get("image") is not None)
 
     @staticmethod
@@ -437,22 +446,22 @@ class Studio:
             raw = self._raw_saliency(image, key, mask_model)
         except saliency.SaliencyUnavailable as exc:
             return MaskPreview(image, None, image, f"No automatic mask: {exc}. You can still paint the region that "
-                                                   "may move (red) on the image.")
+                                                   "may move (green brush) on the image.")
         mask = saliency.postprocess_mask(raw, float(threshold), int(grow), float(feather),
                                          invert=motion_region == "background")
-        overlay = saliency.overlay_mask(image, mask)
+        overlay = saliency.overlay_mask(image, mask, color=OVERLAY_COLOR)
         region = "background" if motion_region == "background" else "object"
-        note = (f"Red = may move ({region} from {mask_model}, {100 * saliency.mask_coverage(mask):.0f}% of the "
-                f"frame, {time.perf_counter() - start:.2f} s). Paint red to add motion, blue to hold still.")
+        note = (f"Green = may move ({region} from {mask_model}, {100 * saliency.mask_coverage(mask):.0f}% of the "
+                f"frame, {time.perf_counter() - start:.2f} s). Paint green to add motion, grey to hold still.")
         return MaskPreview(image, mask, overlay, note)
 
     def painted_user_mask(self, image_path: Optional[str], layers: Optional[list], mask_model: str,
                           motion_region: str) -> Optional[np.ndarray]:
         """The mask to send with a request when the user painted, else None (the engine computes the same mask).
 
-        Paint means "may move" (red) or "hold still" (blue) in the preview's terms. The engine post-processes a
+        Paint means "may move" (green) or "hold still" (grey) in the preview's terms. The engine post-processes a
         user mask exactly like the model's (threshold, invert for the background, grow, feather), so the
-        strokes are written into the model's raw *object* mask: a red stroke is object when the object moves
+        strokes are written into the model's raw *object* mask: a green stroke is object when the object moves
         and background when the background moves.
         """
         if not image_path or motion_region == "everything":
@@ -513,13 +522,13 @@ def paint_from_layers(layers: Optional[list]) -> tuple[Optional[np.ndarray], Opt
         if arr.ndim != 3 or arr.shape[2] != 4:
             continue
         here = arr[..., 3] > 0
-        # The red channel tells the two brushes apart (move = bright red, still = dark blue).
-        red = arr[..., 0] > 127
+        # The green channel tells the two brushes apart (move = bright green, still = dark grey).
+        green = arr[..., 1] > 127
         if move is None:
             move, painted = np.zeros(here.shape, bool), np.zeros(here.shape, bool)
         if here.shape != painted.shape:
             continue
-        move = np.where(here, red, move)
+        move = np.where(here, green, move)
         painted |= here
     return move, painted
 

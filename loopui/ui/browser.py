@@ -1,0 +1,119 @@
+"""Drive the studio page in a real browser (Playwright + Debian's chromium): the browser test and
+``scripts/screenshot.py`` both use :func:`drive_studio`, so the screenshot shows exactly what the test checks.
+
+Playwright is imported by the callers; this module only needs a Playwright ``Page``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+CHROMIUM_PATH = "/usr/bin/chromium"
+# No GPU, no sandbox (containers), and nothing that phones home: the page must work fully offline.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+VIEWPORT = {"width": 1440, "height": 1200}
+
+# Reads the <video> element's playback state; fetches its source so a missing/forbidden file shows up as a status.
+_VIDEO_STATE_JS = """async (el) => {
+  let status = null, type = null;
+  try {
+    const r = await fetch(el.currentSrc || el.src, {method: 'GET'});
+    status = r.status; type = r.headers.get('content-type');
+  } catch (e) { status = String(e); }
+  return {loop: el.loop, autoplay: el.autoplay, readyState: el.readyState, duration: el.duration,
+          paused: el.paused, src: el.currentSrc || el.src, error: el.error ? el.error.code : null,
+          status: status, contentType: type, width: el.videoWidth, height: el.videoHeight};
+}"""
+
+
+def chromium_executable() -> Optional[str]:
+    """The chromium binary to drive (``$LOOPUI_CHROMIUM``, else Debian's ``/usr/bin/chromium``), or None."""
+    candidate = os.environ.get("LOOPUI_CHROMIUM") or CHROMIUM_PATH
+    if Path(candidate).is_file():
+        return candidate
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@dataclass
+class PageReport:
+    """What one drive through the page saw (times in seconds, measured in the browser's wall clock)."""
+
+    mask_seconds: float
+    mask_note: str
+    mask_has_image: bool
+    image_controls_visible: bool
+    generate_seconds: float
+    status: str
+    seam: str
+    video: dict = field(default_factory=dict)
+    gallery_items: int = 0
+    screenshot: Optional[Path] = None
+
+
+def drive_studio(page: Any, url: str, prompt: str, image: Path, screenshot: Optional[Path] = None,
+                 timeout_s: float = 120.0) -> PageReport:
+    """Open the page, type ``prompt``, upload ``image``, wait for the mask preview, Generate, wait for the loop.
+
+    Returns what was seen; raises Playwright's ``TimeoutError`` when a step does not happen in time.
+    """
+    timeout_ms = timeout_s * 1000
+    page.goto(url, wait_until="domcontentloaded")
+    page.locator("#loopui-generate").wait_for(state="visible", timeout=timeout_ms)
+    page.locator("#loopui-prompt textarea").fill(prompt)
+
+    # 1. Reference image -> mask preview (the note appears when the overlay has been computed).
+    start = time.perf_counter()
+    page.locator("#loopui-image input[type=file]").set_input_files(str(image))
+    note = page.locator("#loopui-mask-note")
+    # The note's final text (not Gradio's pending timer): a mask, a missing-weights note, or "everything".
+    page.wait_for_function(
+        "() => { const n = document.querySelector('#loopui-mask-note');"
+        " return n && /may move|No automatic mask|Motion region/.test(n.innerText); }",
+        timeout=timeout_ms)
+    mask_seconds = time.perf_counter() - start
+    mask_note = note.inner_text().strip()
+    # The editor shows the overlay as its background image (an <img> or a drawn canvas, depending on version).
+    has_image = page.locator("#loopui-mask img, #loopui-mask canvas").count() > 0
+    controls = page.get_by_text("Anchor strength", exact=True).first
+    controls.wait_for(state="visible", timeout=5000)  # image-mode knobs appear once an image is present
+    controls_visible = controls.is_visible()
+
+    # 2. Generate -> a <video> with a source.
+    start = time.perf_counter()
+    page.locator("#loopui-generate").click()
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#loopui-video video'); return v && (v.currentSrc || v.src); }",
+        timeout=timeout_ms)
+    generate_seconds = time.perf_counter() - start
+    video_el = page.locator("#loopui-video video").first
+    # Metadata loads asynchronously; give the element a moment to parse the MP4 header.
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            "() => { const v = document.querySelector('#loopui-video video'); return v && v.readyState >= 1; }",
+            timeout=15000)
+    except PlaywrightTimeout as exc:  # reported through readyState 0 below; the caller decides
+        logger.warning("video metadata did not load: %s", exc)
+    state = video_el.evaluate(_VIDEO_STATE_JS)
+    page.wait_for_function(
+        "() => { const s = document.querySelector('#loopui-status'); return s && /Done|Stopped/.test(s.innerText); }",
+        timeout=timeout_ms)
+    status = page.locator("#loopui-status").inner_text().strip()
+    seam = page.locator("#loopui-seam").inner_text().strip()
+    gallery_items = page.locator("button.thumbnail-item, .thumbnail-item").count()
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+    return PageReport(mask_seconds=mask_seconds, mask_note=mask_note, mask_has_image=has_image,
+                      image_controls_visible=controls_visible, generate_seconds=generate_seconds, status=status, seam=seam, video=state,
+                      gallery_items=gallery_items, screenshot=screenshot)

@@ -1,0 +1,99 @@
+"""The studio in a real browser: Playwright driving Debian's chromium against the demo app.
+
+Skipped when chromium or playwright is missing, except under CI (``CI`` set), where ``.ci/run`` installs them and a
+missing browser must fail loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from saliency_fixtures import install_tiny_u2netp
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _require(condition: bool, reason: str) -> None:
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this must not be skipped)")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def served_demo(tmp_path, monkeypatch):
+    """The demo app on a free port, rembg pointed at a tiny u2netp; yields (studio, url)."""
+    pytest.importorskip("gradio")
+    from loopui.saliency import clear_session_cache
+    from loopui.ui import Studio, build_app, launch_options
+
+    install_tiny_u2netp(tmp_path / "rembg")
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path / "rembg"))
+    monkeypatch.setenv("MODEL_CHECKSUM_DISABLED", "1")
+    clear_session_cache()
+    studio = Studio(demo=True, has_gpu=False, output_root=tmp_path / "sessions")
+    demo = build_app(studio)
+    demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True, **launch_options())
+    try:
+        yield studio, demo.local_url
+    finally:
+        demo.close()
+        clear_session_cache()
+
+
+def test_page_previews_the_mask_and_plays_a_looping_video(served_demo, tmp_path):
+    from loopui.ui.browser import CHROMIUM_ARGS, VIEWPORT, chromium_executable, drive_studio
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    _require(sync_playwright is not None, "playwright is not installed (pip install playwright)")
+    chromium = chromium_executable()
+    _require(chromium is not None, "chromium not found at /usr/bin/chromium (apt-get install chromium)")
+
+    studio, url = served_demo
+    shot = tmp_path / "studio.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            assert not page.get_by_text("Anchor strength", exact=True).first.is_visible()  # no image yet
+            report = drive_studio(page, url, "a red balloon drifting past clouds", ASSETS / "balloon.png",
+                                  screenshot=shot, timeout_s=90)
+            # A gallery click restores the loop's settings into the inputs.
+            seed_box = page.locator("#loopui-seed input")
+            seed_box.fill("7")
+            page.locator("#loopui-gallery .thumbnail-item").first.click()
+            page.wait_for_function("() => /Restored the settings of loop #1/.test("
+                                   "document.querySelector('#loopui-status').innerText)", timeout=10000)
+            restored_seed = seed_box.input_value()
+        finally:
+            browser.close()
+
+    # The mask preview came from the (tiny) saliency model and was drawn into the editor.
+    assert "may move" in report.mask_note and "u2netp" in report.mask_note
+    assert report.mask_has_image and report.image_controls_visible
+    assert restored_seed == "42"
+    # A looping, autoplaying <video> whose source the server serves as an MP4 the browser could parse.
+    video = report.video
+    assert video["loop"] is True and video["autoplay"] is True
+    assert video["status"] in (200, 206) and video["contentType"] == "video/mp4"
+    assert video["error"] is None
+    assert video["readyState"] >= 1 and video["duration"] == pytest.approx(52 / 8, abs=0.2)
+    assert (video["width"], video["height"]) == (96, 64)
+    assert "Done." in report.status and "Seam ratio" in report.seam
+    assert report.gallery_items >= 1
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    assert studio.manager.load_count == 1
