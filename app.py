@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     demo = build_app(studio)
+    studio.warm_up()
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=args.mcp or None,
                 prevent_thread_lock=True, **launch_options())
     if args.mcp and not demo.mcp_server:

@@ -199,3 +199,61 @@ def test_dependent_knobs_follow_the_model_and_loop_length(app):
     shift = _shift_update(studio, "THUDM/CogVideoX-5b", 97)
     assert shift["maximum"] == 24 and shift["value"] == 12
     assert "shares the factor 5" in shift_note(97, 10) and "⚠" not in shift_note(97, 12)
+
+
+def test_missing_saliency_weights_leave_painting_usable(app, tmp_path, monkeypatch):
+    import shutil
+
+    from saliency_fixtures import use_rembg_home
+
+    studio, client = app
+    use_rembg_home(monkeypatch, tmp_path / "empty-home")  # no u2netp there, downloads fail
+    image = tmp_path / "koi-copy.png"  # a new path, so no cached saliency from other tests
+    shutil.copy(ASSETS / "koi.png", image)
+    try:
+        preview = studio.mask_preview(str(image), "u2netp", 0.5, 0, 8, "object")
+        assert preview.mask is None and preview.image is not None  # the editor still gets the image to paint on
+        assert preview.note.startswith("No automatic mask") and "u2netp" in preview.note
+        layer = np.zeros((320, 480, 4), np.uint8)
+        layer[100:200, 150:300] = (40, 220, 120, 200)
+        painted = studio.painted_user_mask(str(image), [layer], "u2netp", "object")
+        assert painted[150, 200] == 255 and painted[10, 10] == 0
+        with pytest.raises(AppError, match="No automatic mask"):
+            client.predict(image=handle_file(str(image)), api_name="/mask")
+    finally:
+        from loopui.saliency import clear_session_cache
+
+        clear_session_cache()
+
+
+def test_job_relays_progress_then_the_result_and_stops_on_cancel():
+    import threading
+
+    from loopui.ui.jobs import JobRegistry
+
+    registry = JobRegistry()
+
+    def counting(report, cancel: threading.Event):
+        for step in range(1, 4):
+            report("denoise", step, 3)
+        return "loop"
+
+    job = registry.start("s1", counting)
+    events = [e for e in job.events(heartbeat=0.01) if e is not None]
+    assert [(e.kind, e.step) for e in events] == [("progress", 1), ("progress", 2), ("progress", 3), ("done", 0)]
+    assert events[-1].payload == "loop"
+
+    started = threading.Event()
+
+    def endless(report, cancel: threading.Event):
+        started.set()
+        while not cancel.wait(0.01):
+            report("denoise", 1, 1)
+        raise RuntimeError("stopped")
+
+    job = registry.start("s1", endless)
+    assert started.wait(5) and registry.running() == 1
+    assert registry.stop("s1") and not registry.stop("other-session")
+    last = [e for e in job.events(heartbeat=0.01) if e is not None][-1]
+    assert last.kind == "error" and str(last.payload) == "stopped"
+    assert job.join(5) and registry.running() == 0

@@ -6,11 +6,15 @@ missing browser must fail loudly.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from saliency_fixtures import install_tiny_u2netp
 
@@ -23,6 +27,13 @@ def _require(condition: bool, reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set, so this must not be skipped)")
     pytest.skip(reason)
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not predicate():
+        time.sleep(0.1)
+    return predicate()
 
 
 def _free_port() -> int:
@@ -79,6 +90,8 @@ def test_page_previews_the_mask_and_plays_a_looping_video(served_demo, tmp_path)
             page.wait_for_function("() => /Restored the settings of loop #1/.test("
                                    "document.querySelector('#loopui-status').innerText)", timeout=10000)
             restored_seed = seed_box.input_value()
+            # Read before the browser closes: closing the tab deletes the session's files.
+            sidecar = json.loads(next(Path(studio.output_root).rglob("*.json")).read_text())
         finally:
             browser.close()
 
@@ -97,3 +110,13 @@ def test_page_previews_the_mask_and_plays_a_looping_video(served_demo, tmp_path)
     assert report.gallery_items >= 1
     assert shot.is_file() and shot.stat().st_size > 10_000
     assert studio.manager.load_count == 1
+    assert wait_until(lambda: not any(Path(studio.output_root).rglob("*.json")), 10), "tab closed, files kept"
+    # The painted stroke travelled with the request: the sidecar names the mask file the engine was given.
+    assert sidecar["settings"]["image"] and sidecar["settings"]["mask"]
+    painted = np.asarray(Image.open(sidecar["settings"]["mask"]).convert("L"))
+    assert painted.shape == (320, 480)
+    # The stroke crosses the sky, which the (tiny) saliency model calls background: those pixels now may move.
+    sky_painted = (painted == 255) & (studio.mask_preview(str(ASSETS / "balloon.png"), "u2netp", 0.5, 0, 0,
+                                                          "object").mask == 0)
+    assert sky_painted.sum() > 300, f"stroke not in the mask (rows {np.nonzero(sky_painted.any(1))[0]})"
+    assert painted[5, 5] == 0  # unpainted sky stays still

@@ -18,6 +18,7 @@ import gradio as gr
 import numpy as np
 
 from loopui.engine.settings import default_shift_skip, knob_info, latent_length
+from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS
 from loopui.ui.spaces_compat import gpu_decorator
 from loopui.ui.studio import (
     AUTO_SCHEDULER,
@@ -64,7 +65,7 @@ def launch_options() -> dict[str, Any]:
 def _ui_help(name: str) -> str:
     """A knob's help text for a slider or dropdown, which cannot be left empty (drops "empty = ..." clauses)."""
     text = knob_info(name)["help"]
-    return re.sub(r"[;,]?\s*empty = [^.;)]*", "", text).replace(" ()", "").strip()
+    return re.sub(r"[;,]?\s*empty = (?:[^.;()]|\([^)]*\))*", "", text).replace(" ()", "").strip()
 
 
 def _slider(name: str, label: str, value: Any, **overrides: Any) -> gr.Slider:
@@ -107,7 +108,8 @@ def build_app(studio: Studio) -> gr.Blocks:
     spec = studio.spec(studio.model_id)
     frames0 = studio.default("num_frames")
 
-    with gr.Blocks(title="loopui — seamless looping videos", delete_cache=(3600, 6 * 3600)) as demo:
+    with gr.Blocks(title="loopui — seamless looping videos", delete_cache=(3600, 6 * 3600),
+                   analytics_enabled=False) as demo:
         history = gr.State([])
         gr.Markdown("# loopui — seamless looping videos\nType a prompt (optionally add a reference image), press "
                     "**Generate**, get a loop that plays without a seam. Training-free: the model sees its latent "
@@ -148,7 +150,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                 # the page narrows it to 0..L-1 on load and whenever the loop length changes.
                 shift_skip = _slider("shift_skip", "Shift step k", studio.default("shift_skip"))
                 shift_md = gr.Markdown(shift_note(frames0, studio.default("shift_skip"), spec.temporal_compression))
-                rope_scale = _slider("rope_scale", "RoPE scale", studio.default("rope_scale"))
+                rope0 = _rope_update(studio, studio.model_id, frames0, studio.default("window_mode"))
+                rope_scale = _slider("rope_scale", "RoPE scale", rope0["value"], info=rope0["info"],
+                                     interactive=rope0["interactive"])
                 with gr.Row():
                     num_inference_steps = _slider("num_inference_steps", "Steps", studio.default("num_inference_steps"))
                     guidance_scale = _slider("guidance_scale", "Guidance", studio.default("guidance_scale"))
@@ -185,8 +189,6 @@ def build_app(studio: Studio) -> gr.Blocks:
                         init_strength = _slider("init_strength", "Init strength", studio.default("init_strength"))
                         background_freeze = _slider("background_freeze", "Background freeze",
                                                     studio.default("background_freeze"))
-                        from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS
-
                         with gr.Accordion("Mask settings", open=False):
                             mask_model = _dropdown("mask_model", "Mask model", studio.default("mask_model"),
                                                    choices=[(MASK_MODEL_INFO[m].label, m) for m in MASK_MODELS])
@@ -308,7 +310,6 @@ def build_app(studio: Studio) -> gr.Blocks:
                 # A cancelled Gradio event closes this generator: make the worker stop too (within one step).
                 if job.running:
                     job.cancel()
-                studio.jobs.finish(session, job)
 
         def prepare_mask(image_path: Optional[str], editor: Optional[dict], mask_model: str,
                          motion_region: str) -> Optional[np.ndarray]:

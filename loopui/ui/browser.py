@@ -59,9 +59,24 @@ class PageReport:
     screenshot: Optional[Path] = None
 
 
+def _paint_stroke(page: Any) -> None:
+    """Paint one horizontal "may move" stroke across the lower middle of the mask editor's canvas."""
+    canvas = page.locator("#loopui-mask canvas").first
+    canvas.scroll_into_view_if_needed()
+    page.locator("#loopui-mask button[aria-label=Brush]").click()
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.62
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for i in range(1, 21):
+        page.mouse.move(x + i * box["width"] * 0.02, y, steps=2)
+    page.mouse.up()
+
+
 def drive_studio(page: Any, url: str, prompt: str, image: Path, screenshot: Optional[Path] = None,
-                 timeout_s: float = 120.0) -> PageReport:
-    """Open the page, type ``prompt``, upload ``image``, wait for the mask preview, Generate, wait for the loop.
+                 timeout_s: float = 120.0, paint: bool = True) -> PageReport:
+    """Open the page, type ``prompt``, upload ``image``, wait for the mask preview, paint a stroke (``paint``),
+    Generate, wait for the loop.
 
     Returns what was seen; raises Playwright's ``TimeoutError`` when a step does not happen in time.
     """
@@ -86,6 +101,8 @@ def drive_studio(page: Any, url: str, prompt: str, image: Path, screenshot: Opti
     controls = page.get_by_text("Anchor strength", exact=True).first
     controls.wait_for(state="visible", timeout=5000)  # image-mode knobs appear once an image is present
     controls_visible = controls.is_visible()
+    if paint:
+        _paint_stroke(page)
 
     # 2. Generate -> a <video> with a source.
     start = time.perf_counter()

@@ -36,8 +36,10 @@ class JobEvent:
 class LoopJob:
     """One generation running in a daemon thread; ``events()`` yields its progress until it ends."""
 
-    def __init__(self, target: JobTarget, name: str = "loopui-job") -> None:
+    def __init__(self, target: JobTarget, name: str = "loopui-job",
+                 on_exit: Optional[Callable[["LoopJob"], None]] = None) -> None:
         self._target = target
+        self._on_exit = on_exit
         self._events: "queue.Queue[JobEvent]" = queue.Queue()
         self.cancel_event = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -70,6 +72,9 @@ class LoopJob:
             self._events.put(JobEvent("error", payload=exc))
         else:
             self._events.put(JobEvent("done", payload=result))
+        finally:
+            if self._on_exit is not None:
+                self._on_exit(self)
 
     def events(self, heartbeat: float = 0.25) -> Iterator[Optional[JobEvent]]:
         """Yield events until ``done``/``error`` (included); ``None`` every ``heartbeat`` seconds of silence.
@@ -95,8 +100,11 @@ class JobRegistry:
         self._lock = threading.Lock()
 
     def start(self, session: str, target: JobTarget) -> LoopJob:
-        """Start ``target`` as the session's job (a still-running previous job of the session is cancelled)."""
-        job = LoopJob(target, name=f"loopui-job-{session[:8]}")
+        """Start ``target`` as the session's job (a still-running previous job of the session is cancelled).
+
+        The job stays registered until its worker thread ends, even when the page stopped listening to it.
+        """
+        job = LoopJob(target, name=f"loopui-job-{session[:8]}", on_exit=lambda j: self._finish(session, j))
         with self._lock:
             previous = self._jobs.get(session)
             if previous is not None and previous.running:
@@ -104,8 +112,8 @@ class JobRegistry:
             self._jobs[session] = job
         return job.start()
 
-    def finish(self, session: str, job: LoopJob) -> None:
-        """Forget ``job`` if it is still the session's current one."""
+    def _finish(self, session: str, job: LoopJob) -> None:
+        """Forget ``job`` if it is still the session's current one (called by the worker as it exits)."""
         with self._lock:
             if self._jobs.get(session) is job:
                 del self._jobs[session]
@@ -121,6 +129,6 @@ class JobRegistry:
         return True
 
     def running(self) -> int:
-        """How many jobs are running now (all sessions)."""
+        """How many worker threads are running now (all sessions)."""
         with self._lock:
             return sum(job.running for job in self._jobs.values())

@@ -227,13 +227,34 @@ class Studio:
         from loopui.engine.loop import PipelineInfo, resolve_rope_scale
 
         spec = self.spec(model_id)
-        info = PipelineInfo(image_to_video=spec.image_to_video, rotary=spec.rotary,
-                            trained_latent_frames=spec.trained_latent_frames,
-                            temporal_compression=spec.temporal_compression, native_height=spec.native_height,
-                            native_width=spec.native_width, prediction_type="", model_id=spec.model_id)
+        info = PipelineInfo.from_spec(spec)
         request = LoopRequest(num_frames=int(num_frames), window_mode=window_mode)
         length = latent_length(int(num_frames), spec.temporal_compression)
         return round(float(resolve_rope_scale(request, info, length)), 2)
+
+    def warm_up(self) -> threading.Thread:
+        """In a background thread: open the default mask model when its weights are on disk (so the first mask
+        preview is quick) and, on the demo model, build it (real models still load on the first Generate)."""
+
+        def run() -> None:
+            from loopui import saliency
+
+            try:
+                if saliency.weights_available(saliency.DEFAULT_MASK_MODEL):
+                    saliency.compute_saliency(np.zeros((32, 32, 3), np.uint8), saliency.DEFAULT_MASK_MODEL)
+            except (saliency.SaliencyUnavailable, ValueError, OSError) as exc:
+                logger.info("mask model warm-up skipped: %s", exc)
+            if self.demo:
+                from loopui.models import ModelLoadError
+
+                try:
+                    self.manager.get(self.model_id)
+                except (ModelLoadError, ValueError) as exc:  # the first Generate reports it properly
+                    logger.warning("demo model warm-up failed: %s", exc)
+
+        thread = threading.Thread(target=run, name="loopui-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     # -- defaults -------------------------------------------------------------------------------------------------
 
@@ -395,16 +416,12 @@ class Studio:
     @staticmethod
     def error_text(exc: BaseException) -> str:
         """A one-line message for the page from an exception raised by a generation."""
+        from loopui.media import ImageInputError
         from loopui.models import ModelLoadError
+        from loopui.saliency import SaliencyUnavailable
 
         text = " ".join(str(exc).split()) or type(exc).__name__
-        if isinstance(exc, (ValueError, ModelLoadError)):
-            return text
-        try:
-            from loopui.saliency import SaliencyUnavailable
-        except ImportError:  # the saliency room is optional for text-only loops
-            SaliencyUnavailable = ()  # type: ignore[assignment]  # noqa: N806
-        if SaliencyUnavailable and isinstance(exc, SaliencyUnavailable):
+        if isinstance(exc, (ValueError, ModelLoadError, SaliencyUnavailable, ImageInputError)):
             return text
         return f"generation failed ({type(exc).__name__}): {text}"
 
