@@ -158,7 +158,7 @@ def test_stop_interrupts_a_long_generation_and_the_app_stays_ready(app):
     # 2. The Stop endpoint reaches the same session's worker; the run ends with a "Stopped" status.
     job = long_job()
     assert wait_until(lambda: denoising(job), timeout=30)
-    assert "Stopping" in client.predict(api_name="/stop")
+    assert "Stopped" in client.predict(api_name="/stop")
     outputs = job.result(timeout=10)
     assert "Stopped" in outputs[-1]
     assert studio.jobs.running() == 0

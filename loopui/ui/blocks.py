@@ -11,6 +11,7 @@ import inspect
 import logging
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +48,8 @@ EXAMPLE_PROMPTS = (
 )
 QUEUE_MAX_SIZE = 16  # waiting generations beyond this are refused with "queue full" instead of piling up
 GPU_SECONDS = 300  # ZeroGPU time budget per generation (spaces.GPU duration)
+# The generator yields at least this often: a cancelled event can only close it between yields.
+HEARTBEAT_SECONDS = 0.5
 STAGE_LABELS = {"load": "Loading model", "encode": "Encoding prompt", "denoise": "Denoising",
                 "decode": "Decoding frames", "export": "Writing MP4 / GIF / WebP"}
 CSS = """
@@ -79,6 +82,19 @@ def _slider(name: str, label: str, value: Any, **overrides: Any) -> gr.Slider:
 def _dropdown(name: str, label: str, value: Any, choices: Optional[list] = None, **overrides: Any) -> gr.Dropdown:
     choices = choices if choices is not None else list(knob_info(name)["choices"])
     return gr.Dropdown(choices=choices, value=value, label=label, info=_ui_help(name), **overrides)
+
+
+def _progress_view(event: Any) -> tuple[tuple[tuple, dict], str]:
+    """(gr.Progress arguments, status line) for one worker progress event."""
+    label = STAGE_LABELS.get(event.stage, event.stage)
+    if event.stage == "denoise":
+        return (((event.step, event.total),), {"desc": label, "unit": "steps"}), \
+            f"{label}: {event.total} steps (progress on the player)…"
+    if event.stage == "load":
+        text = event.message or label
+        return ((event.step / 100.0 if event.total else None,), {"desc": text}), text
+    fraction = event.step / event.total if event.total else None
+    return ((fraction,), {"desc": label}), label + "…"
 
 
 def _session(request: Optional[gr.Request]) -> str:
@@ -273,21 +289,26 @@ def build_app(studio: Studio) -> gr.Blocks:
             session = _session(request)
             job = studio.start(session, model or studio.model_id, loop_request)
             try:
-                for event in job.events():
-                    if event is None:
-                        yield skip, skip, skip, skip, skip, skip
-                    elif event.kind == "progress":
-                        label = STAGE_LABELS.get(event.stage, event.stage)
-                        if event.stage == "denoise":
-                            progress((event.step, event.total), desc=label, unit="steps")
-                            text = f"{label}: step {event.step}/{event.total}"
-                        elif event.stage == "load":
-                            progress(event.step / 100.0 if event.total else None, desc=event.message or label)
-                            text = event.message or label
-                        else:
-                            progress(None if not event.total else event.step / event.total, desc=label)
-                            text = label + "…"
+                # Two constraints on yielding: a cancelled event can only close this generator between yields
+                # (so yield at least every HEARTBEAT_SECONDS), and every yield makes the page hide the progress
+                # bar (so yield no more than that, and send the last progress again right after each yield --
+                # code after a yield runs at the next pull, i.e. once the yielded value has gone out).
+                shown: tuple = ()
+                last_yield = time.monotonic()
+                for event in job.events(heartbeat=HEARTBEAT_SECONDS):
+                    if event is None or event.kind == "progress":
+                        text = skip
+                        if event is not None:
+                            shown, line = _progress_view(event)
+                            progress(*shown[0], **shown[1])
+                            if event.stage != "denoise" or event.step <= 1:  # a new stage: worth a status line
+                                text = line
+                            elif time.monotonic() - last_yield < HEARTBEAT_SECONDS:
+                                continue
                         yield skip, skip, skip, skip, text, skip
+                        last_yield = time.monotonic()
+                        if shown:
+                            progress(*shown[0], **shown[1])
                     elif event.kind == "done":
                         outcome = event.payload
                         entry = studio.history_entry(outcome, values, model or studio.model_id)
@@ -321,7 +342,7 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         def stop(request: gr.Request) -> str:
             if studio.jobs.stop(_session(request)):
-                return "Stopping: the current denoising step finishes, then the job ends…"
+                return "Stopped: the worker ends after the current denoising step. Ready for the next loop."
             return "Nothing to stop. Ready."
 
         # Inputs follow generate's signature (image and mask last, so API clients may omit them).
