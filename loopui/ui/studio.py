@@ -219,7 +219,8 @@ class Studio:
         """One line about a model for the page: description, trained cycle, RoPE."""
         spec = self.spec(model_id)
         rope = "rotary (RoPE scaling available)" if spec.rotary else "no rotary embeddings (RoPE scaling off)"
-        return (f"{spec.description} Trained on {spec.native_num_frames} frames = {spec.trained_latent_frames} "
+        description = spec.description.rstrip(".") + "." if spec.description else spec.model_id + "."
+        return (f"{description} Trained on {spec.native_num_frames} frames = {spec.trained_latent_frames} "
                 f"latents; {rope}.")
 
     def auto_rope_scale(self, model_id: str, num_frames: int, window_mode: str = "full") -> float:
