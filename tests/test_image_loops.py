@@ -162,3 +162,17 @@ def test_unreadable_image_is_a_clear_error(tiny_pipe, tmp_path):
     bogus.write_text("hello")
     with pytest.raises(ValueError, match="image"):
         generate_loop(tiny_pipe, LoopRequest(**BASE, image=str(bogus)))
+
+
+def test_user_mask_is_cropped_like_the_reference_image(tiny_pipe):
+    """A mask of another aspect ratio gets the image's cover-and-centre-crop, not a squash."""
+    from loopui.engine.loop import _motion_mask
+
+    # 200x100 source (2:1) -> 96x64 output (3:2): cover-scale 0.64 (128x64), then 16 px cropped at each side.
+    # Source column 150 lands at 150 * 0.64 - 16 = 80 (a squash would put it at 150 * 96 / 200 = 72).
+    source = np.zeros((100, 200), dtype=np.uint8)
+    source[:, 150:] = 255
+    image = load_reference_image(np.zeros((100, 200, 3), np.uint8), W, H)
+    mask = _motion_mask(image, LoopRequest(prompt="x", mask=source, mask_feather=0, background_freeze=1.0))
+    assert mask.shape == (H, W)
+    assert mask[:, 82:].min() == 1.0 and mask[:, :78].max() == 0.0

@@ -171,11 +171,14 @@ def _prepare_image_conditioning(pipe, request: LoopRequest, info: PipelineInfo, 
 def _motion_mask(image, request: LoopRequest) -> np.ndarray:
     """The user's mask when given, else the saliency model's; inverted for motion_region='background'."""
     from loopui import saliency
+    from loopui.media import load_mask_image
 
     invert = request.motion_region == "background"
+    # A user mask gets the same cover-and-centre-crop as the reference image, so the two stay aligned.
+    user_mask = None if request.mask is None else load_mask_image(request.mask, image.width, image.height)
     try:
         result = saliency.resolve_mask(
-            np.asarray(image), user_mask=request.mask, model_name=request.mask_model,
+            np.asarray(image), user_mask=user_mask, model_name=request.mask_model,
             threshold=request.mask_threshold, grow=request.mask_grow, feather=request.mask_feather, invert=invert)
     except saliency.SaliencyUnavailable as exc:
         raise ValueError(f"background freeze needs a motion mask: {exc} (or pass a mask image)") from exc
