@@ -242,8 +242,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                                  height=360)
                 status = gr.Markdown("Ready.", label="status", elem_id="loopui-status")
                 seam_md = gr.Markdown("", label="seam", elem_id="loopui-seam")
-                strip = gr.Image(label="Seam strip: last 3 frames | first 3 frames", type="filepath",
-                                 interactive=False, height=120)
+                strip = gr.Image(label="Seam strips: the wrap (last 3 | first 3), then around the largest inner jump",
+                                 type="filepath", interactive=False, height=160)
                 files = gr.File(label="Downloads (MP4, GIF, WebP, settings JSON)", file_count="multiple",
                                 interactive=False)
                 gallery = gr.Gallery(label="This session's loops (click to restore settings)", columns=4,

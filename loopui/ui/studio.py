@@ -104,14 +104,17 @@ def shift_note(num_frames: int, shift_skip: int, temporal_compression: int = 4) 
     return f"Cycle of L = {length} latents; shift {k} visits every offset (the automatic choice is {best})."
 
 
-def seam_summary(seam_ratio: Optional[float], worst_text: str = "") -> str:
-    """The seam ratio with its meaning in one line (markdown)."""
+def seam_summary(seam_ratio: Optional[float], worst_text: str = "", interior_ratio: Optional[float] = None) -> str:
+    """The seam and interior ratios with their meaning in one line (markdown)."""
     if seam_ratio is None:
         return "Seam ratio: not measured (too few frames)."
     verdict = ("seamless" if seam_ratio < 1.3 else "a slight bump at the wrap" if seam_ratio < 2.0
                else "a visible cut at the wrap")
     line = (f"**Seam ratio {seam_ratio:.2f}** — the jump from the last frame back to the first is "
             f"{seam_ratio:.2f}× an ordinary frame-to-frame step (≈ 1 is seamless): {verdict}.")
+    if interior_ratio is not None:
+        line += (f" **Interior ratio {interior_ratio:.2f}** — the largest jump inside the loop, same scale "
+                 f"(a hidden seam shows here; seam polish lowers it).")
     return f"{line} {worst_text[:1].upper()}{worst_text[1:]}." if worst_text else line
 
 
@@ -385,7 +388,12 @@ class Studio:
 
         result = render.result
         strip = stem.with_name(stem.name + "-seam.png")
-        Image.fromarray(seam_strip(result.frames, n=3)).save(strip)
+        # Top: the wrap (last 3 frames, then the first 3); below: around the largest jump inside the loop.
+        rows = [seam_strip(result.frames, n=3)]
+        if result.worst_step is not None:
+            rows.append(seam_strip(result.frames, n=3, around=result.worst_step))
+        gap = np.full((4, rows[0].shape[1], 3), 255, dtype=np.uint8)
+        Image.fromarray(np.concatenate([rows[0], gap, *rows[1:]]) if len(rows) > 1 else rows[0]).save(strip)
         thumb = stem.with_name(stem.name + "-thumb.png")
         Image.fromarray(result.frames[0]).save(thumb)
         s = result.settings
@@ -397,7 +405,8 @@ class Studio:
         files = [Path(f) for f in render.files] + [Path(render.sidecar)]
         return LoopOutcome(index=index, video=Path(render.files[0]), files=files, strip=strip, thumb=thumb,
                            seam_ratio=result.seam_ratio,
-                           seam_text=seam_summary(result.seam_ratio, result.describe_worst_step()),
+                           seam_text=seam_summary(result.seam_ratio, result.describe_worst_step(),
+                                                    result.interior_ratio),
                            details=details, warnings=list(result.warnings), model_text=loaded.describe(),
                            settings=dict(s))
 
