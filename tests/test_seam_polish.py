@@ -2,7 +2,7 @@
 
 Figures are means over seeds 0-2 at 50 steps, as in docs/seam_polish.md. Plain sampling has an ordinary interior
 (largest step ~1.025x the mean step) and a wrap seam of ~4.3x; the reference latent shift closes the wrap but leaves
-a hidden seam of ~1.31x where the final step cut the cycle; seam polish brings it back to the plain floor.
+a hidden seam of ~1.33x where the final step cut the cycle; seam polish brings it back to the plain floor.
 """
 
 from __future__ import annotations
