@@ -192,3 +192,16 @@ def test_seam_polish_knob_lists_every_level_with_its_cost():
     assert info["default"] in SEAM_POLISH_LEVELS
     for level in ("fast", "balanced", "strong"):
         assert f"{level} +{round((polish_cost(level, 50) - 1) * 100)}%" in info["help"]
+
+
+def test_loop_result_reports_the_hidden_seam_where_the_instrument_puts_it(tiny_pipe):
+    from loopui.media import loop_metrics
+
+    with installed(tiny_pipe):
+        result = generate_loop(tiny_pipe, LoopRequest(prompt="gp", num_frames=49, height=HEIGHT, width=WIDTH,
+                                                      guidance_scale=1.0, seed=0), output_type="latent")
+    metrics = loop_metrics(result.latents[0])
+    assert result.seam_ratio == pytest.approx(metrics.seam_ratio) == pytest.approx(result.latent_seam_ratio)
+    assert result.interior_ratio == pytest.approx(metrics.interior_ratio) and metrics.interior_ratio > 1.2
+    assert result.latent_interior_ratio == pytest.approx(metrics.interior_ratio)
+    assert result.worst_step == (7, 8) and "between frames 7 and 8" in result.describe_worst_step()
