@@ -89,7 +89,14 @@ def main() -> int:
         print(json.dumps(child(int(args.child[0]), args.child[1], args.steps)))
         return 0
 
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}"
+    import os
+
+    import torch
+
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    machine = (f"{os.cpu_count()}-core, {mem_gb:.0f} GB {platform.machine()} ({gpu}), Python "
+               f"{platform.python_version()}, torch {torch.__version__}")
     speed = loop_vs_stock(args.repeats, args.steps)
     lines = [f"Machine: {machine}; model: random-weight CogVideoX {MODEL}, {WIDTH}x{HEIGHT}, CPU float32, "
              f"1 thread, {args.steps} steps, median of {args.repeats}.", "",
