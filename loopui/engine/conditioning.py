@@ -50,10 +50,11 @@ class ImageConditioning:
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _noised(self, scheduler, target: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
+        target = target.expand_as(noise).to(noise.dtype)
         if timestep is None:  # past the last step: the clean level
-            return target.expand_as(noise).to(noise.dtype) if target.shape != noise.shape else target
+            return target
         t = torch.as_tensor(timestep, device=noise.device).reshape(1).long()
-        return scheduler.add_noise(target.expand_as(noise).to(noise.dtype), noise, t)
+        return scheduler.add_noise(target, noise, t)
 
     def initial_latents(self, scheduler, noise: torch.Tensor, first_timestep) -> torch.Tensor:
         """Starting latents: the pipeline's noise, or the reference noised with it to the first step's level."""

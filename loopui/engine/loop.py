@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -222,16 +222,18 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
     schedule = ShiftSchedule(length=length, skip=skip, num_steps=steps, start=request.shift_start,
                              end=request.shift_end, polish=SEAM_POLISH_PRESETS[request.seam_polish])
     state = StepState()
-    interrupted = {"value": False}
 
     with _scheduler_swapped(pipe, scheduler):
         sched = pipe.scheduler
         dtype = pipe.transformer.dtype
         # 3. Reference image (encode + mask) when given
         image, conditioning = _prepare_image_conditioning(pipe, request, info, height, width, steps, device, dtype)
-        latents = None
+        latents, override = None, None
         if conditioning is not None and conditioning.init_steps > 0:
             from diffusers.utils.torch_utils import randn_tensor
+
+            # Drawn exactly as prepare_latents would draw it (same generator, shape, device), then noised onto the
+            # reference; the generator moves on just as in a plain run.
 
             shape = (1, length, pipe.vae.config.latent_channels, height // pipe.vae_scale_factor_spatial,
                      width // pipe.vae_scale_factor_spatial)
@@ -240,12 +242,9 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
             latents = conditioning.initial_latents(sched, noise, sched.timesteps[0])
             # prepare_latents multiplies given latents by init_noise_sigma (1 for CogVideoX schedulers).
             latents = latents / sched.init_noise_sigma
-            generator = torch.Generator(device="cpu").manual_seed(request.seed)
+            override = lambda step, hs, t: conditioning.override_prediction(sched, step, hs, t)  # noqa: E731
 
         # 4. Hooks: transformer forward, rotary tables, step callback
-        override = None
-        if conditioning is not None and conditioning.init_steps > 0:
-            override = lambda step, hs, t: conditioning.override_prediction(sched, step, hs, t)  # noqa: E731
         window = info.trained_latent_frames if request.window_mode == "window" else None
         denoiser = CycleDenoiser(pipe.transformer.forward, schedule, state, time_dim=1, window=window,
                                  override=override)
@@ -258,8 +257,7 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
             if callback:
                 callback("denoise", i + 1, steps)
             if cancel_event is not None and cancel_event.is_set() and i + 1 < steps:
-                interrupted["value"] = True
-                pipeline._interrupt = True
+                pipeline._interrupt = True  # the pipeline skips the remaining steps
             return out
 
         call_kwargs = dict(
@@ -271,11 +269,11 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         if info.image_to_video:
             call_kwargs["image"] = image
         rope_patch = (_patched(pipe, "_prepare_rotary_positional_embeddings", scaled_rope_preparer(pipe, rope_scale))
-                      if info.rotary else _noop())
+                      if info.rotary else nullcontext())
         with torch.no_grad(), _patched(pipe.transformer, "forward", denoiser), rope_patch:
             final = pipe(**call_kwargs).frames  # (B, T, C, h, w)
     t_denoise = time.perf_counter()
-    if interrupted["value"] or (cancel_event is not None and cancel_event.is_set() and state.step < steps):
+    if state.step < steps:  # only an interrupt leaves steps undone
         raise LoopInterrupted(f"stopped after {state.step} of {steps} steps")
 
     # 5. Decode (frame-invariant by default)
@@ -318,8 +316,3 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         latent_seam_ratio=None if latent_metrics is None else float(latent_metrics.seam_ratio),
         latent_interior_ratio=None if latent_metrics is None else float(latent_metrics.interior_ratio),
     )
-
-
-@contextmanager
-def _noop() -> Iterator[None]:
-    yield
