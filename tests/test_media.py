@@ -450,10 +450,11 @@ def test_mask_from_arrays() -> None:
     rgb = np.zeros((2, 2, 3), np.uint8)
     rgb[0, 0] = WHITE
     rgb[1, 1] = GREEN
-    np.testing.assert_allclose(load_mask_image(rgb, 2, 2), [[1, 0], [0, 0.587]], atol=1e-3)
+    # Brightest channel, not luma: a pure green stroke counts as fully painted (the same rule as loopui.saliency).
+    np.testing.assert_allclose(load_mask_image(rgb, 2, 2), [[1, 0], [0, 1]], atol=1e-3)
 
 
-def test_mask_uses_painted_alpha_else_luma() -> None:
+def test_mask_uses_painted_alpha_else_colour() -> None:
     painted = np.zeros((4, 4, 4), np.uint8)  # gr.ImageEditor layer: black brush, alpha marks the strokes
     painted[1:3, 1:3, 3] = 255
     m = load_mask_image(painted, 4, 4)
@@ -461,7 +462,7 @@ def test_mask_uses_painted_alpha_else_luma() -> None:
     opaque = np.full((4, 4, 4), 255, np.uint8)
     opaque[:2, ..., :3] = 0
     m = load_mask_image(opaque, 4, 4)
-    assert m[0, 0] == 0.0 and m[3, 3] == 1.0  # alpha carries nothing: grayscale of RGB
+    assert m[0, 0] == 0.0 and m[3, 3] == 1.0  # alpha carries nothing: the colour decides
 
 
 def test_mask_from_file_and_pil(tmp_path: Path) -> None:

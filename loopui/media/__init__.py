@@ -5,7 +5,7 @@ the engine or gradio.
 """
 
 from loopui.media.export import SUPPORTED_SUFFIXES, export_video, read_video, seam_strip, write_sidecar
-from loopui.media.images import ImageInputError, load_mask_image, load_reference_image
+from loopui.media.images import ImageInputError, load_mask_image, load_reference_image, open_image, read_mask
 from loopui.media.metrics import LoopMetrics, loop_metrics, seam_ratio
 
 __all__ = [
@@ -16,6 +16,8 @@ __all__ = [
     "load_mask_image",
     "load_reference_image",
     "loop_metrics",
+    "open_image",
+    "read_mask",
     "read_video",
     "seam_ratio",
     "seam_strip",

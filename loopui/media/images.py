@@ -47,6 +47,8 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
 def _read_path(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
     """Open, size-check (from the header, before decoding), decode and upright an image file."""
     what = f"image file {os.fspath(path)!r}"
+    if not os.path.exists(path):
+        raise ImageInputError(f"{what} not found")
     # PIL warns about (and past twice its limit refuses) huge images at open time; turn the warning into an error so
     # both end up as our message. catch_warnings is process-global and not thread-safe: a race can only change which
     # warnings get shown elsewhere, never bypass our own pixel cap below.
@@ -93,7 +95,7 @@ def _unit_float(a: np.ndarray) -> np.ndarray:
             raise ImageInputError("image array contains NaN or infinite values")
         lo, hi = float(a.min()), float(a.max())
         if lo < -0.01 or hi > 1.01:
-            raise ImageInputError(f"float image arrays must be in [0, 1], got values from {lo:.3g} to {hi:.3g}")
+            raise ImageInputError(f"float values must be in [0, 1], got values from {lo:.3g} to {hi:.3g}")
         return np.clip(a, 0.0, 1.0).astype(np.float32)
     raise ImageInputError(f"unsupported image array dtype {a.dtype}; use uint8, uint16, bool or float in [0, 1]")
 
@@ -142,6 +144,21 @@ def _array_to_pil(a: np.ndarray) -> Image.Image:
     return Image.fromarray(u8)  # L, RGB or RGBA by channel count
 
 
+def open_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An image as an upright RGB PIL image at its own size (EXIF rotation applied, transparency flattened onto
+    white, CMYK/palette/16-bit converted); the one image reader of the project. Raises :class:`ImageInputError`."""
+    image = _to_image(src, max_pixels)
+    return _pil_to_rgb(_array_to_pil(image) if isinstance(image, np.ndarray) else image)
+
+
+def read_mask(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A mask as float32 ``(H, W)`` in [0, 1] at its own size (white, painted or opaque = 1); the one mask reader
+    of the project (see :func:`load_mask_image` for the rules). Raises :class:`ImageInputError`."""
+    image = _to_image(src, max_pixels)
+    unit = _unit_float(_check_layout(image)) if isinstance(image, np.ndarray) else _pil_to_mask_unit(image)
+    return np.ascontiguousarray(_mask_from_unit(unit), dtype=np.float32)
+
+
 def load_reference_image(
     src: ImageSource, width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
@@ -163,8 +180,7 @@ def load_reference_image(
         ValueError: width or height not a positive integer.
     """
     _check_size(width, height)
-    image = _to_image(src, max_pixels)
-    rgb = _pil_to_rgb(_array_to_pil(image) if isinstance(image, np.ndarray) else image)
+    rgb = open_image(src, max_pixels)
     if rgb.size != (width, height):
         logger.debug("fitting reference image %dx%d to %dx%d", rgb.width, rgb.height, width, height)
     return ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
@@ -181,13 +197,13 @@ def _pil_to_mask_unit(im: Image.Image) -> np.ndarray:
 
 
 def _mask_from_unit(a: np.ndarray) -> np.ndarray:
-    """(H, W) from (H, W) / (H, W, 3) / (H, W, 4) in [0, 1]: the alpha channel if it carries anything, else luma."""
+    """(H, W) from (H, W) / (H, W, 3) / (H, W, 4) in [0, 1]: the alpha channel if it carries anything, else the
+    brightest colour channel (so a pure red, green or blue stroke on black counts as fully painted)."""
     if a.ndim == 2:
         return a
     if a.shape[-1] == 4 and not (a[..., 3] == 1.0).all():
         return a[..., 3]
-    # ITU-R 601 luma, the same weights as PIL's convert("L").
-    return a[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return a[..., :3].max(axis=-1)
 
 
 def load_mask_image(
@@ -195,19 +211,17 @@ def load_mask_image(
 ) -> np.ndarray:
     """Load a user mask as float32 ``(height, width)`` in [0, 1], white (or opaque) = 1.
 
-    Grayscale is used as is, RGB as its luma; for RGBA (e.g. a layer painted in ``gr.ImageEditor``) the alpha
-    channel is used when it is not fully opaque, else the luma of RGB. uint8 values are divided by 255, uint16 by
-    65535, bools become 0/1. The mask is fitted with the same cover-and-centre-crop geometry as
-    :func:`load_reference_image` (bilinear, which keeps feathered edges soft), so a mask made on the reference
-    image stays aligned with it.
+    Grayscale is used as is, RGB as its brightest channel; for RGBA (e.g. a layer painted in ``gr.ImageEditor``)
+    the alpha channel is used when it is not fully opaque, else the brightest channel of RGB. uint8 values are
+    divided by 255, uint16 by 65535, bools become 0/1. The mask is fitted with the same cover-and-centre-crop
+    geometry as :func:`load_reference_image` (bilinear, which keeps feathered edges soft), so a mask made on the
+    reference image stays aligned with it.
 
     Raises:
         ImageInputError: unreadable file, not an image, too many pixels, or an unsupported array layout/dtype.
         ValueError: width or height not a positive integer.
     """
     _check_size(width, height)
-    image = _to_image(src, max_pixels)
-    unit = _unit_float(_check_layout(image)) if isinstance(image, np.ndarray) else _pil_to_mask_unit(image)
-    mask = Image.fromarray(np.ascontiguousarray(_mask_from_unit(unit), dtype=np.float32))  # mode F
+    mask = Image.fromarray(read_mask(src, max_pixels))  # mode F
     fitted = ImageOps.fit(mask, (width, height), method=Image.Resampling.BILINEAR, centering=(0.5, 0.5))
     return np.clip(np.asarray(fitted, dtype=np.float32), 0.0, 1.0)

@@ -1,6 +1,8 @@
 """Saliency masks for image-anchored loops: which pixels may move (1) and which stay still (0).
 
-Importing this package is cheap: rembg (and with it onnxruntime) and scipy load on first use.
+Importing this package is cheap: rembg (and with it onnxruntime) and scipy load on first use. Images and user
+masks are read by ``loopui.media`` (the project's one image/mask reader), so a mask lines up with the pixels the
+engine animates; like media, this room never imports the engine or gradio.
 """
 
 from .masks import (

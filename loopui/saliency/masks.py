@@ -9,11 +9,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -27,40 +26,26 @@ ImageLike = Union[Image.Image, np.ndarray, str, "os.PathLike[str]"]
 
 
 def load_rgb_image(path: Union[str, "os.PathLike[str]"]) -> Image.Image:
-    """Open an image file upright (EXIF orientation applied) as RGB; ``ValueError`` if it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"image file not found: {str(path)!r}")
-    try:
-        with Image.open(path) as img:
-            # exif_transpose so a phone photo is the way up the user saw it; the mask must match those pixels.
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except OSError as err:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot read image {str(path)!r}: {err}") from err
+    """Open an image file upright (EXIF orientation applied) as RGB; ``ValueError`` if it cannot be read.
+
+    The project's one image reader (``loopui.media.open_image``): the same size cap and conversions as the engine's.
+    """
+    from loopui.media import open_image
+
+    return open_image(path)
 
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:
     """An image (PIL, path, or ``(H, W)``/``(H, W, 3|4)`` array, uint8 or float in [0, 1]) as ``(H, W, 3)`` uint8.
 
-    Arrays and PIL images are taken pixel for pixel (no EXIF rotation); paths go through ``load_rgb_image``.
+    Read with ``loopui.media.open_image``, exactly as the engine reads its reference image (EXIF rotation for files
+    and PIL images, transparency flattened onto white), so the mask matches the pixels that are animated.
     """
-    if isinstance(image, (str, os.PathLike)):
-        return np.asarray(load_rgb_image(image))
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    if not isinstance(image, np.ndarray):
+    if not isinstance(image, (str, os.PathLike, Image.Image, np.ndarray)):
         raise ValueError(f"image must be a PIL image, an HxWx3 array or a path, got {type(image).__name__}")
-    arr = image
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"image array must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
-    arr = _to_unit_float(arr, "image") if arr.dtype != np.uint8 else arr
-    if arr.dtype != np.uint8:
-        arr = np.round(arr * 255.0).astype(np.uint8)
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return np.ascontiguousarray(arr[..., :3])
+    from loopui.media import open_image
+
+    return np.asarray(open_image(image))
 
 
 def _to_unit_float(arr: np.ndarray, what: str) -> np.ndarray:
@@ -83,49 +68,23 @@ def _to_unit_float(arr: np.ndarray, what: str) -> np.ndarray:
     raise ValueError(f"{what} has unsupported dtype {arr.dtype}")
 
 
-def _mask_from_channels(arr: np.ndarray) -> np.ndarray:
-    """``(H, W)`` or ``(H, W, 1|3|4)`` array -> ``(H, W)`` float32 in [0, 1] (white / painted = 1)."""
-    if arr.ndim == 2:
-        return _to_unit_float(arr, "mask")
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ValueError(f"mask array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
-    unit = _to_unit_float(arr, "mask")
-    if unit.shape[2] == 4 and np.any(unit[..., 3] < 1.0):
-        # A painted layer (gr.ImageEditor / ImageMask): strokes are where alpha is set, whatever the brush colour.
-        return unit[..., 3]
-    # Brightest channel rather than luminance, so a pure red or blue stroke on black counts as fully painted.
-    return unit[..., :3].max(axis=2)
-
-
 def load_user_mask(user_mask: Any, size: Optional[Tuple[int, int]] = None) -> Optional[np.ndarray]:
     """A user-provided or painted mask as float32 ``(H, W)`` in [0, 1], or ``None`` when it is empty.
 
     ``user_mask`` may be a path, a PIL image or an array (``HxW`` or ``HxWx3/4``; uint8 0..255, bool, or float
     in [0, 1]). White (or any bright / painted pixel) means "may move": 3-channel masks use their brightest
-    channel; 4-channel masks use alpha when any pixel is transparent (a painted layer), else the colour.
+    channel; 4-channel masks use alpha when any pixel is transparent (a painted layer), else the colour — the
+    rules of ``loopui.media.read_mask``, the project's one mask reader.
     ``size`` is the target ``(width, height)`` (PIL order); the mask is resized bilinearly to it.
     An all-zero mask returns ``None``, i.e. it counts as "no mask given" (an untouched paint canvas is empty).
     """
     if user_mask is None:
         return None
-    if isinstance(user_mask, (str, os.PathLike)):
-        path = Path(user_mask)
-        if not path.is_file():
-            raise ValueError(f"mask file not found: {str(path)!r}")
-        try:
-            with Image.open(path) as img:
-                user_mask = ImageOps.exif_transpose(img)
-                user_mask.load()
-        except OSError as err:
-            raise ValueError(f"cannot read mask {str(path)!r}: {err}") from err
-    if isinstance(user_mask, Image.Image):
-        has_alpha = user_mask.mode in ("RGBA", "LA", "PA") or "transparency" in user_mask.info
-        user_mask = np.asarray(user_mask.convert("RGBA" if has_alpha else "RGB"))
-    if not isinstance(user_mask, np.ndarray):
+    if not isinstance(user_mask, (str, os.PathLike, Image.Image, np.ndarray)):
         raise ValueError(f"mask must be a path, a PIL image or an array, got {type(user_mask).__name__}")
-    if user_mask.size == 0:
-        raise ValueError(f"mask array is empty, got shape {user_mask.shape}")
-    mask = _mask_from_channels(user_mask)
+    from loopui.media import read_mask
+
+    mask = read_mask(user_mask)
     if not np.any(mask > 0):
         return None
     if size is not None:
