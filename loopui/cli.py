@@ -294,7 +294,7 @@ def _run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
             print(f"{PROG}: warning: {message}", file=sys.stderr)
     frames, height, width = result.frames.shape[:3]
     for path in render.files:
-        print(f"wrote {path} ({frames} frames, {width}x{height}, {request.fps} fps, "
+        print(f"wrote {path} ({frames} frames, {width}x{height}, {result.settings['fps']} fps, "
               f"{path.stat().st_size / 1024:.0f} KiB)")
     print(f"wrote {render.sidecar} (settings and metrics)")
     if args.save_latents:

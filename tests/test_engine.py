@@ -10,8 +10,9 @@ import torch
 
 from loopui.engine import LoopInterrupted, LoopRequest, default_shift_skip, generate_loop, latent_length
 from loopui.engine.decode import decoded_frame_count
-from loopui.engine.loop import resolve_shift_skip
-from loopui.engine.rope import ntk_theta, scaled_rope_preparer, temporal_rope_dim
+from loopui.engine.families.cogvideox import scaled_rope_preparer, temporal_rope_dim
+from loopui.engine.plan import resolve_shift_skip
+from loopui.engine.rope import ntk_theta
 from loopui.engine.shift import SeamPolish, ShiftSchedule, window_indices, window_starts
 
 SMALL = dict(prompt="a paper boat on waves", height=32, width=48, num_inference_steps=4)

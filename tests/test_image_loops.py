@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from loopui.engine import LoopRequest, generate_loop
-from loopui.engine.conditioning import encode_reference, mask_to_latent_grid
+from loopui.engine.conditioning import mask_to_latent_grid
+from loopui.engine.families import family_for
 from loopui.media import load_reference_image
 
 H, W = 64, 96  # latent grid 8 x 12
@@ -32,7 +33,8 @@ def left_half_mask() -> np.ndarray:
 
 
 def _reference_latent(pipe, image) -> torch.Tensor:
-    return encode_reference(pipe, load_reference_image(image, W, H), H, W, torch.device("cpu"), torch.float32)
+    return family_for(pipe).encode_image(pipe, load_reference_image(image, W, H), H, W, torch.device("cpu"),
+                                         torch.float32)
 
 
 def test_all_controls_off_equals_the_text_only_loop(tiny_pipe, image):
@@ -122,27 +124,73 @@ def test_full_init_strength_is_pure_noise(tiny_pipe, image):
     assert torch.equal(plain.latents, same.latents)
 
 
-def test_i2v_image_latents_roll_with_the_cycle(tiny_i2v_pipe, image):
+def _i2v_inputs(pipe, image, steps: int = 6, **request) -> list[torch.Tensor]:
+    """The hidden states the I2V transformer sees at each step (noisy latents | image conditioning on C)."""
     seen: list[torch.Tensor] = []
-    original = tiny_i2v_pipe.transformer.forward
+    original = pipe.transformer.forward
 
     def recorder(**kwargs):
         seen.append(kwargs["hidden_states"].detach().clone())
         return original(**kwargs)
 
-    tiny_i2v_pipe.transformer.forward = recorder
+    pipe.transformer.forward = recorder
     try:
-        generate_loop(tiny_i2v_pipe, LoopRequest(**{**BASE, "height": 32, "width": 48, "num_inference_steps": 6},
-                                                 image=image, anchor_strength=0.0), output_type="latent")
+        generate_loop(pipe, LoopRequest(**{**BASE, "height": 32, "width": 48, "num_inference_steps": steps},
+                                        image=image, anchor_strength=0.0, **request), output_type="latent")
     finally:
-        del tiny_i2v_pipe.transformer.forward
-    assert len(seen) == 6
-    for i, hidden in enumerate(seen):
+        del pipe.transformer.forward
+    assert len(seen) == steps
+    return seen
+
+
+def test_i2v_roll_policy_carries_the_image_latent_with_its_cycle_position(tiny_i2v_pipe, image):
+    for i, hidden in enumerate(_i2v_inputs(tiny_i2v_pipe, image, image_channel="roll")):
         offset = (i * 6) % 13
         assert hidden.shape[2] == 8  # 4 noisy + 4 image-conditioning channels
         carries_image = hidden[0, :, 4:].abs().flatten(1).sum(dim=1) > 0
         # The image latent belongs to cycle position 0; rotated left by the offset it sits at (L - offset) mod L.
         assert carries_image.nonzero().flatten().tolist() == [(13 - offset) % 13], f"step {i}"
+
+
+def test_i2v_default_keeps_every_call_in_distribution(tiny_i2v_pipe, image):
+    """Default ``estimate``: the conditioning is always at clip position 0 (as in training); it is the image when the
+    anchored latent leads the clip, otherwise the loop's clean estimate of the latent that leads it."""
+    from loopui.engine.families import family_for
+    from loopui.engine.noise import clean_estimate
+
+    scheduler = tiny_i2v_pipe.scheduler
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    step = scheduler.step
+
+    def spy(model_output, timestep, sample, *args, **kwargs):
+        outputs.append((model_output.detach().clone(), sample.detach().clone()))
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    scheduler.step = spy
+    try:
+        seen = _i2v_inputs(tiny_i2v_pipe, image)
+    finally:
+        del scheduler.step
+    image_latent = seen[0][0, 0, 4:]
+    assert image_latent.abs().sum() > 0
+    family = family_for(tiny_i2v_pipe)
+    for i, hidden in enumerate(seen):
+        offset = (i * 6) % 13
+        condition = hidden[0, :, 4:]
+        assert condition[1:].abs().sum() == 0, f"step {i}: only clip position 0 carries conditioning"
+        if offset == 0:
+            assert torch.equal(condition[0], image_latent), f"step {i}"
+        else:
+            output, sample = outputs[i - 1]
+            level = family.level(scheduler, i - 1)
+            estimate = clean_estimate(sample, output, level, "v_prediction")[0, offset]
+            torch.testing.assert_close(condition[0], estimate.to(condition.dtype), rtol=1e-5, atol=1e-5)
+
+
+def test_i2v_image_policy_puts_the_image_first_in_every_clip(tiny_i2v_pipe, image):
+    seen = _i2v_inputs(tiny_i2v_pipe, image, steps=4, image_channel="image")
+    for hidden in seen:
+        assert torch.equal(hidden[:, :, 4:], seen[0][:, :, 4:])
 
 
 def test_i2v_needs_an_image(tiny_i2v_pipe):

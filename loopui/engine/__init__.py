@@ -12,8 +12,9 @@ from typing import Any
 from .settings import LoopRequest, default_shift_skip, knob_info, latent_length
 
 _LAZY = {
-    "LoopInterrupted": ".loop", "LoopResult": ".loop", "PipelineInfo": ".loop", "generate_loop": ".loop",
-    "pipeline_info": ".loop", "SEAM_POLISH_PRESETS": ".polish", "RenderResult": ".render", "render_loop": ".render",
+    "LoopInterrupted": ".loop", "LoopResult": ".loop", "generate_loop": ".loop", "pipeline_spec": ".loop",
+    "LoopPlan": ".plan", "plan_loop": ".plan", "SEAM_POLISH_PRESETS": ".polish", "RenderResult": ".render",
+    "render_loop": ".render",
 }
 
 __all__ = ["LoopRequest", "default_shift_skip", "knob_info", "latent_length", *_LAZY]

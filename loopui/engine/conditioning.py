@@ -22,22 +22,29 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .noise import NoiseLevel, noised, prediction_for
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ImageConditioning:
-    """Per-generation state of the image controls. Latent layout: CogVideoX ``(B, T, C, H, W)``."""
+    """Per-generation state of the image controls, in the family's latent layout (time on ``time_dim``).
 
-    reference: torch.Tensor  # (1, 1, C, h, w) encoded reference image
-    noise: torch.Tensor  # (1, 1, C, h, w) one noise shared by all frames (anchor and freeze targets)
+    Noise levels come from ``level(index)`` (the family's view of the scheduler), so the same code serves
+    DDPM-style and flow-matching schedulers.
+    """
+
+    reference: torch.Tensor  # one-frame latent of the reference image, e.g. (1, 1, C, h, w) CogVideoX
+    noise: torch.Tensor  # same shape: one noise shared by all frames (anchor and freeze targets)
     motion_mask: Optional[torch.Tensor]  # (1, 1, 1, h, w), 1 = may move; None = everywhere
     anchor_strength: float
     init_strength: float
     background_freeze: float
     num_steps: int
     prediction_type: str
-    initial_noise: Optional[torch.Tensor] = None  # (B, T, C, h, w) the pipeline-shaped starting noise
+    time_dim: int = 1
+    initial_noise: Optional[torch.Tensor] = None  # the pipeline-shaped starting noise
 
     @property
     def init_steps(self) -> int:
@@ -48,61 +55,38 @@ class ImageConditioning:
     def active(self) -> bool:
         return self.anchor_strength > 0 or self.init_steps > 0 or self.background_freeze > 0
 
-    # -- helpers ------------------------------------------------------------------------------------------------
-    def _noised(self, scheduler, target: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
-        target = target.expand_as(noise).to(noise.dtype)
-        if timestep is None:  # past the last step: the clean level
-            return target
-        t = torch.as_tensor(timestep, device=noise.device).reshape(1).long()
-        return scheduler.add_noise(target, noise, t)
-
-    def initial_latents(self, scheduler, noise: torch.Tensor, first_timestep) -> torch.Tensor:
+    def initial_latents(self, noise: torch.Tensor, first_level: NoiseLevel) -> torch.Tensor:
         """Starting latents: the pipeline's noise, or the reference noised with it to the first step's level."""
         self.initial_noise = noise
         if self.init_steps == 0:
             return noise
-        return self._noised(scheduler, self.reference, noise, first_timestep)
+        return noised(self.reference.to(noise.device), noise, first_level)
 
     # -- hooks --------------------------------------------------------------------------------------------------
-    def override_prediction(self, scheduler, step: int, hidden_states: torch.Tensor,
-                            timestep: torch.Tensor) -> Optional[torch.Tensor]:
+    def override_prediction(self, step: int, noisy: torch.Tensor, level: NoiseLevel) -> Optional[torch.Tensor]:
         """During the init-strength steps, the exact prediction whose clean estimate is the reference."""
         if step >= self.init_steps:
             return None
-        channels = self.reference.shape[2]
-        x_t = hidden_states[:, :, :channels].float()
-        t = int(torch.as_tensor(timestep).reshape(-1)[0])
-        alpha = scheduler.alphas_cumprod.to(x_t.device)[t].float()
-        x0 = self.reference.to(x_t.device).float().expand_as(x_t)
-        sqrt_a, sqrt_1ma = alpha.sqrt(), (1 - alpha).clamp_min(1e-12).sqrt()
-        eps = (x_t - sqrt_a * x0) / sqrt_1ma
-        if self.prediction_type == "v_prediction":
-            out = sqrt_a * eps - sqrt_1ma * x0
-        elif self.prediction_type == "epsilon":
-            out = eps
-        elif self.prediction_type == "sample":
-            out = x0
-        else:
-            raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
-        return out.to(hidden_states.dtype)
+        out = prediction_for(noisy, self.reference.to(noisy.device), level, self.prediction_type)
+        return out.to(noisy.dtype)
 
-    def after_step(self, scheduler, step: int, latents: torch.Tensor, timesteps) -> torch.Tensor:
+    def after_step(self, step: int, latents: torch.Tensor, next_level: NoiseLevel) -> torch.Tensor:
         """Apply init / freeze / anchor pulls to the latents the scheduler just produced (level of step + 1)."""
-        next_t = timesteps[step + 1] if step + 1 < len(timesteps) else None
         if step < self.init_steps and self.initial_noise is not None:
             # Snap onto the exact noised reference (the oracle prediction got within float error of it).
-            return self._noised(scheduler, self.reference, self.initial_noise.to(latents.dtype), next_t).to(
-                latents.dtype)
-        target = self._noised(scheduler, self.reference, self.noise.to(latents.device, latents.dtype), next_t)
-        target = target.to(latents.dtype)  # (1, 1, C, h, w)
+            return noised(self.reference.to(latents.device), self.initial_noise.to(latents.device, latents.dtype),
+                          next_level).to(latents.dtype)
+        target = noised(self.reference.to(latents.device), self.noise.to(latents.device, latents.dtype), next_level)
+        target = target.to(latents.dtype)  # one frame
         if self.background_freeze > 0:
-            still = 1.0 - (self.motion_mask if self.motion_mask is not None else torch.zeros_like(target[:, :, :1]))
+            still = 1.0 - (self.motion_mask if self.motion_mask is not None else torch.zeros_like(target))
             weight = (self.background_freeze * still).to(latents.device, latents.dtype)
             # lerp is exact at the ends (weight 1 gives the target bit-for-bit).
             latents = torch.lerp(latents, target.expand_as(latents), weight.expand_as(latents))
         if self.anchor_strength > 0:
             latents = latents.clone()
-            latents[:, :1] = torch.lerp(latents[:, :1], target, self.anchor_strength)
+            first = latents.narrow(self.time_dim, 0, 1)
+            first.copy_(torch.lerp(first, target.expand_as(first), self.anchor_strength))
         return latents
 
 
@@ -113,13 +97,3 @@ def mask_to_latent_grid(mask, height: int, width: int, device=None, dtype=torch.
         raise ValueError(f"mask must be 2-D (H, W), got shape {tuple(m.shape)}")
     m = F.interpolate(m[None, None], size=(height, width), mode="area")[0, 0]
     return m.clamp(0, 1).to(device=device, dtype=dtype)[None, None, None]
-
-
-@torch.no_grad()
-def encode_reference(pipe, image, height: int, width: int, device, dtype) -> torch.Tensor:
-    """Encode a PIL reference image with the pipeline's VAE as a one-frame video: ``(1, 1, C, h, w)``."""
-    pixels = pipe.video_processor.preprocess(image, height=height, width=width)  # (1, 3, H, W) in [-1, 1]
-    pixels = pixels.unsqueeze(2).to(device=device, dtype=pipe.vae.dtype)  # (1, 3, 1, H, W)
-    latent = pipe.vae.encode(pixels).latent_dist.mode()  # (1, C, 1, h, w)
-    latent = latent.permute(0, 2, 1, 3, 4) * pipe.vae_scaling_factor_image
-    return latent.to(device=device, dtype=dtype)

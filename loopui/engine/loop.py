@@ -1,35 +1,44 @@
-"""``generate_loop``: a stock diffusers CogVideoX pipeline, turned into a seamless-loop sampler.
+"""``generate_loop``: a stock diffusers video pipeline (CogVideoX, Wan), turned into a seamless-loop sampler.
 
 Nothing of the pipeline's ``__call__`` is copied. For one call, three extension points are used:
-the transformer's ``forward`` (rotate in / rotate back, windows, seam polish, init-strength oracle), the pipeline's
-``_prepare_rotary_positional_embeddings`` (NTK scaling of time) and ``callback_on_step_end`` (step counter, image
-pulls, progress, cooperative cancel). All three are restored afterwards, so a cached pipeline stays stock.
+the transformer's ``forward`` (clips of the cycle: rotate in / rotate back, windows, seam polish, the init-strength
+oracle, I2V conditioning), the rotary-table preparation (NTK scaling of time; where it lives is the family's
+business) and ``callback_on_step_end`` (step counter, image pulls, progress, cooperative cancel). When an I2V model's
+image channel carries the loop's own estimate, the scheduler's ``step`` is observed (not changed) to read it. All of
+it is restored afterwards, so a cached pipeline stays stock. The same numbered steps serve every family: what
+differs lives in ``loopui.engine.families``.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-import math
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
-from .conditioning import ImageConditioning, encode_reference, mask_to_latent_grid
-from .decode import decode_cycle, decoded_frame_count, video_to_uint8
-from .rope import scaled_rope_preparer
-from .schedulers import build_scheduler
-from .settings import LoopRequest, default_shift_skip
+from .conditioning import ImageConditioning, mask_to_latent_grid
+from .decode import decode_cycle, video_to_uint8
+from .families import Family, family_for
+from .families.base import patch_attribute
+from .noise import clean_estimate
+from .plan import LoopPlan, plan_loop, resolve_rope_scale, resolve_shift_skip
 from .polish import SEAM_POLISH_PRESETS
-from .shift import CycleDenoiser, ShiftSchedule, StepState
+from .settings import LoopRequest
+from .shift import CycleDenoiser, ImageChannel, ShiftSchedule, StepState
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]
+
+__all__ = ["LoopInterrupted", "LoopResult", "generate_loop", "pipeline_spec", "resolve_rope_scale",
+           "resolve_shift_skip"]
+
 
 class LoopInterrupted(RuntimeError):
     """Raised when a generation was stopped through its ``cancel_event``."""
@@ -40,7 +49,7 @@ class LoopResult:
     """What one loop generation produced."""
 
     frames: Optional[np.ndarray]  # (F, H, W, 3) uint8, None for output_type="latent"
-    latents: torch.Tensor  # (B, T, C, h, w) float32 on CPU, final latents before decoding (CogVideoX layout)
+    latents: torch.Tensor  # final latents before decoding, float32 on CPU, the family's layout (see settings)
     seam_ratio: Optional[float]
     interior_ratio: Optional[float]
     worst_step: Optional[tuple[int, int]]
@@ -56,80 +65,15 @@ class LoopResult:
         return f"largest jump between frames {self.worst_step[0]} and {self.worst_step[1]}"
 
 
-@dataclass(frozen=True)
-class PipelineInfo:
-    """What the sampler needs to know about a model (read from its registry spec / transformer config)."""
-
-    image_to_video: bool
-    rotary: bool
-    trained_latent_frames: int
-    temporal_compression: int
-    native_height: int
-    native_width: int
-    prediction_type: str = "v_prediction"
-    model_id: str = ""
-
-    @classmethod
-    def from_spec(cls, spec, prediction_type: str = "v_prediction") -> "PipelineInfo":
-        """From a ``loopui.models.ModelSpec`` (the one source of model facts)."""
-        return cls(image_to_video=spec.image_to_video, rotary=spec.rotary,
-                   trained_latent_frames=spec.trained_latent_frames, temporal_compression=spec.temporal_compression,
-                   native_height=spec.native_height, native_width=spec.native_width,
-                   prediction_type=prediction_type, model_id=spec.model_id)
-
-
-def pipeline_info(pipe) -> PipelineInfo:
-    """Trained latent length, rotary use, I2V-ness and native size of a built CogVideoX pipeline."""
+def pipeline_spec(pipe: Any) -> Any:
+    """The ``ModelSpec`` of a built pipeline (registry recommendations when it was loaded from a registry id)."""
     from loopui.models.registry import spec_for_pipeline
 
-    spec = spec_for_pipeline(pipe)  # raises ValueError for unsupported pipelines (e.g. CogVideoX 1.5)
-    return PipelineInfo.from_spec(spec, prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")))
-
-
-def resolve_rope_scale(request: LoopRequest, info: PipelineInfo, length: int) -> float:
-    """``rope_scale`` as used: explicit value, else ``L / L_trained`` for an over-long cycle in full mode, else 1."""
-    if not info.rotary:
-        if request.rope_scale not in (None, 1, 1.0):
-            raise ValueError(f"rope_scale={request.rope_scale!r} needs a model with rotary position embeddings; "
-                             "this one has none (CogVideoX-2b): use rope_scale 1 or the window mode")
-        return 1.0
-    if request.rope_scale is not None:
-        return float(request.rope_scale)
-    if request.window_mode == "full" and length > info.trained_latent_frames:
-        return length / info.trained_latent_frames
-    return 1.0
-
-
-def resolve_shift_skip(request: LoopRequest, length: int) -> tuple[int, list[str]]:
-    """The shift skip used, and warnings (a skip sharing a factor with L never visits some offsets)."""
-    skip = default_shift_skip(length) if request.shift_skip is None else int(request.shift_skip)
-    if skip < 0 or (length > 1 and skip >= length):
-        raise ValueError(f"shift_skip must be in [0, {length - 1}] for a cycle of {length} latents, got {skip}")
-    warnings = []
-    if skip > 1 and math.gcd(skip, length) > 1:
-        warnings.append(f"shift_skip {skip} shares the factor {math.gcd(skip, length)} with the cycle length "
-                        f"{length}: some offsets are never visited and a seam may remain (try "
-                        f"{default_shift_skip(length)})")
-    return skip, warnings
+    return spec_for_pipeline(pipe)  # raises ValueError for unsupported pipelines (e.g. CogVideoX 1.5)
 
 
 @contextmanager
-def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    """Set an instance attribute for the duration of a block, then restore exactly what was there."""
-    had = name in obj.__dict__
-    previous = obj.__dict__.get(name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        if had:
-            setattr(obj, name, previous)
-        else:
-            delattr(obj, name)
-
-
-@contextmanager
-def _scheduler_swapped(pipe, scheduler) -> Iterator[None]:
+def _scheduler_swapped(pipe: Any, scheduler: Any) -> Iterator[None]:
     if scheduler is None:
         yield
         return
@@ -141,31 +85,47 @@ def _scheduler_swapped(pipe, scheduler) -> Iterator[None]:
         pipe.scheduler = original
 
 
-def _prepare_image_conditioning(pipe, request: LoopRequest, info: PipelineInfo, height: int, width: int,
-                                num_steps: int, device, dtype):
+def _scheduler_for(pipe: Any, family: Family, plan: LoopPlan, request: LoopRequest) -> Any:
+    """The scheduler to swap in for this call, or None to keep the pipeline's own."""
+    config = pipe.scheduler.config
+    if plan.scheduler is not None:
+        return family.build_scheduler(plan.scheduler, config, _with_flow_shift(request, plan))
+    if plan.flow_shift is not None and float(config.get("flow_shift", plan.flow_shift)) != plan.flow_shift:
+        # The pipeline's own scheduler class, re-made with the recommended (or requested) shift.
+        return type(pipe.scheduler).from_config(config, flow_shift=plan.flow_shift)
+    return None
+
+
+def _with_flow_shift(request: LoopRequest, plan: LoopPlan) -> LoopRequest:
+    import dataclasses
+
+    return dataclasses.replace(request, flow_shift=plan.flow_shift)
+
+
+def _prepare_image_conditioning(pipe: Any, family: Family, request: LoopRequest, plan: LoopPlan, device: Any,
+                                dtype: torch.dtype, prediction_type: str):
     """Load the reference image and motion mask; return (PIL image, ImageConditioning or None)."""
     if request.image is None:
-        if info.image_to_video:
-            raise ValueError("this model animates a reference image: pass an image")
         return None, None
     from loopui.media import load_reference_image
 
-    image = load_reference_image(request.image, width, height)
+    image = load_reference_image(request.image, plan.width, plan.height)
     wants = request.anchor_strength > 0 or request.init_strength < 1 or request.background_freeze > 0
     if not wants:
         return image, None
-    latent_h, latent_w = height // pipe.vae_scale_factor_spatial, width // pipe.vae_scale_factor_spatial
+    factor = pipe.vae_scale_factor_spatial
+    latent_h, latent_w = plan.height // factor, plan.width // factor
     motion = None
     if request.background_freeze > 0 and request.motion_region != "everything":
         mask = _motion_mask(image, request)
         motion = mask_to_latent_grid(mask, latent_h, latent_w, device=device, dtype=dtype)
-    reference = encode_reference(pipe, image, height, width, device, dtype)
+    reference = family.encode_image(pipe, image, plan.height, plan.width, device, dtype)
     gen = torch.Generator("cpu").manual_seed((request.seed + 0x5EED) % 2**63)
     noise = torch.randn(reference.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
     return image, ImageConditioning(
         reference=reference, noise=noise, motion_mask=motion, anchor_strength=float(request.anchor_strength),
         init_strength=float(request.init_strength), background_freeze=float(request.background_freeze),
-        num_steps=num_steps, prediction_type=info.prediction_type)
+        num_steps=request.num_inference_steps, prediction_type=prediction_type, time_dim=family.time_dim)
 
 
 def _motion_mask(image, request: LoopRequest) -> np.ndarray:
@@ -185,30 +145,41 @@ def _motion_mask(image, request: LoopRequest) -> np.ndarray:
     return np.asarray(result.mask, dtype=np.float32)
 
 
+def _observe_clean_estimate(scheduler: Any, family: Family, state: StepState, prediction_type: str):
+    """Patch ``scheduler.step`` to record the clean estimate its model output implies (the step is unchanged)."""
+    original = scheduler.step
+    signature = inspect.signature(original)
+
+    def step(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        output, sample = bound.arguments["model_output"], bound.arguments["sample"]
+        level = family.level(scheduler, state.step)
+        state.clean = clean_estimate(sample, output, level, prediction_type).detach()
+        return original(*args, **kwargs)
+
+    return patch_attribute(scheduler, "step", step)
+
+
 def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback: Optional[ProgressCallback] = None,
                   cancel_event: Optional[threading.Event] = None) -> LoopResult:
-    """Generate a seamless loop with ``pipe`` (a built ``CogVideoXPipeline`` / ``CogVideoXImageToVideoPipeline``).
+    """Generate a seamless loop with ``pipe`` (a built CogVideoX or Wan text/image-to-video pipeline).
 
     ``callback(stage, step, total)`` reports "encode", "denoise" (after each step) and "decode"; setting
     ``cancel_event`` stops the denoising loop within one step and raises :class:`LoopInterrupted`.
-    The pipeline's own scheduler is used unless ``request.scheduler`` names one. With ``shift_skip=0`` and the
-    defaults otherwise this is exactly the stock pipeline's sampling.
+    Values left empty in ``request`` take the model's recommendations (:func:`loopui.engine.plan.plan_loop`).
+    With ``shift_skip=0`` and the defaults otherwise this is exactly the stock pipeline's sampling.
     """
-    # 1. Check inputs
+    # 1. Check inputs and resolve the automatic values
     if output_type not in ("np", "latent"):
         raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
     request.validate()
     if not request.prompt.strip():
         raise ValueError("prompt is empty: describe what the loop should show")
-    info = pipeline_info(pipe)
-    height = request.height or info.native_height
-    width = request.width or info.native_width
-    length = (request.num_frames - 1) // info.temporal_compression + 1
-    skip, warnings = resolve_shift_skip(request, length)
-    rope_scale = resolve_rope_scale(request, info, length)
-    if request.window_mode == "window" and length > info.trained_latent_frames and not info.rotary:
-        logger.info("window mode on a model without rotary embeddings: windows use its learned positions")
-    for message in warnings:
+    family = family_for(pipe)
+    spec = pipeline_spec(pipe)
+    plan = plan_loop(request, spec)
+    length, skip = plan.num_latents, plan.shift_skip
+    for message in plan.warnings:
         logger.warning(message)
     steps = request.num_inference_steps
     t_start = time.perf_counter()
@@ -216,7 +187,7 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         callback("encode", 0, steps)
 
     # 2. Scheduler, device and the pipeline's own noise (drawn exactly as prepare_latents draws it)
-    scheduler = build_scheduler(request.scheduler, pipe.scheduler.config) if request.scheduler else None
+    scheduler = _scheduler_for(pipe, family, plan, request)
     device = pipe._execution_device
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     schedule = ShiftSchedule(length=length, skip=skip, num_steps=steps, start=request.shift_start,
@@ -225,34 +196,42 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
 
     with _scheduler_swapped(pipe, scheduler):
         sched = pipe.scheduler
-        dtype = pipe.transformer.dtype
+        dtype = family.transformer_dtype(pipe)
+        prediction_type = family.prediction_type(sched)
         # 3. Reference image (encode + mask) when given
-        image, conditioning = _prepare_image_conditioning(pipe, request, info, height, width, steps, device, dtype)
+        image, conditioning = _prepare_image_conditioning(pipe, family, request, plan, device, dtype,
+                                                          prediction_type)
         latents, override = None, None
         if conditioning is not None and conditioning.init_steps > 0:
             from diffusers.utils.torch_utils import randn_tensor
 
-            # Drawn exactly as prepare_latents would draw it (same generator, shape, device), then noised onto the
-            # reference; the generator moves on just as in a plain run.
-
-            shape = (1, length, pipe.vae.config.latent_channels, height // pipe.vae_scale_factor_spatial,
-                     width // pipe.vae_scale_factor_spatial)
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            # Drawn exactly as prepare_latents would draw it (same generator, shape, device, dtype), then noised
+            # onto the reference; the generator moves on just as in a plain run.
+            shape = family.latent_shape(pipe, length, plan.height, plan.width)
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=family.noise_dtype(pipe))
             sched.set_timesteps(steps, device=device)
-            latents = conditioning.initial_latents(sched, noise, sched.timesteps[0])
-            # prepare_latents multiplies given latents by init_noise_sigma (1 for CogVideoX schedulers).
-            latents = latents / sched.init_noise_sigma
-            override = lambda step, hs, t: conditioning.override_prediction(sched, step, hs, t)  # noqa: E731
+            latents = conditioning.initial_latents(noise, family.level(sched, 0))
+            # prepare_latents multiplies given latents by init_noise_sigma (1 for these schedulers) or not at all.
+            latents = latents / getattr(sched, "init_noise_sigma", 1.0)
+            override = lambda step, noisy, t: conditioning.override_prediction(  # noqa: E731
+                step, noisy, family.level(sched, step))
 
-        # 4. Hooks: transformer forward, rotary tables, step callback
-        window = info.trained_latent_frames if request.window_mode == "window" else None
-        denoiser = CycleDenoiser(pipe.transformer.forward, schedule, state, time_dim=1, window=window,
-                                 override=override)
+        # 4. Hooks: transformer forward(s), rotary tables, step callback (and, for I2V, the clean estimate)
+        window = spec.trained_latent_frames if request.window_mode == "window" else None
+        condition = family.condition_latent_channels(pipe)
+        image_channel = None
+        if condition is not None:
+            image_channel = ImageChannel(policy=request.image_channel, noisy_channels=family.latent_channels(pipe),
+                                         latent_start=condition[0], latent_count=condition[1])
+        denoisers = [CycleDenoiser(module.forward, schedule, state, time_dim=family.time_dim,
+                                   channel_dim=family.channel_dim, window=window, override=override,
+                                   clip_kwargs=family.clip_kwargs, image_channel=image_channel)
+                     for module in family.denoisers(pipe)]
 
         def on_step_end(pipeline, i: int, t, kwargs: dict) -> dict:
             out = {}
             if conditioning is not None:
-                out["latents"] = conditioning.after_step(sched, i, kwargs["latents"], sched.timesteps)
+                out["latents"] = conditioning.after_step(i, kwargs["latents"], family.level(sched, i + 1))
             state.step = i + 1  # the offset advances after each scheduler step
             if callback:
                 callback("denoise", i + 1, steps)
@@ -261,17 +240,21 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
             return out
 
         call_kwargs = dict(
-            prompt=request.prompt, negative_prompt=request.negative_prompt or None, height=height, width=width,
-            num_frames=request.num_frames, num_inference_steps=steps, guidance_scale=request.guidance_scale,
-            use_dynamic_cfg=request.use_dynamic_cfg, generator=generator, latents=latents, output_type="latent",
+            prompt=request.prompt, negative_prompt=request.negative_prompt or None, height=plan.height,
+            width=plan.width, num_frames=request.num_frames, num_inference_steps=steps,
+            guidance_scale=plan.guidance_scale, generator=generator, latents=latents, output_type="latent",
             callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+            **family.call_kwargs(pipe, request, plan),
         )
-        if info.image_to_video:
+        if spec.image_to_video:
             call_kwargs["image"] = image
-        rope_patch = (_patched(pipe, "_prepare_rotary_positional_embeddings", scaled_rope_preparer(pipe, rope_scale))
-                      if info.rotary else nullcontext())
-        with torch.no_grad(), _patched(pipe.transformer, "forward", denoiser), rope_patch:
-            final = pipe(**call_kwargs).frames  # (B, T, C, h, w)
+        with ExitStack() as hooks, torch.no_grad():
+            for module, denoiser in zip(family.denoisers(pipe), denoisers):
+                hooks.enter_context(patch_attribute(module, "forward", denoiser))
+            hooks.enter_context(family.rope_scaled(pipe, plan.rope_scale))
+            if image_channel is not None and image_channel.policy == "estimate":
+                hooks.enter_context(_observe_clean_estimate(sched, family, state, prediction_type))
+            final = pipe(**call_kwargs).frames  # the family's latent layout
     t_denoise = time.perf_counter()
     if state.step < steps:  # only an interrupt leaves steps undone
         raise LoopInterrupted(f"stopped after {state.step} of {steps} steps")
@@ -282,7 +265,7 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         if callback:
             callback("decode", 0, 1)
         with torch.no_grad():
-            video = decode_cycle(pipe, final.to(pipe.vae.dtype), frame_invariant=request.frame_invariant_decoding)
+            video = decode_cycle(pipe, final, frame_invariant=request.frame_invariant_decoding, family=family)
         frames = video_to_uint8(pipe, video)
         if callback:
             callback("decode", 1, 1)
@@ -292,18 +275,22 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
     from loopui.media import loop_metrics
 
     latents_cpu = final.detach().float().cpu()
-    latent_metrics = loop_metrics(latents_cpu[0]) if length > 2 else None
+    latent_metrics = loop_metrics(family.time_first(latents_cpu)) if length > 2 else None
     pixel_metrics = loop_metrics(frames) if frames is not None and len(frames) > 2 else None
     metrics = pixel_metrics or latent_metrics
     settings = request.to_dict()
     settings.update(
-        shift_skip=skip, rope_scale=rope_scale, height=height, width=width, num_latent_frames=length,
-        trained_latent_frames=info.trained_latent_frames,
-        num_output_frames=decoded_frame_count(length, info.temporal_compression, request.frame_invariant_decoding),
+        shift_skip=skip, rope_scale=plan.rope_scale, height=plan.height, width=plan.width, num_latent_frames=length,
+        trained_latent_frames=spec.trained_latent_frames, guidance_scale=plan.guidance_scale,
+        use_dynamic_cfg=plan.use_dynamic_cfg, fps=plan.fps, flow_shift=plan.flow_shift,
+        num_output_frames=int(frames.shape[0]) if frames is not None else plan.num_output_frames,
         scheduler_class=type(pipe.scheduler if scheduler is None else scheduler).__name__,
-        scheduler=request.scheduler, model=info.model_id, pipeline=type(pipe).__name__,
-        model_calls=denoiser.model_calls,
+        scheduler=plan.scheduler, model=spec.model_id, family=family.name, pipeline=type(pipe).__name__,
+        latent_layout="(B, T, C, H, W)" if family.time_dim == 1 else "(B, C, T, H, W)",
+        model_calls=sum(d.model_calls for d in denoisers),
     )
+    if not spec.image_to_video:
+        settings["image_channel"] = None  # inert without an image-to-video model
     return LoopResult(
         frames=frames,
         latents=latents_cpu,
@@ -312,7 +299,7 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         worst_step=None if metrics is None else tuple(int(v) for v in metrics.worst_interior_step),
         settings=settings,
         timings={"denoise": t_denoise - t_start, "decode": t_decode - t_denoise, "total": t_decode - t_start},
-        warnings=warnings,
+        warnings=list(plan.warnings),
         latent_seam_ratio=None if latent_metrics is None else float(latent_metrics.seam_ratio),
         latent_interior_ratio=None if latent_metrics is None else float(latent_metrics.interior_ratio),
     )

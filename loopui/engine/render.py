@@ -54,7 +54,7 @@ def render_loop(pipe, request: LoopRequest, outputs: Sequence, model_id: Optiona
     for index, path in enumerate(paths):
         if callback:
             callback("export", index, len(paths))
-        files.append(Path(export_video(result.frames, path, fps=request.fps)))
+        files.append(Path(export_video(result.frames, path, fps=result.settings["fps"])))
     if callback:
         callback("export", len(paths), len(paths))
     sidecar = write_sidecar(paths[0], {

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 WINDOW_MODES = ("full", "window")
-SCHEDULERS = ("ddim", "dpm")
+# CogVideoX: DDIM / DPM (v-prediction); Wan: UniPC / Euler (flow matching). A family refuses the others.
+SCHEDULERS = ("ddim", "dpm", "unipc", "euler")
+IMAGE_CHANNELS = ("estimate", "image", "roll")
 SEAM_POLISH_LEVELS = ("off", "fast", "balanced", "strong")
 MOTION_REGIONS = ("object", "background", "everything")
 
@@ -57,9 +59,11 @@ class LoopRequest:
     width: Optional[int] = _knob(None, "Output width in pixels (multiple of 16); empty = model's native.", 16, 2048,
                                  step=16)
     num_inference_steps: int = _knob(50, "Denoising steps: more is slower and usually cleaner.", 1, 200, step=1)
-    guidance_scale: float = _knob(6.0, "How strongly the prompt is followed (classifier-free guidance).",
-                                  1.0, 20.0, step=0.5)
-    use_dynamic_cfg: bool = _knob(False, "Ramp guidance over the schedule (recommended with the DPM scheduler).")
+    guidance_scale: Optional[float] = _knob(None, "How strongly the prompt is followed (classifier-free guidance); "
+                                                  "empty = the model's recommendation (6 CogVideoX, 5 Wan).",
+                                            1.0, 20.0, step=0.5)
+    use_dynamic_cfg: Optional[bool] = _knob(None, "Ramp guidance over the schedule (CogVideoX with the DPM "
+                                                  "scheduler); empty = the model's recommendation.")
     seed: int = _knob(42, "Random seed: the same seed and settings reproduce the loop.", 0, 2**32 - 1, step=1)
     shift_skip: Optional[int] = _knob(None, "Latent shift per step (0 = plain, non-looping sampling). Best near L/2 "
                                             "and coprime with L; empty = automatic (6 for 13 latents).", 0, 240,
@@ -74,9 +78,14 @@ class LoopRequest:
                              choices=WINDOW_MODES)
     frame_invariant_decoding: bool = _knob(True, "Decode every latent with context from the end of the cycle, "
                                                  "so the loop has no doubled or odd first frame.")
-    fps: int = _knob(8, "Playback frames per second of the exported loop.", 1, 60, step=1)
-    scheduler: Optional[str] = _knob(None, "Sampler: 'ddim' or 'dpm' (trailing timesteps); empty = model's own.",
+    fps: Optional[int] = _knob(None, "Playback frames per second of the exported loop; empty = the model's "
+                                     "(8 CogVideoX, 16 Wan 2.1, 24 Wan 2.2 5B).", 1, 60, step=1)
+    scheduler: Optional[str] = _knob(None, "Sampler: 'ddim' or 'dpm' for CogVideoX (trailing timesteps), 'unipc' or "
+                                           "'euler' for Wan (flow matching); empty = the model's recommendation.",
                                      choices=SCHEDULERS)
+    flow_shift: Optional[float] = _knob(None, "Flow-matching shift of the noise schedule (Wan only): higher spends "
+                                              "more of the steps at high noise; empty = the model's recommendation "
+                                              "(3 at 480p, 5 at 720p).", 0.5, 20.0, step=0.5)
     seam_polish: str = _knob("off", "Removes the small seam a loop can leave inside the cycle (where the model last "
                                     "saw it cut): the final steps blend several rotations of the cycle. Extra compute "
                                     "at 50 steps: fast +2% (one extra model pass, recommended), balanced +12%, "
@@ -100,6 +109,11 @@ class LoopRequest:
                                       "noised image (closer to it, less motion).", 0.0, 1.0, step=0.05)
     background_freeze: float = _knob(0.0, "Hold everything outside the motion mask still (1 = a cinemagraph with a "
                                           "frozen background).", 0.0, 1.0, step=0.05)
+    image_channel: str = _knob("estimate", "Image-to-video models only: what their image channel carries in each "
+                                           "clip the model sees. 'estimate' = the image when the anchored frame "
+                                           "is first, else the loop's current estimate of the first frame (every "
+                                           "call as in training); 'image' = always the image; 'roll' = the image "
+                                           "rides with its frame around the cycle.", choices=IMAGE_CHANNELS)
 
     def validate(self) -> "LoopRequest":
         """Raise ``ValueError`` naming the offending value; return ``self`` so calls chain."""
@@ -118,9 +132,13 @@ class LoopRequest:
                 raise ValueError(f"{f.name} must be >= {lo}, got {value!r}")
             if hi is not None and value > hi:
                 raise ValueError(f"{f.name} must be <= {hi}, got {value!r}")
-        for name in ("num_frames", "num_inference_steps", "seed", "fps"):
+        for name in ("num_frames", "num_inference_steps", "seed"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.fps is not None and (not isinstance(self.fps, int) or isinstance(self.fps, bool)):
+            raise ValueError(f"fps must be an integer, got {self.fps!r}")
+        if self.use_dynamic_cfg is not None and not isinstance(self.use_dynamic_cfg, bool):
+            raise ValueError(f"use_dynamic_cfg must be true or false, got {self.use_dynamic_cfg!r}")
         if self.shift_skip is not None and (not isinstance(self.shift_skip, int) or isinstance(self.shift_skip, bool)):
             raise ValueError(f"shift_skip must be an integer, got {self.shift_skip!r}")
         for name in ("height", "width"):

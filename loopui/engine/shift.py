@@ -129,19 +129,52 @@ def window_indices(length: int, window: int, overlap: Optional[int] = None) -> l
 
 @dataclass
 class StepState:
-    """Mutable state shared by the transformer wrapper and the step callback (the step advances after each
+    """Mutable state shared by the transformer wrapper(s) and the step callback (the step advances after each
     scheduler step, as in the reference algorithm)."""
 
     step: int = 0
     calls: int = 0
+    clean: Optional[torch.Tensor] = None  # the latest clean estimate of the cycle (family layout, float32)
+
+
+IMAGE_CHANNEL_POLICIES = ("estimate", "image", "roll")
+
+
+@dataclass
+class ImageChannel:
+    """How an image-to-video model's conditioning channels are filled in each clip the model sees.
+
+    The pipeline concatenates ``[noisy latents | conditioning]`` on the channel axis, the conditioning holding the
+    reference image at clip position 0 (and a mask, for Wan). The model was trained with the image at position 0
+    only. Policies:
+
+    - ``estimate`` (default): the noisy latents rotate, the conditioning stays in clip coordinates; position 0 carries
+      the reference image when the clip starts at the anchored latent (cycle latent 0), otherwise the loop's current
+      clean estimate of whichever latent starts the clip. Every call looks like an I2V call of the model's training.
+    - ``image``: the conditioning stays in clip coordinates with the reference image at position 0 whatever latent
+      starts the clip (every clip is pulled towards the image).
+    - ``roll``: the conditioning rotates with the cycle, the image riding on its latent (out of distribution whenever
+      that latent is not first in the clip).
+    """
+
+    policy: str
+    noisy_channels: int  # channels of the noisy latents (the conditioning follows on the channel axis)
+    latent_start: int  # where the image latent sits inside the conditioning channels
+    latent_count: int
+
+    def __post_init__(self) -> None:
+        if self.policy not in IMAGE_CHANNEL_POLICIES:
+            raise ValueError(f"image_channel must be one of {', '.join(IMAGE_CHANNEL_POLICIES)}; got {self.policy!r}")
 
 
 class CycleDenoiser:
-    """Wraps a CogVideoX transformer ``forward``: rotate in, predict (whole cycle or wrapping windows), rotate back.
+    """Wraps a transformer ``forward``: the model sees clips of the cycle (rotated, and in window mode wrapping
+    windows of the trained length); the predictions go back to their cycle positions.
 
-    Layout: CogVideoX hidden states are ``(B, T, C, H, W)``; the I2V image latents are concatenated on C, so they
-    rotate together with the noisy latents and stay attached to their cycle position. CFG's conditional and
-    unconditional halves are stacked on B and rotate together.
+    A clip is a list of cycle frame indices in the order the model sees them: a rotation by o is
+    ``(o + arange(L)) % L``, a window is a run of it. The family answers everything layout-specific: the time axis,
+    the per-frame keyword arguments of a clip (rotary rows, per-token timesteps) and where I2V conditioning sits.
+    CFG's halves (stacked on B, or two calls per step) see the same clips.
     """
 
     def __init__(
@@ -153,14 +186,20 @@ class CycleDenoiser:
         window: Optional[int] = None,
         window_overlap: Optional[int] = None,
         override: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
+        clip_kwargs: Optional[Callable[[dict, torch.Tensor, int], dict]] = None,
+        image_channel: Optional[ImageChannel] = None,
+        channel_dim: int = 2,
     ) -> None:
         self.forward = forward
         self.schedule = schedule
         self.state = state
         self.time_dim = time_dim
+        self.channel_dim = channel_dim
         self.window = window
         self.window_overlap = window_overlap
         self.override = override
+        self.clip_kwargs = clip_kwargs or (lambda kwargs, frames, length: kwargs)
+        self.image_channel = image_channel
         self.model_calls = 0
 
     def __call__(self, *args, **kwargs):
@@ -172,20 +211,10 @@ class CycleDenoiser:
         step = self.state.step
         self.state.calls += 1
 
-        prediction = self.override(step, hidden_states, timestep) if self.override is not None else None
+        noisy, condition = self._split(hidden_states)
+        prediction = self.override(step, noisy, timestep) if self.override is not None else None
         if prediction is None:
-            feather = self.schedule.feather(step)
-            predictions, weights = [], []
-            for offset in self.schedule.offsets(step):
-                rolled = torch.roll(hidden_states, shifts=-offset, dims=self.time_dim) if offset else hidden_states
-                out, weight = self._predict(rolled, kwargs, feather)
-                predictions.append(torch.roll(out, shifts=offset, dims=self.time_dim) if offset else out)
-                if weight is not None:
-                    weights.append(torch.roll(weight, shifts=offset, dims=0) if offset else weight)
-            if weights:
-                prediction = self._blend(predictions, weights)
-            else:
-                prediction = predictions[0] if len(predictions) == 1 else torch.stack(predictions).mean(dim=0)
+            prediction = self._predict(noisy, condition, kwargs, step)
 
         if return_dict:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -193,6 +222,75 @@ class CycleDenoiser:
             return Transformer2DModelOutput(sample=prediction)
         return (prediction,)
 
+    # -- clips ----------------------------------------------------------------------------------------------------
+    def clips(self, step: int, length: int) -> list[torch.Tensor]:
+        """The cycle frame indices of every clip the model sees at ``step``, each in the order the model sees it."""
+        clips = []
+        for offset in self.schedule.offsets(step):
+            rotated = (offset + torch.arange(length)) % length
+            if self.window is None or length <= self.window:
+                clips.append(rotated)
+            else:
+                clips.extend(rotated[idx] for idx in window_indices(length, self.window, self.window_overlap))
+        return clips
+
+    def _predict(self, noisy: torch.Tensor, condition: Optional[torch.Tensor], kwargs: dict,
+                 step: int) -> torch.Tensor:
+        length = noisy.shape[self.time_dim]
+        clips = self.clips(step, length)
+        feather = self.schedule.feather(step)
+        device = noisy.device
+        if len(clips) == 1 and not feather:
+            frames = clips[0].to(device)
+            out = self._call_clip(noisy, condition, frames, kwargs, length)
+            if torch.equal(frames.cpu(), torch.arange(length)):
+                return out
+            # Rotate back: the prediction for the clip's j-th frame belongs to cycle frame frames[j].
+            return torch.empty_like(out).index_copy_(self.time_dim, frames, out)
+        total, counts = None, torch.zeros(length, dtype=torch.float32, device=device)
+        for frames in clips:
+            frames = frames.to(device)
+            out = self._call_clip(noisy, condition, frames, kwargs, length)
+            weight = edge_taper(len(frames), feather, out.device) if feather else torch.ones(len(frames), device=device)
+            if total is None:
+                shape = list(out.shape)
+                shape[self.time_dim] = length
+                total = torch.zeros(shape, dtype=torch.float32, device=out.device)
+            total.index_add_(self.time_dim, frames, out.float() * self._time_view(weight, out.dim()))
+            counts.index_add_(0, frames, weight)
+        return (total / self._time_view(counts, total.dim())).to(out.dtype)
+
+    def _call_clip(self, noisy: torch.Tensor, condition: Optional[torch.Tensor], frames: torch.Tensor,
+                   kwargs: dict, length: int) -> torch.Tensor:
+        clip = noisy if torch.equal(frames.cpu(), torch.arange(length)) else noisy.index_select(self.time_dim, frames)
+        if condition is not None:
+            clip = torch.cat([clip, self._clip_condition(condition, frames, length)], dim=self.channel_dim)
+        return self._call_model(clip, self.clip_kwargs(kwargs, frames, length))
+
+    # -- I2V conditioning -----------------------------------------------------------------------------------------
+    def _split(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.image_channel is None:
+            return hidden_states, None
+        n = self.image_channel.noisy_channels
+        total = hidden_states.shape[self.channel_dim]
+        return hidden_states.narrow(self.channel_dim, 0, n), hidden_states.narrow(self.channel_dim, n, total - n)
+
+    def _clip_condition(self, condition: torch.Tensor, frames: torch.Tensor, length: int) -> torch.Tensor:
+        policy = self.image_channel.policy
+        if policy == "roll":
+            return condition.index_select(self.time_dim, frames)
+        clip = condition.narrow(self.time_dim, 0, len(frames))  # clip coordinates: the image at position 0
+        first = int(frames[0])
+        if policy == "image" or first == 0 or self.state.clean is None:
+            return clip
+        clip = clip.clone()
+        estimate = self.state.clean.narrow(self.time_dim, first, 1).to(clip.device, clip.dtype)
+        target = clip.narrow(self.channel_dim, self.image_channel.latent_start, self.image_channel.latent_count)
+        target = target.narrow(self.time_dim, 0, 1)
+        target.copy_(estimate.expand_as(target))
+        return clip
+
+    # -- helpers --------------------------------------------------------------------------------------------------
     def _call_model(self, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
         self.model_calls += 1
         out = self.forward(hidden_states=hidden_states, return_dict=False, **kwargs)
@@ -202,44 +300,3 @@ class CycleDenoiser:
         view = [1] * ndim
         view[self.time_dim] = weight.shape[0]
         return weight.view(view)
-
-    def _blend(self, predictions: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
-        """Per-frame weighted mean of rotated-back predictions (seam polish feathering)."""
-        total = sum(p.float() * self._time_view(w, p.dim()) for p, w in zip(predictions, weights))
-        norm = self._time_view(sum(weights), predictions[0].dim())
-        return (total / norm).to(predictions[0].dtype)
-
-    def _predict(self, hidden_states: torch.Tensor, kwargs: dict,
-                 feather: float = 0.0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The model's prediction for the whole (rotated) cycle, and with ``feather > 0`` the per-frame weight it
-        carries when rotations are blended (windows are then blended with edge-tapered weights too)."""
-        length = hidden_states.shape[self.time_dim]
-        if self.window is None or length <= self.window:
-            out = self._call_model(hidden_states, kwargs)
-            return out, (edge_taper(length, feather, out.device) if feather else None)
-        rotary = kwargs.get("image_rotary_emb")
-        total = None
-        counts = torch.zeros(length, dtype=torch.float32, device=hidden_states.device)
-        for idx in window_indices(length, self.window, self.window_overlap):
-            idx = idx.to(hidden_states.device)
-            window_kwargs = dict(kwargs)
-            if rotary is not None:
-                # The table is time-major with positions 0..L-1: its first `window` frames are the positions a
-                # window of the trained length sees.
-                rows = rotary[0].shape[0] // length * len(idx)
-                window_kwargs["image_rotary_emb"] = (rotary[0][:rows], rotary[1][:rows])
-            out = self._call_model(hidden_states.index_select(self.time_dim, idx), window_kwargs)
-            if total is None:
-                shape = list(out.shape)
-                shape[self.time_dim] = length
-                total = torch.zeros(shape, dtype=torch.float32, device=out.device)
-            if feather:
-                taper = edge_taper(len(idx), feather, out.device)
-                total.index_add_(self.time_dim, idx, out.float() * self._time_view(taper, out.dim()))
-                counts[idx] += taper
-            else:
-                total.index_add_(self.time_dim, idx, out.float())
-                counts[idx] += 1
-        view = [1] * total.dim()
-        view[self.time_dim] = length
-        return (total / counts.view(view)).to(out.dtype), (counts if feather else None)

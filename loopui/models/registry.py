@@ -21,14 +21,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_ID = "THUDM/CogVideoX-5b"
 DEMO_ALIAS = "demo"
 
-# diffusers pipeline class name -> does it take a conditioning image.
-SUPPORTED_PIPELINES: dict[str, bool] = {
-    "CogVideoXPipeline": False,
-    "CogVideoXImageToVideoPipeline": True,
+# diffusers pipeline class name -> (family, does it take a conditioning image).
+SUPPORTED_PIPELINES: dict[str, tuple[str, bool]] = {
+    "CogVideoXPipeline": ("cogvideox", False),
+    "CogVideoXImageToVideoPipeline": ("cogvideox", True),
+    "WanPipeline": ("wan", False),
+    "WanImageToVideoPipeline": ("wan", True),
 }
+FAMILIES = ("cogvideox", "wan")
 
 # CogVideoX's VAE: 8x spatial, 4x temporal compression (block_out_channels has 4 entries -> 2**3).
 _DEFAULT_SPATIAL_COMPRESSION = 8
+# Wan 2.1/2.2 were trained on 81-frame clips (21 latents); a folder's configs do not say so.
+_WAN_TRAINED_FRAMES = 81
 
 
 @dataclass(frozen=True)
@@ -37,18 +42,26 @@ class ModelSpec:
 
     model_id: str
     pipeline_class: str  # diffusers class name, e.g. "CogVideoXPipeline"
-    family: str = "cogvideox"
+    family: str = "cogvideox"  # "cogvideox" | "wan": which engine family module drives it
     image_to_video: bool = False
     trained_latent_frames: int = 13  # latent cycle length the model saw in training (49 frames -> 13)
     rotary: bool = True  # 3D RoPE (the temporal base can be NTK-scaled for longer cycles)
+    learned_positions: bool = False  # learned positional table for exactly the trained size and length
     native_height: int = 480
     native_width: int = 720
     native_num_frames: int = 49
+    native_fps: int = 8
     temporal_compression: int = 4
-    scheduler: Optional[str] = None  # "ddim" | "dpm" | None = keep the pipeline's own
+    spatial_compression: int = 8
+    size_multiple: int = 16  # height and width must be multiples of this (VAE compression x patch size)
+    fixed_size: bool = False  # runs only at its native size (learned positional embeddings)
+    scheduler: Optional[str] = None  # a name of loopui.engine.schedulers, None = keep the pipeline's own
     guidance_scale: float = 6.0
     use_dynamic_cfg: bool = False
+    flow_shift: Optional[float] = None  # flow-matching shift for the native size (None = the scheduler config's)
+    experts: int = 1  # denoisers: 2 for Wan 2.2 A14B (high-noise and low-noise transformer)
     cuda_dtype: str = "bfloat16"  # torch dtype name used on CUDA (CPU always runs float32)
+    license: str = ""
     description: str = ""
     vram_gb: float = 0.0  # GiB to keep every component on one GPU at the native size (rough)
     offload_vram_gb: float = 0.0  # GiB peak with model CPU offload (one component on the GPU at a time; rough)
@@ -59,25 +72,76 @@ class ModelSpec:
         """JSON-ready copy (for sidecars and the UI)."""
         return dataclasses.asdict(self)
 
+    @property
+    def trained_num_frames(self) -> int:
+        """Pixel frames of the clips the model was trained on (49 for CogVideoX, 81 for Wan 2.1)."""
+        return (self.trained_latent_frames - 1) * self.temporal_compression + 1
+
+
+_COG_LICENSE = "CogVideoX license (research; commercial use needs registration)"
+_APACHE = "Apache-2.0"
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.model_id: spec
     for spec in (
         ModelSpec(
             model_id="THUDM/CogVideoX-5b", pipeline_class="CogVideoXPipeline", rotary=True, scheduler="dpm",
-            use_dynamic_cfg=True, cuda_dtype="bfloat16", vram_gb=26.0, offload_vram_gb=16.0,
-            description="CogVideoX 5B text-to-video, 720x480, 49 frames at 8 fps; the best quality here.",
+            use_dynamic_cfg=True, cuda_dtype="bfloat16", vram_gb=26.0, offload_vram_gb=16.0, license=_COG_LICENSE,
+            description="CogVideoX 5B text-to-video, 720x480, 49 frames at 8 fps.",
         ),
         ModelSpec(
             model_id="THUDM/CogVideoX-2b", pipeline_class="CogVideoXPipeline", rotary=False, scheduler="ddim",
-            use_dynamic_cfg=False, cuda_dtype="float16", vram_gb=18.0, offload_vram_gb=12.0,
+            use_dynamic_cfg=False, cuda_dtype="float16", vram_gb=18.0, offload_vram_gb=12.0, license=_APACHE,
             description="CogVideoX 2B text-to-video, 720x480, 49 frames; faster and lighter, no RoPE scaling.",
         ),
         ModelSpec(
             model_id="THUDM/CogVideoX-5b-I2V", pipeline_class="CogVideoXImageToVideoPipeline", image_to_video=True,
-            rotary=True, scheduler="dpm", use_dynamic_cfg=True, cuda_dtype="bfloat16", vram_gb=26.0,
-            offload_vram_gb=16.0,
-            description="CogVideoX 5B image-to-video, 720x480, 49 frames: animates a reference image.",
+            rotary=True, learned_positions=True, fixed_size=True, scheduler="dpm", use_dynamic_cfg=True,
+            cuda_dtype="bfloat16", vram_gb=26.0, offload_vram_gb=16.0, license=_COG_LICENSE,
+            description="CogVideoX 5B image-to-video, 720x480 only, 49 frames: animates a reference image.",
+        ),
+        ModelSpec(
+            model_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", pipeline_class="WanPipeline", family="wan",
+            trained_latent_frames=21, native_height=480, native_width=832, native_num_frames=81, native_fps=16,
+            scheduler=None, guidance_scale=5.0, flow_shift=3.0, cuda_dtype="bfloat16", vram_gb=20.0,
+            offload_vram_gb=12.0, license=_APACHE,
+            description="Wan 2.1 1.3B text-to-video, 832x480, 81 frames at 16 fps; recommended under 20 GB of VRAM.",
+        ),
+        ModelSpec(
+            model_id="Wan-AI/Wan2.1-T2V-14B-Diffusers", pipeline_class="WanPipeline", family="wan",
+            trained_latent_frames=21, native_height=720, native_width=1280, native_num_frames=81, native_fps=16,
+            scheduler=None, guidance_scale=5.0, flow_shift=5.0, cuda_dtype="bfloat16", vram_gb=48.0,
+            offload_vram_gb=34.0, license=_APACHE,
+            description="Wan 2.1 14B text-to-video, 1280x720 (480p works too), 81 frames at 16 fps.",
+        ),
+        ModelSpec(
+            model_id="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", pipeline_class="WanImageToVideoPipeline", family="wan",
+            image_to_video=True, trained_latent_frames=21, native_height=480, native_width=832,
+            native_num_frames=81, native_fps=16, scheduler=None, guidance_scale=5.0, flow_shift=3.0,
+            cuda_dtype="bfloat16", vram_gb=48.0, offload_vram_gb=34.0, license=_APACHE,
+            description="Wan 2.1 14B image-to-video, 832x480, 81 frames at 16 fps: animates a reference image.",
+        ),
+        ModelSpec(
+            model_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers", pipeline_class="WanPipeline", family="wan",
+            trained_latent_frames=31, native_height=704, native_width=1280, native_num_frames=121, native_fps=24,
+            spatial_compression=16, size_multiple=32, scheduler=None, guidance_scale=5.0, flow_shift=5.0,
+            cuda_dtype="bfloat16", vram_gb=30.0, offload_vram_gb=22.0, license=_APACHE,
+            description="Wan 2.2 5B text/image-to-video, 1280x704, 121 frames at 24 fps (16x VAE); a reference "
+                        "image anchors the loop.",
+        ),
+        ModelSpec(
+            model_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers", pipeline_class="WanPipeline", family="wan",
+            trained_latent_frames=21, native_height=720, native_width=1280, native_num_frames=81, native_fps=16,
+            scheduler=None, guidance_scale=4.0, flow_shift=12.0, experts=2, cuda_dtype="bfloat16", vram_gb=80.0,
+            offload_vram_gb=34.0, license=_APACHE,
+            description="Wan 2.2 A14B text-to-video (two 14B experts), 1280x720, 81 frames at 16 fps.",
+        ),
+        ModelSpec(
+            model_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers", pipeline_class="WanImageToVideoPipeline", family="wan",
+            image_to_video=True, trained_latent_frames=21, native_height=720, native_width=1280,
+            native_num_frames=81, native_fps=16, scheduler=None, guidance_scale=3.5, flow_shift=5.0, experts=2,
+            cuda_dtype="bfloat16", vram_gb=80.0, offload_vram_gb=34.0, license=_APACHE,
+            description="Wan 2.2 A14B image-to-video (two 14B experts), 1280x720, 81 frames at 16 fps.",
         ),
         ModelSpec(
             model_id=DEMO_MODEL_ID, pipeline_class="CogVideoXPipeline", rotary=True, native_height=64,
@@ -90,11 +154,18 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 # Architecture fingerprints of the registry models, so a downloaded copy in a local folder gets the same
-# recommendations (dtype, scheduler, guidance) as its hub id: (num_layers, num_attention_heads, in_channels).
-_FINGERPRINTS: dict[tuple[int, int, int], str] = {
-    (42, 48, 16): "THUDM/CogVideoX-5b",
-    (30, 30, 16): "THUDM/CogVideoX-2b",
-    (42, 48, 32): "THUDM/CogVideoX-5b-I2V",
+# recommendations (dtype, scheduler, guidance): (pipeline class, num_layers, num_attention_heads, in_channels,
+# has a second expert).
+_FINGERPRINTS: dict[tuple, str] = {
+    ("CogVideoXPipeline", 42, 48, 16, False): "THUDM/CogVideoX-5b",
+    ("CogVideoXPipeline", 30, 30, 16, False): "THUDM/CogVideoX-2b",
+    ("CogVideoXImageToVideoPipeline", 42, 48, 32, False): "THUDM/CogVideoX-5b-I2V",
+    ("WanPipeline", 30, 12, 16, False): "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    ("WanPipeline", 40, 40, 16, False): "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    ("WanImageToVideoPipeline", 40, 40, 36, False): "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+    ("WanPipeline", 30, 24, 48, False): "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    ("WanPipeline", 40, 40, 16, True): "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    ("WanImageToVideoPipeline", 40, 40, 36, True): "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
 }
 
 
@@ -143,14 +214,24 @@ def _spec_from_folder(folder: Path) -> ModelSpec:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise ValueError(f"model folder {str(folder)!r} has no model_index.json (not a diffusers pipeline folder)")
-    pipeline_class = str(_read_json(index_path).get("_class_name", ""))
+    index = _read_json(index_path)
+    pipeline_class = str(index.get("_class_name", ""))
     _check_pipeline_class(pipeline_class)
-    transformer_config = _read_json(folder / "transformer" / "config.json")
+    transformer_path = folder / "transformer" / "config.json"
+    if not transformer_path.is_file() and (folder / "transformer_2" / "config.json").is_file():
+        transformer_path = folder / "transformer_2" / "config.json"
+    transformer_config = _read_json(transformer_path)
     vae_path = folder / "vae" / "config.json"
     vae_config = _read_json(vae_path) if vae_path.is_file() else {}
-    spatial = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config.get("block_out_channels") else None
-    return _spec_from_config(str(folder), pipeline_class, transformer_config, spatial,
+    experts = 2 if _component_present(index, "transformer_2") else 1
+    return _spec_from_config(str(folder), pipeline_class, transformer_config, vae_config, experts=experts,
                              local_path=str(folder.resolve()), weight_bytes=_weight_bytes(folder))
+
+
+def _component_present(index: Mapping[str, Any], name: str) -> bool:
+    """Whether ``model_index.json`` lists a component (absent ones are missing or ``[null, null]``)."""
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
 
 
 def _weight_bytes(folder: Path) -> int:
@@ -163,60 +244,120 @@ def _check_pipeline_class(pipeline_class: str) -> None:
         raise ValueError(f"unsupported pipeline class {pipeline_class!r} (supported: {supported})")
 
 
-def _spec_from_config(model_id: str, pipeline_class: str, transformer_config: Mapping[str, Any],
-                      spatial_compression: Optional[int], local_path: Optional[str] = None,
-                      weight_bytes: int = 0) -> ModelSpec:
-    """One place that turns a CogVideoX transformer config into a spec (used for folders and built pipelines)."""
-    cfg = transformer_config
+def _vae_compression(vae_config: Mapping[str, Any], family: str) -> tuple[Optional[int], Optional[int]]:
+    """(spatial, temporal) compression of a VAE config, None where the config does not say."""
+    if family == "wan":
+        downsample = vae_config.get("temperal_downsample")
+        spatial = vae_config.get("scale_factor_spatial") or (2 ** len(downsample) if downsample else None)
+        temporal = vae_config.get("scale_factor_temporal") or (2 ** sum(map(bool, downsample)) if downsample
+                                                               else None)
+        return (int(spatial) if spatial else None), (int(temporal) if temporal else None)
+    blocks = vae_config.get("block_out_channels")
+    spatial = 2 ** (len(blocks) - 1) if blocks else None
+    temporal = vae_config.get("temporal_compression_ratio")
+    return spatial, (int(temporal) if temporal else None)
+
+
+def _cogvideox_facts(cfg: Mapping[str, Any], spatial: Optional[int], model_id: str) -> dict[str, Any]:
     if cfg.get("patch_size_t") is not None:
         raise ValueError(f"{model_id!r} uses temporal patching (patch_size_t={cfg.get('patch_size_t')!r}, "
                          "CogVideoX 1.5), which loopui does not support yet; use CogVideoX-5b, -2b or -5b-I2V")
     temporal = int(cfg.get("temporal_compression_ratio", 4))
     sample_frames = int(cfg.get("sample_frames", 49))
-    spatial = spatial_compression or _DEFAULT_SPATIAL_COMPRESSION
-    facts: dict[str, Any] = dict(
-        model_id=model_id,
-        pipeline_class=pipeline_class,
-        image_to_video=SUPPORTED_PIPELINES.get(pipeline_class, False),
+    spatial = spatial or _DEFAULT_SPATIAL_COMPRESSION
+    patch = int(cfg.get("patch_size", 2))
+    learned = bool(cfg.get("use_learned_positional_embeddings", False))
+    return dict(
         trained_latent_frames=(sample_frames - 1) // temporal + 1,
         rotary=bool(cfg.get("use_rotary_positional_embeddings", False)),
+        learned_positions=learned,
+        fixed_size=learned,  # diffusers refuses any other size for a learned positional table
         native_height=int(cfg.get("sample_height", 60)) * spatial,
         native_width=int(cfg.get("sample_width", 90)) * spatial,
         native_num_frames=sample_frames,
         temporal_compression=temporal,
-        local_path=local_path,
+        spatial_compression=spatial,
+        size_multiple=spatial * patch,
     )
-    fingerprint = (cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("in_channels"))
-    known = REGISTRY.get(_FINGERPRINTS.get(fingerprint, ""))  # type: ignore[arg-type]
+
+
+def _wan_facts(cfg: Mapping[str, Any], spatial: Optional[int], temporal: Optional[int]) -> dict[str, Any]:
+    spatial = spatial or 8
+    temporal = temporal or 4
+    patch = cfg.get("patch_size") or (1, 2, 2)
+    multiple = spatial * int(patch[1])
+    return dict(
+        trained_latent_frames=(_WAN_TRAINED_FRAMES - 1) // temporal + 1,
+        rotary=True,
+        learned_positions=cfg.get("pos_embed_seq_len") is not None,
+        native_height=480, native_width=832, native_num_frames=_WAN_TRAINED_FRAMES, native_fps=16,
+        temporal_compression=temporal,
+        spatial_compression=spatial,
+        size_multiple=max(16, multiple),
+    )
+
+
+def _spec_from_config(model_id: str, pipeline_class: str, transformer_config: Mapping[str, Any],
+                      vae_config: Mapping[str, Any], experts: int = 1, local_path: Optional[str] = None,
+                      weight_bytes: int = 0, spatial: Optional[int] = None,
+                      temporal: Optional[int] = None) -> ModelSpec:
+    """One place that turns a family's configs into a spec (used for folders and for built pipelines)."""
+    cfg = transformer_config
+    family, image_to_video = SUPPORTED_PIPELINES[pipeline_class]
+    vae_spatial, vae_temporal = _vae_compression(vae_config, family)
+    spatial, temporal = spatial or vae_spatial, temporal or vae_temporal
+    if family == "wan":
+        arch = _wan_facts(cfg, spatial, temporal)
+    else:
+        arch = _cogvideox_facts(cfg, spatial, model_id)
+        if temporal:
+            arch["temporal_compression"] = temporal
+    facts: dict[str, Any] = dict(model_id=model_id, pipeline_class=pipeline_class, family=family,
+                                 image_to_video=image_to_video, experts=experts, local_path=local_path, **arch)
+    fingerprint = (pipeline_class, cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("in_channels"),
+                   experts > 1)
+    known = REGISTRY.get(_FINGERPRINTS.get(fingerprint, ""))
     if known is not None:
         logger.info("%s looks like %s; using its recommended settings", model_id, known.model_id)
+        # The registry's native size and trained length are the model card's; the rest is read from the config.
+        keep = ("native_height", "native_width", "native_num_frames", "native_fps", "trained_latent_frames")
+        facts = {k: v for k, v in facts.items() if k not in keep or family == "cogvideox"}
         return dataclasses.replace(known, **facts, description=f"Local copy of {known.model_id}. "
                                                                f"{known.description}")
     # Unknown architecture: the pipeline's own scheduler, and a VRAM guess from the weights' size
-    # (weights plus activations at the native size, which for CogVideoX are a few GiB).
+    # (weights plus activations at the native size, which for these models are a few GiB).
     weights_gib = weight_bytes / 2**30
-    return ModelSpec(**facts, scheduler=None, guidance_scale=6.0, use_dynamic_cfg=False,
+    return ModelSpec(**facts, scheduler=None, guidance_scale=5.0 if family == "wan" else 6.0,
+                     use_dynamic_cfg=False,
                      cuda_dtype="bfloat16" if facts["rotary"] else "float16",
                      vram_gb=round(weights_gib * 1.2 + 4.0, 1), offload_vram_gb=round(weights_gib * 0.6 + 4.0, 1),
                      description=f"{pipeline_class} from {model_id}")
 
 
 def spec_for_pipeline(pipe: Any) -> ModelSpec:
-    """A ``ModelSpec`` for a built diffusers pipeline, its facts read from ``pipe.transformer.config``.
+    """A ``ModelSpec`` for a built diffusers pipeline, its facts read from its transformer and VAE configs.
 
     Registry recommendations are kept when the pipeline was loaded from a registry id (or is the demo model).
     """
     pipeline_class = type(pipe).__name__
     _check_pipeline_class(pipeline_class)
     model_id = str(getattr(pipe, "name_or_path", None) or "")  # ModelManager records the hub id here
+    transformer = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
+    experts = 2 if getattr(pipe, "transformer_2", None) is not None else 1
+    vae = getattr(pipe, "vae", None)
     spatial = getattr(pipe, "vae_scale_factor_spatial", None)
-    spec = _spec_from_config(model_id or pipeline_class, pipeline_class, dict(pipe.transformer.config),
-                             int(spatial) if spatial else None)
+    temporal = getattr(pipe, "vae_scale_factor_temporal", None)
+    spec = _spec_from_config(model_id or pipeline_class, pipeline_class, dict(transformer.config),
+                             dict(vae.config) if vae is not None else {}, experts=experts,
+                             spatial=int(spatial) if spatial else None, temporal=int(temporal) if temporal else None)
     registered = REGISTRY.get(model_id)
     if registered is not None:
         # The config is the truth about the architecture; the registry adds recommendations and the preview size.
-        return dataclasses.replace(registered, trained_latent_frames=spec.trained_latent_frames, rotary=spec.rotary,
-                                   temporal_compression=spec.temporal_compression)
+        arch = ("rotary", "learned_positions", "fixed_size", "temporal_compression", "spatial_compression",
+                "size_multiple", "experts")
+        if registered.family == "cogvideox":
+            arch += ("trained_latent_frames",)
+        return dataclasses.replace(registered, **{k: getattr(spec, k) for k in arch})
     return spec
 
 

@@ -228,13 +228,12 @@ class Studio:
 
     def auto_rope_scale(self, model_id: str, num_frames: int, window_mode: str = "full") -> float:
         """The engine's automatic RoPE scale for this model and cycle (1.0 = off)."""
-        from loopui.engine.loop import PipelineInfo, resolve_rope_scale
+        from loopui.engine.plan import resolve_rope_scale
 
         spec = self.spec(model_id)
-        info = PipelineInfo.from_spec(spec)
         request = LoopRequest(num_frames=int(num_frames), window_mode=window_mode)
         length = latent_length(int(num_frames), spec.temporal_compression)
-        return round(float(resolve_rope_scale(request, info, length)), 2)
+        return round(float(resolve_rope_scale(request, spec, length)), 2)
 
     def warm_up(self) -> threading.Thread:
         """In a background thread: open the default mask model when its weights are on disk (so the first mask
@@ -282,6 +281,8 @@ class Studio:
             return self.spec(self.model_id).guidance_scale
         if name == "use_dynamic_cfg":
             return self.spec(self.model_id).use_dynamic_cfg
+        if name == "fps":
+            return self.spec(self.model_id).native_fps
         return knob_info(name)["default"]
 
     def default_resolution(self) -> str:
@@ -328,12 +329,11 @@ class Studio:
         if not request.prompt.strip():
             raise ValueError("prompt is empty: describe what the loop should show")
         spec = self.spec(model_id or self.model_id)
-        if request.shift_skip is not None:
-            from loopui.engine.loop import resolve_shift_skip
-
-            resolve_shift_skip(request, latent_length(request.num_frames, spec.temporal_compression))
         if spec.image_to_video and request.image is None:
             raise ValueError(f"{spec.model_id} animates a reference image: add an image first")
+        from loopui.engine.plan import plan_loop
+
+        plan_loop(request, spec)  # every refusal the engine would make, before a model is loaded
         return request
 
     # -- files ----------------------------------------------------------------------------------------------------

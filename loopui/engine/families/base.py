@@ -1,0 +1,137 @@
+"""The interface between the sampler and one model family (CogVideoX, Wan, ...).
+
+The sampler in ``loopui.engine.loop`` is the same numbered steps for every family; what differs lives behind this
+class, one small module per family (the way rembg has one session class per model): which axis of the latents is
+time, how the pipeline is called, where I2V conditioning sits, how rotary tables are NTK-scaled, how the VAE encodes
+a reference image and decodes a cycle, and which schedulers fit. Nothing outside a family module knows a layout.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from ..noise import NoiseLevel, level_at
+
+
+class Family:
+    """A model family's answers to the sampler's questions; subclasses fill in the layout-specific parts."""
+
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()
+    time_dim: int = 1  # axis of time in the latents the pipeline (and its transformer) use
+    channel_dim: int = 2  # axis on which I2V conditioning is concatenated to the noisy latents
+    flow_matching: bool = False  # schedulers write x = (1 - sigma) x0 + sigma noise and predict a velocity
+    schedulers: tuple[str, ...] = ()  # names accepted by request.scheduler
+    decode_context: int = 2  # latents borrowed from the cycle's end for frame-invariant decoding
+
+    # -- identity ---------------------------------------------------------------------------------------------
+    def matches(self, pipe: Any) -> bool:
+        return type(pipe).__name__ in self.pipeline_classes
+
+    # -- denoisers --------------------------------------------------------------------------------------------
+    def denoisers(self, pipe: Any) -> list[torch.nn.Module]:
+        """The transformer(s) whose ``forward`` the cycle wrapper replaces for one call (both Wan 2.2 experts)."""
+        found = [getattr(pipe, name, None) for name in ("transformer", "transformer_2")]
+        return [module for module in found if module is not None]
+
+    def transformer_dtype(self, pipe: Any) -> torch.dtype:
+        return self.denoisers(pipe)[0].dtype
+
+    # -- latents ----------------------------------------------------------------------------------------------
+    def latent_channels(self, pipe: Any) -> int:
+        raise NotImplementedError
+
+    def latent_shape(self, pipe: Any, length: int, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one video's latents in this family's layout."""
+        raise NotImplementedError
+
+    def noise_dtype(self, pipe: Any) -> torch.dtype:
+        """dtype in which the pipeline's ``prepare_latents`` draws its starting noise."""
+        return self.transformer_dtype(pipe)
+
+    def frame_slice(self, latents: torch.Tensor, start: int, length: int = 1) -> torch.Tensor:
+        return latents.narrow(self.time_dim, start, length)
+
+    def time_first(self, latents: torch.Tensor) -> torch.Tensor:
+        """One video's latents with time as the leading axis ``(T, ...)`` (for metrics)."""
+        return latents[0].movedim(self.time_dim - 1, 0)
+
+    def frames_view(self, weight: torch.Tensor, ndim: int) -> torch.Tensor:
+        """A per-frame ``(T,)`` tensor viewed so it broadcasts along this family's time axis."""
+        view = [1] * ndim
+        view[self.time_dim] = weight.shape[0]
+        return weight.view(view)
+
+    # -- scheduler --------------------------------------------------------------------------------------------
+    def build_scheduler(self, name: str, config: Any, request: Any) -> Any:
+        raise NotImplementedError
+
+    def prediction_type(self, scheduler: Any) -> str:
+        return str(scheduler.config.get("prediction_type", "epsilon"))
+
+    def level(self, scheduler: Any, index: int) -> NoiseLevel:
+        """Noise level of step ``index`` (the number of completed steps) of ``scheduler``'s schedule."""
+        return level_at(scheduler, index, flow=self.flow_matching)
+
+    # -- the pipeline call ------------------------------------------------------------------------------------
+    def check_request(self, request: Any, spec: Any, length: int) -> list[str]:
+        """Raise ``ValueError`` for a knob that cannot apply to this family; return warnings."""
+        return []
+
+    def call_kwargs(self, pipe: Any, request: Any, plan: Any) -> dict:
+        """Family-specific keyword arguments of the pipeline call (besides prompt, size, steps, latents...)."""
+        return {}
+
+    # -- what the transformer sees ----------------------------------------------------------------------------
+    def clip_kwargs(self, kwargs: dict, frames: torch.Tensor, length: int) -> dict:
+        """The transformer's keyword arguments for a clip made of cycle ``frames`` (rotated and/or windowed):
+        per-frame inputs other than the hidden states (rotary rows, per-token timesteps) follow the clip."""
+        return kwargs
+
+    @contextmanager
+    def rope_scaled(self, pipe: Any, rope_scale: float) -> Iterator[None]:
+        """NTK-scale the temporal rotary base for the duration of a call (``rope_scale == 1``: stock tables)."""
+        yield
+
+    def temporal_rope_dim(self, pipe: Any) -> Optional[int]:
+        return None
+
+    # -- image conditioning -----------------------------------------------------------------------------------
+    def condition_latent_channels(self, pipe: Any) -> Optional[tuple[int, int]]:
+        """(start, count) of the latent image inside the I2V conditioning channels (None for T2V)."""
+        return None
+
+    def encode_image(self, pipe: Any, image: Any, height: int, width: int, device: Any,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """A reference image encoded like a first frame, as a one-frame latent in this family's layout."""
+        raise NotImplementedError
+
+    # -- decoding ---------------------------------------------------------------------------------------------
+    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's own decoding of latents to a video ``(B, C, F, H, W)`` in [-1, 1]."""
+        raise NotImplementedError
+
+
+def patch_attribute(obj: Any, name: str, value: Any) -> "contextmanager":
+    """Set an instance attribute for the duration of a block, then restore exactly what was there."""
+
+    @contextmanager
+    def patched() -> Iterator[None]:
+        had = name in obj.__dict__
+        previous = obj.__dict__.get(name)
+        setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            if had:
+                setattr(obj, name, previous)
+            else:
+                delattr(obj, name)
+
+    return patched()
+
+
+ForwardFactory = Callable[[Callable], Callable]

@@ -1,0 +1,146 @@
+"""Wan 2.1 / 2.2: latents ``(B, C, T, H, W)``, flow matching, I2V condition (mask + image latents) on C.
+
+- Rotary tables are built inside the transformer by its ``rope`` module (``WanRotaryPosEmbed``), whose theta is baked
+  into non-persistent buffers at construction: NTK scaling builds a second module with the temporal columns rebuilt
+  and points ``rope.forward`` at it for one call. A window is just a shorter clip: the module sizes its table from
+  the hidden states.
+- ``WanPipeline`` calls the transformer twice per step under CFG (conditional, then unconditional): the cycle offset
+  advances per scheduler step (in the step callback), never per call. Wan 2.2 A14B has two experts, ``transformer``
+  (high noise) and ``transformer_2`` (low noise); both are wrapped.
+- Wan 2.2 TI2V-5B (``expand_timesteps``) passes one timestep per token: the per-token timesteps follow the clip.
+- I2V: ``latent_model_input = cat([latents, mask (4 ch), condition latents (z ch)], dim=1)``; the image sits in the
+  first latent of the condition, the mask marks it.
+- The causal VAE (``AutoencoderKLWan``) decodes the first latent into 1 frame and every other into 4; latents are
+  normalised with the VAE config's ``latents_mean`` / ``latents_std``.
+- Schedulers: UniPC (the pipelines' own, flow prediction with ``flow_shift``) or flow-matching Euler.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+
+from ..rope import DEFAULT_THETA, ntk_theta, temporal_frequencies
+from .base import Family, patch_attribute
+
+logger = logging.getLogger(__name__)
+
+
+def scaled_wan_rope(rope: Any, rope_scale: float) -> Any:
+    """A ``WanRotaryPosEmbed`` like ``rope`` whose temporal columns use the NTK-scaled base (spatial unchanged)."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    scaled = WanRotaryPosEmbed(rope.attention_head_dim, rope.patch_size, rope.max_seq_len, theta=DEFAULT_THETA)
+    theta = ntk_theta(DEFAULT_THETA, rope_scale, rope.t_dim)
+    t_cos, t_sin = temporal_frequencies(rope.max_seq_len, rope.t_dim, theta, freqs_dtype=torch.float64)
+    scaled.freqs_cos[:, : rope.t_dim] = t_cos
+    scaled.freqs_sin[:, : rope.t_dim] = t_sin
+    return scaled
+
+
+class _RopeForward:
+    """Stands in for ``transformer.rope.forward``: the scaled module, moved to wherever the hidden states are."""
+
+    def __init__(self, scaled: Any) -> None:
+        self.scaled = scaled
+
+    def __call__(self, hidden_states: torch.Tensor) -> Any:
+        if self.scaled.freqs_cos.device != hidden_states.device:
+            self.scaled.to(hidden_states.device)
+        return self.scaled(hidden_states)
+
+
+class WanFamily(Family):
+    name = "wan"
+    pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
+    time_dim = 2
+    channel_dim = 1
+    flow_matching = True
+    schedulers = ("unipc", "euler")
+
+    def latent_channels(self, pipe: Any) -> int:
+        return int(pipe.vae.config.z_dim)
+
+    def latent_shape(self, pipe: Any, length: int, height: int, width: int) -> tuple[int, ...]:
+        factor = pipe.vae_scale_factor_spatial
+        return (1, self.latent_channels(pipe), length, height // factor, width // factor)
+
+    def noise_dtype(self, pipe: Any) -> torch.dtype:
+        return torch.float32  # WanPipeline.prepare_latents draws in float32 whatever the transformer's dtype
+
+    def prediction_type(self, scheduler: Any) -> str:
+        return "flow_prediction"
+
+    def build_scheduler(self, name: str, config: Any, request: Any) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+        shift = request.flow_shift if request.flow_shift is not None else config.get("flow_shift", 1.0)
+        if name == "unipc":
+            return UniPCMultistepScheduler.from_config(config, flow_shift=float(shift), use_flow_sigmas=True,
+                                                       prediction_type="flow_prediction")
+        if name == "euler":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                                                   shift=float(shift))
+        raise ValueError(f"scheduler must be one of {', '.join(self.schedulers)} for Wan; got {name!r}")
+
+    def check_request(self, request: Any, spec: Any, length: int) -> list[str]:
+        if request.use_dynamic_cfg:
+            raise ValueError("use_dynamic_cfg applies to CogVideoX only; Wan uses a constant guidance scale: "
+                             "turn dynamic CFG off")
+        return []
+
+    def clip_kwargs(self, kwargs: dict, frames: torch.Tensor, length: int) -> dict:
+        timestep = kwargs.get("timestep")
+        if timestep is None or timestep.ndim != 2:
+            return kwargs
+        # Wan 2.2 TI2V: one timestep per token, (B, T * h * w) time-major: the clip's frames, in the clip's order.
+        batch = timestep.shape[0]
+        per_frame = timestep.reshape(batch, length, -1).index_select(1, frames.to(timestep.device))
+        return {**kwargs, "timestep": per_frame.reshape(batch, -1)}
+
+    @contextmanager
+    def rope_scaled(self, pipe: Any, rope_scale: float) -> Iterator[None]:
+        if rope_scale == 1.0:
+            yield
+            return
+        with ExitStack() as stack:
+            for denoiser in self.denoisers(pipe):
+                forward = _RopeForward(scaled_wan_rope(denoiser.rope, rope_scale))
+                stack.enter_context(patch_attribute(denoiser.rope, "forward", forward))
+            yield
+
+    def temporal_rope_dim(self, pipe: Any) -> Optional[int]:
+        return int(self.denoisers(pipe)[0].rope.t_dim)
+
+    def condition_latent_channels(self, pipe: Any) -> Optional[tuple[int, int]]:
+        if type(pipe).__name__ != "WanImageToVideoPipeline":
+            return None
+        # The condition is cat([mask, latents]) on C; the mask has one channel per frame a latent covers.
+        return int(pipe.vae_scale_factor_temporal), self.latent_channels(pipe)
+
+    def _normalisation(self, pipe: Any, device: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.latent_channels(pipe)
+        mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z, 1, 1, 1).to(device, dtype)
+        std = torch.tensor(pipe.vae.config.latents_std).view(1, z, 1, 1, 1).to(device, dtype)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_image(self, pipe: Any, image: Any, height: int, width: int, device: Any,
+                     dtype: torch.dtype) -> torch.Tensor:
+        pixels = pipe.video_processor.preprocess(image, height=height, width=width)  # (1, 3, H, W) in [-1, 1]
+        pixels = pixels.unsqueeze(2).to(device=device, dtype=pipe.vae.dtype)  # (1, 3, 1, H, W)
+        latent = pipe.vae.encode(pixels).latent_dist.mode()  # (1, z, 1, h, w)
+        mean, std = self._normalisation(pipe, latent.device, latent.dtype)
+        # As WanImageToVideoPipeline.prepare_latents normalises its condition: (z - mean) * (1 / std).
+        latent = (latent - mean) * (1.0 / std)
+        return latent.to(device=device, dtype=dtype)
+
+    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(pipe.vae.dtype)
+        mean, std = self._normalisation(pipe, latents.device, latents.dtype)
+        # As WanPipeline.__call__ un-normalises: latents / (1 / std) + mean.
+        latents = latents / (1.0 / std) + mean
+        return pipe.vae.decode(latents, return_dict=False)[0]  # (B, 3, F, H, W)

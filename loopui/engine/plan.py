@@ -1,0 +1,96 @@
+"""``plan_loop``: every automatic value of a request resolved against a model's spec, every refusal made up front.
+
+The page, the CLI, the API and ``generate_loop`` all call this one function, so they agree on the automatic values
+(shift skip, RoPE scale, guidance, fps, scheduler) and refuse the same requests — before a model is loaded. It needs
+only the ``ModelSpec`` (pure data), not a loaded pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .settings import LoopRequest, default_shift_skip, latent_length
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """The resolved settings of one generation (what the sidecar records)."""
+
+    height: int
+    width: int
+    num_latents: int
+    shift_skip: int
+    rope_scale: float
+    guidance_scale: float
+    use_dynamic_cfg: bool
+    fps: int
+    scheduler: Optional[str]  # a family scheduler name, None = the pipeline's own
+    flow_shift: Optional[float]  # flow-matching families only
+    num_output_frames: int
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def resolve_shift_skip(request: LoopRequest, length: int) -> tuple[int, list[str]]:
+    """The shift skip used, and warnings (a skip sharing a factor with L never visits some offsets)."""
+    skip = default_shift_skip(length) if request.shift_skip is None else int(request.shift_skip)
+    if skip < 0 or (length > 1 and skip >= length):
+        raise ValueError(f"shift_skip must be in [0, {length - 1}] for a cycle of {length} latents, got {skip}")
+    warnings = []
+    if skip > 1 and math.gcd(skip, length) > 1:
+        warnings.append(f"shift_skip {skip} shares the factor {math.gcd(skip, length)} with the cycle length "
+                        f"{length}: some offsets are never visited and a seam may remain (try "
+                        f"{default_shift_skip(length)})")
+    return skip, warnings
+
+
+def resolve_rope_scale(request: LoopRequest, spec: Any, length: int) -> float:
+    """``rope_scale`` as used: explicit value, else ``L / L_trained`` for an over-long cycle in full mode, else 1."""
+    if not spec.rotary:
+        if request.rope_scale not in (None, 1, 1.0):
+            raise ValueError(f"rope_scale={request.rope_scale!r} needs a model with rotary position embeddings; "
+                             f"{spec.model_id or 'this model'} has none: use rope_scale 1 or the window mode")
+        return 1.0
+    if request.rope_scale is not None:
+        return float(request.rope_scale)
+    if request.window_mode == "full" and length > spec.trained_latent_frames and not spec.learned_positions:
+        return length / spec.trained_latent_frames
+    return 1.0
+
+
+def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
+    """Resolve ``request`` against ``spec`` (a ``loopui.models.ModelSpec``); ``ValueError`` names what is wrong."""
+    from .decode import decoded_frame_count
+    from .families import FAMILIES
+
+    request.validate()
+    family = FAMILIES[spec.family]
+    name = spec.model_id or "this model"
+    height = request.height or spec.native_height
+    width = request.width or spec.native_width
+    for label, value in (("height", height), ("width", width)):
+        if value % spec.size_multiple:
+            raise ValueError(f"{label} must be a multiple of {spec.size_multiple} for {name}, got {value}")
+    if spec.image_to_video and request.image is None:
+        raise ValueError(f"{name} animates a reference image: pass an image")
+    length = latent_length(request.num_frames, spec.temporal_compression)
+    skip, warnings = resolve_shift_skip(request, length)
+    warnings += family.check_request(request, spec, length)
+    rope_scale = resolve_rope_scale(request, spec, length)
+    scheduler = request.scheduler or spec.scheduler
+    if scheduler is not None and scheduler not in family.schedulers:
+        raise ValueError(f"scheduler {scheduler!r} does not fit {name} ({family.name}): use one of "
+                         f"{', '.join(family.schedulers)}")
+    flow_shift = None
+    if family.flow_matching:
+        flow_shift = request.flow_shift if request.flow_shift is not None else spec.flow_shift
+    dynamic = spec.use_dynamic_cfg if request.use_dynamic_cfg is None else bool(request.use_dynamic_cfg)
+    return LoopPlan(
+        height=height, width=width, num_latents=length, shift_skip=skip, rope_scale=rope_scale,
+        guidance_scale=float(spec.guidance_scale if request.guidance_scale is None else request.guidance_scale),
+        use_dynamic_cfg=dynamic and family.name == "cogvideox",
+        fps=int(request.fps or spec.native_fps), scheduler=scheduler, flow_shift=flow_shift,
+        num_output_frames=decoded_frame_count(length, spec.temporal_compression, request.frame_invariant_decoding),
+        warnings=tuple(warnings),
+    )
