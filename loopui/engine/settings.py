@@ -53,7 +53,7 @@ class LoopRequest:
     prompt: str = _knob("", "What the loop shows.")
     negative_prompt: str = _knob("", "What to steer away from.")
     num_frames: int = _knob(49, "Pixel frames requested; the cycle has L = (frames - 1) // 4 + 1 latents, "
-                                "and a frame-invariant loop plays 4·L frames (49 -> 52).", 5, 241, step=4)
+                                "and a frame-invariant loop plays 4·L frames (49 -> 52).", 5, 321, step=4)
     height: Optional[int] = _knob(None, "Output height in pixels (multiple of 16); empty = model's native.", 16, 2048,
                                   step=16)
     width: Optional[int] = _knob(None, "Output width in pixels (multiple of 16); empty = model's native.", 16, 2048,

@@ -241,16 +241,16 @@ class CycleDenoiser:
         feather = self.schedule.feather(step)
         device = noisy.device
         if len(clips) == 1 and not feather:
-            frames = clips[0].to(device)
-            out = self._call_clip(noisy, condition, frames, kwargs, length)
-            if torch.equal(frames.cpu(), torch.arange(length)):
+            out = self._call_clip(noisy, condition, clips[0], kwargs, length)
+            if torch.equal(clips[0], torch.arange(length)):
                 return out
+            frames = clips[0].to(device)
             # Rotate back: the prediction for the clip's j-th frame belongs to cycle frame frames[j].
             return torch.empty_like(out).index_copy_(self.time_dim, frames, out)
         total, counts = None, torch.zeros(length, dtype=torch.float32, device=device)
-        for frames in clips:
-            frames = frames.to(device)
-            out = self._call_clip(noisy, condition, frames, kwargs, length)
+        for clip in clips:
+            out = self._call_clip(noisy, condition, clip, kwargs, length)
+            frames = clip.to(device)
             weight = edge_taper(len(frames), feather, out.device) if feather else torch.ones(len(frames), device=device)
             if total is None:
                 shape = list(out.shape)
@@ -260,11 +260,14 @@ class CycleDenoiser:
             counts.index_add_(0, frames, weight)
         return (total / self._time_view(counts, total.dim())).to(out.dtype)
 
-    def _call_clip(self, noisy: torch.Tensor, condition: Optional[torch.Tensor], frames: torch.Tensor,
+    def _call_clip(self, noisy: torch.Tensor, condition: Optional[torch.Tensor], clip_frames: torch.Tensor,
                    kwargs: dict, length: int) -> torch.Tensor:
-        clip = noisy if torch.equal(frames.cpu(), torch.arange(length)) else noisy.index_select(self.time_dim, frames)
+        """One model call on the clip of cycle frames ``clip_frames`` (a CPU index tensor)."""
+        frames = clip_frames.to(noisy.device)
+        identity = torch.equal(clip_frames, torch.arange(length))
+        clip = noisy if identity else noisy.index_select(self.time_dim, frames)
         if condition is not None:
-            clip = torch.cat([clip, self._clip_condition(condition, frames, length)], dim=self.channel_dim)
+            clip = torch.cat([clip, self._clip_condition(condition, clip_frames, length)], dim=self.channel_dim)
         return self._call_model(clip, self.clip_kwargs(kwargs, frames, length))
 
     # -- I2V conditioning -----------------------------------------------------------------------------------------
@@ -278,7 +281,7 @@ class CycleDenoiser:
     def _clip_condition(self, condition: torch.Tensor, frames: torch.Tensor, length: int) -> torch.Tensor:
         policy = self.image_channel.policy
         if policy == "roll":
-            return condition.index_select(self.time_dim, frames)
+            return condition.index_select(self.time_dim, frames.to(condition.device))
         clip = condition.narrow(self.time_dim, 0, len(frames))  # clip coordinates: the image at position 0
         first = int(frames[0])
         if policy == "image" or first == 0 or self.state.clean is None:
