@@ -77,6 +77,13 @@ def test_inverted_motion_region_freezes_the_object_instead(tiny_pipe, image, lef
     assert (latents[..., 8:] - latents[:1, ..., 8:]).abs().mean() > 1e-3
 
 
+def test_motion_everywhere_makes_the_background_freeze_inert(tiny_pipe, image):
+    plain = generate_loop(tiny_pipe, LoopRequest(**BASE), output_type="latent")
+    everything = generate_loop(tiny_pipe, LoopRequest(**BASE, image=image, anchor_strength=0.0, background_freeze=1.0,
+                                                      motion_region="everything"), output_type="latent")
+    assert torch.equal(plain.latents, everything.latents)
+
+
 def test_mask_downsampling_keeps_feathering():
     mask = np.zeros((64, 96), dtype=np.float32)
     mask[:, :44] = 1.0

@@ -110,13 +110,15 @@ def _prepare_image_conditioning(pipe: Any, family: Family, request: LoopRequest,
     from loopui.media import load_reference_image
 
     image = load_reference_image(request.image, plan.width, plan.height)
-    wants = request.anchor_strength > 0 or request.init_strength < 1 or request.background_freeze > 0
+    # Motion everywhere leaves no background to freeze: the freeze is inert then.
+    freeze = float(request.background_freeze) if request.motion_region != "everything" else 0.0
+    wants = request.anchor_strength > 0 or request.init_strength < 1 or freeze > 0
     if not wants:
         return image, None
     factor = pipe.vae_scale_factor_spatial
     latent_h, latent_w = plan.height // factor, plan.width // factor
     motion = None
-    if request.background_freeze > 0 and request.motion_region != "everything":
+    if freeze > 0:
         mask = _motion_mask(image, request)
         motion = mask_to_latent_grid(mask, latent_h, latent_w, device=device, dtype=dtype)
     reference = family.encode_image(pipe, image, plan.height, plan.width, device, dtype)
@@ -124,7 +126,7 @@ def _prepare_image_conditioning(pipe: Any, family: Family, request: LoopRequest,
     noise = torch.randn(reference.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
     return image, ImageConditioning(
         reference=reference, noise=noise, motion_mask=motion, anchor_strength=float(request.anchor_strength),
-        init_strength=float(request.init_strength), background_freeze=float(request.background_freeze),
+        init_strength=float(request.init_strength), background_freeze=freeze,
         num_steps=request.num_inference_steps, prediction_type=prediction_type, time_dim=family.time_dim)
 
 
@@ -282,6 +284,7 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
     settings.update(
         shift_skip=skip, rope_scale=plan.rope_scale, height=plan.height, width=plan.width, num_latent_frames=length,
         trained_latent_frames=spec.trained_latent_frames, guidance_scale=plan.guidance_scale,
+        guidance_scale_2=plan.guidance_scale_2,
         use_dynamic_cfg=plan.use_dynamic_cfg, fps=plan.fps, flow_shift=plan.flow_shift,
         num_output_frames=int(frames.shape[0]) if frames is not None else plan.num_output_frames,
         scheduler_class=type(pipe.scheduler if scheduler is None else scheduler).__name__,

@@ -24,6 +24,7 @@ class LoopPlan:
     shift_skip: int
     rope_scale: float
     guidance_scale: float
+    guidance_scale_2: Optional[float]  # the low-noise expert's (two-expert models), None otherwise
     use_dynamic_cfg: bool
     fps: int
     scheduler: Optional[str]  # a family scheduler name, None = the pipeline's own
@@ -84,11 +85,19 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
                          f"{', '.join(family.schedulers)}")
     flow_shift = None
     if family.flow_matching:
-        flow_shift = request.flow_shift if request.flow_shift is not None else spec.flow_shift
+        flow_shift = request.flow_shift
+        if flow_shift is None:
+            small = height * width <= 480 * 832  # the shift is tuned per resolution (Wan: 3 at 480p, 5 at 720p)
+            flow_shift = spec.flow_shift_480p if small and spec.flow_shift_480p is not None else spec.flow_shift
+    guidance = float(spec.guidance_scale if request.guidance_scale is None else request.guidance_scale)
+    guidance_2 = None
+    if spec.experts > 1:
+        guidance_2 = float(request.guidance_scale if request.guidance_scale is not None
+                           else spec.guidance_scale_2 if spec.guidance_scale_2 is not None else guidance)
     dynamic = spec.use_dynamic_cfg if request.use_dynamic_cfg is None else bool(request.use_dynamic_cfg)
     return LoopPlan(
         height=height, width=width, num_latents=length, shift_skip=skip, rope_scale=rope_scale,
-        guidance_scale=float(spec.guidance_scale if request.guidance_scale is None else request.guidance_scale),
+        guidance_scale=guidance, guidance_scale_2=guidance_2,
         use_dynamic_cfg=dynamic and family.name == "cogvideox",
         fps=int(request.fps or spec.native_fps), scheduler=scheduler, flow_shift=flow_shift,
         num_output_frames=decoded_frame_count(length, spec.temporal_compression, request.frame_invariant_decoding),

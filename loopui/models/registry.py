@@ -59,6 +59,8 @@ class ModelSpec:
     guidance_scale: float = 6.0
     use_dynamic_cfg: bool = False
     flow_shift: Optional[float] = None  # flow-matching shift for the native size (None = the scheduler config's)
+    flow_shift_480p: Optional[float] = None  # the shift for 480p-sized outputs where it differs (Wan 14B: 3 vs 5)
+    guidance_scale_2: Optional[float] = None  # low-noise expert's guidance (Wan 2.2 A14B)
     experts: int = 1  # denoisers: 2 for Wan 2.2 A14B (high-noise and low-noise transformer)
     cuda_dtype: str = "bfloat16"  # torch dtype name used on CUDA (CPU always runs float32)
     license: str = ""
@@ -104,43 +106,43 @@ REGISTRY: dict[str, ModelSpec] = {
             model_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", pipeline_class="WanPipeline", family="wan",
             trained_latent_frames=21, native_height=480, native_width=832, native_num_frames=81, native_fps=16,
             scheduler=None, guidance_scale=5.0, flow_shift=3.0, cuda_dtype="bfloat16", vram_gb=20.0,
-            offload_vram_gb=12.0, license=_APACHE,
+            offload_vram_gb=14.0, license=_APACHE,
             description="Wan 2.1 1.3B text-to-video, 832x480, 81 frames at 16 fps; recommended under 20 GB of VRAM.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.1-T2V-14B-Diffusers", pipeline_class="WanPipeline", family="wan",
             trained_latent_frames=21, native_height=720, native_width=1280, native_num_frames=81, native_fps=16,
-            scheduler=None, guidance_scale=5.0, flow_shift=5.0, cuda_dtype="bfloat16", vram_gb=48.0,
-            offload_vram_gb=34.0, license=_APACHE,
+            scheduler=None, guidance_scale=5.0, flow_shift=5.0, flow_shift_480p=3.0, cuda_dtype="bfloat16",
+            vram_gb=48.0, offload_vram_gb=34.0, license=_APACHE,
             description="Wan 2.1 14B text-to-video, 1280x720 (480p works too), 81 frames at 16 fps.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", pipeline_class="WanImageToVideoPipeline", family="wan",
             image_to_video=True, trained_latent_frames=21, native_height=480, native_width=832,
             native_num_frames=81, native_fps=16, scheduler=None, guidance_scale=5.0, flow_shift=3.0,
-            cuda_dtype="bfloat16", vram_gb=48.0, offload_vram_gb=34.0, license=_APACHE,
+            cuda_dtype="bfloat16", vram_gb=52.0, offload_vram_gb=42.0, license=_APACHE,
             description="Wan 2.1 14B image-to-video, 832x480, 81 frames at 16 fps: animates a reference image.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers", pipeline_class="WanPipeline", family="wan",
             trained_latent_frames=31, native_height=704, native_width=1280, native_num_frames=121, native_fps=24,
             spatial_compression=16, size_multiple=32, scheduler=None, guidance_scale=5.0, flow_shift=5.0,
-            cuda_dtype="bfloat16", vram_gb=30.0, offload_vram_gb=22.0, license=_APACHE,
+            cuda_dtype="bfloat16", vram_gb=30.0, offload_vram_gb=16.0, license=_APACHE,
             description="Wan 2.2 5B text/image-to-video, 1280x704, 121 frames at 24 fps (16x VAE); a reference "
                         "image anchors the loop.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers", pipeline_class="WanPipeline", family="wan",
             trained_latent_frames=21, native_height=720, native_width=1280, native_num_frames=81, native_fps=16,
-            scheduler=None, guidance_scale=4.0, flow_shift=12.0, experts=2, cuda_dtype="bfloat16", vram_gb=80.0,
-            offload_vram_gb=34.0, license=_APACHE,
+            scheduler=None, guidance_scale=4.0, guidance_scale_2=3.0, flow_shift=12.0, experts=2,
+            cuda_dtype="bfloat16", vram_gb=72.0, offload_vram_gb=34.0, license=_APACHE,
             description="Wan 2.2 A14B text-to-video (two 14B experts), 1280x720, 81 frames at 16 fps.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers", pipeline_class="WanImageToVideoPipeline", family="wan",
             image_to_video=True, trained_latent_frames=21, native_height=720, native_width=1280,
-            native_num_frames=81, native_fps=16, scheduler=None, guidance_scale=3.5, flow_shift=5.0, experts=2,
-            cuda_dtype="bfloat16", vram_gb=80.0, offload_vram_gb=34.0, license=_APACHE,
+            native_num_frames=81, native_fps=16, scheduler=None, guidance_scale=3.5, guidance_scale_2=3.5,
+            flow_shift=5.0, experts=2, cuda_dtype="bfloat16", vram_gb=72.0, offload_vram_gb=34.0, license=_APACHE,
             description="Wan 2.2 A14B image-to-video (two 14B experts), 1280x720, 81 frames at 16 fps.",
         ),
         ModelSpec(

@@ -92,6 +92,11 @@ class WanFamily(Family):
                              "turn dynamic CFG off")
         return []
 
+    def call_kwargs(self, pipe: Any, request: Any, plan: Any) -> dict:
+        if getattr(pipe, "transformer_2", None) is not None and plan.guidance_scale_2 is not None:
+            return {"guidance_scale_2": plan.guidance_scale_2}  # the low-noise expert's guidance (Wan 2.2 A14B)
+        return {}
+
     def clip_kwargs(self, kwargs: dict, frames: torch.Tensor, length: int) -> dict:
         timestep = kwargs.get("timestep")
         if timestep is None or timestep.ndim != 2:
