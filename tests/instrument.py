@@ -5,11 +5,12 @@ Gaussian process over time with a squared-exponential covariance ``K_ij = exp(-(
 "model" sees only the clip it is handed (non-cyclic ``K`` of that many frames), as a real model that has only ever
 seen clips of the trained length: it has no idea the clip is a cycle, so any seam it leaves is the sampler's doing.
 
-Derivation (v-prediction, as the CogVideoX schedulers define it). With ``x_t = sqrt(a) x0 + sqrt(1-a) eps`` and
-``x0 ~ N(0, K)`` along time, ``E[x0 | x_t] = sqrt(a) K (a K + (1-a) I)^-1 x_t`` (Gaussian conditioning). The scheduler
-recovers ``x0_hat = sqrt(a) x_t - sqrt(1-a) v``, so the prediction that implies the posterior mean is
-``v = (sqrt(a) x_t - x0_hat) / sqrt(1-a)`` (equal to ``sqrt(a) eps_hat - sqrt(1-a) x0_hat``). ``a`` is
-``scheduler.alphas_cumprod[timestep]``. The text is ignored, so classifier-free guidance changes nothing.
+Derivation. Every scheduler writes ``x_t = a x0 + s eps``; with ``x0 ~ N(0, K)`` along time,
+``E[x0 | x_t] = a K (a^2 K + s^2 I)^-1 x_t`` (Gaussian conditioning). CogVideoX (v-prediction): ``a = sqrt(alpha_bar)``,
+``s = sqrt(1 - alpha_bar)`` at ``scheduler.alphas_cumprod[timestep]``; the scheduler recovers ``x0_hat = a x_t - s v``,
+so the prediction that implies the posterior mean is ``v = (a x_t - x0_hat) / s``. Wan (flow matching):
+``a = 1 - sigma``, ``s = sigma`` at the step's ``scheduler.sigmas`` entry; ``x0_hat = x_t - sigma v``, so
+``v = (x_t - x0_hat) / sigma``. The text is ignored, so classifier-free guidance changes nothing.
 
 Usage::
 
@@ -49,61 +50,84 @@ def prior_covariance(num_frames: int, length_scale: float = LENGTH_SCALE, jitter
     return k + jitter * torch.eye(num_frames, dtype=torch.float64)
 
 
+def posterior_matrix(num_frames: int, a: float, s: float, length_scale: float = LENGTH_SCALE,
+                     jitter: float = JITTER) -> torch.Tensor:
+    """``M`` with ``E[x0 | x_t] = M x_t`` along time for ``x_t = a x0 + s eps``: ``a K (a^2 K + s^2 I)^-1``."""
+    k = prior_covariance(num_frames, length_scale, jitter)
+    system = a * a * k + s * s * torch.eye(num_frames, dtype=torch.float64)
+    # K and the system matrix are symmetric, so K S^-1 = (S^-1 K)^T: one solve, no explicit inverse.
+    return a * torch.linalg.solve(system, k).T
+
+
 def posterior_mean_matrix(num_frames: int, alpha_bar: float, length_scale: float = LENGTH_SCALE,
                           jitter: float = JITTER) -> torch.Tensor:
     """``M`` with ``E[x0 | x_t] = M x_t`` along time: ``sqrt(a) K (a K + (1-a) I)^-1`` (float64, ``(T, T)``)."""
-    k = prior_covariance(num_frames, length_scale, jitter)
     a = float(alpha_bar)
-    system = a * k + (1.0 - a) * torch.eye(num_frames, dtype=torch.float64)
-    # K and the system matrix are symmetric, so K S^-1 = (S^-1 K)^T: one solve, no explicit inverse.
-    return math.sqrt(a) * torch.linalg.solve(system, k).T
+    return posterior_matrix(num_frames, math.sqrt(a), math.sqrt(max(1.0 - a, 0.0)), length_scale, jitter)
 
 
 class GaussianProcessDenoiser:
-    """A stand-in for ``CogVideoXTransformer3DModel.forward``: the exact v-prediction of the GP prior.
+    """A stand-in for a video transformer's ``forward``: the exact prediction of the GP prior.
 
-    Hidden states are ``(B, T, C, H, W)``; the prior acts along T only, every (channel, pixel) independently.
-    ``calls`` counts invocations and ``frames_seen`` the total number of latent frames handed in (a measure of
-    compute that does not depend on how the engine splits the cycle).
+    The prior acts along time only (axis ``time_dim``: 1 for CogVideoX's ``(B, T, C, H, W)``, 2 for Wan's
+    ``(B, C, T, H, W)``), every (channel, pixel) independently. ``flow`` selects flow matching (Wan) over DDPM-style
+    v-prediction (CogVideoX). ``calls`` counts invocations and ``frames_seen`` the total number of latent frames handed
+    in (a measure of compute that does not depend on how the engine splits the cycle).
     """
 
     def __init__(self, scheduler, length_scale: float = LENGTH_SCALE, jitter: float = JITTER,
-                 out_channels: Optional[int] = None) -> None:
-        self.alphas_cumprod = scheduler.alphas_cumprod.double().cpu()
+                 out_channels: Optional[int] = None, time_dim: int = 1, flow: bool = False) -> None:
+        self.scheduler = scheduler
+        self.flow = flow
+        self.alphas_cumprod = None if flow else scheduler.alphas_cumprod.double().cpu()
         self.out_channels = out_channels
+        self.time_dim = time_dim
+        self.channel_dim = 2 if time_dim == 1 else 1
         self.length_scale = length_scale
         self.jitter = jitter
         self.calls = 0
         self.frames_seen = 0
-        self._cache: dict[tuple[int, int], tuple[torch.Tensor, float, float]] = {}
+        self._cache: dict[tuple[int, float], tuple[torch.Tensor, float, float]] = {}
 
-    def _operator(self, num_frames: int, timestep: int) -> tuple[torch.Tensor, float, float]:
-        key = (num_frames, timestep)
+    def _level(self, timestep: float) -> tuple[float, float]:
+        if self.flow:
+            # The step's sigma (timesteps are truncated sigma * 1000 in UniPC, so look the step up).
+            index = int((self.scheduler.timesteps.double() - timestep).abs().argmin())
+            sigma = float(self.scheduler.sigmas[index])
+            return 1.0 - sigma, sigma
+        a = float(self.alphas_cumprod[int(timestep)])
+        return math.sqrt(a), math.sqrt(max(1.0 - a, 1e-12))
+
+    def _operator(self, num_frames: int, timestep: float) -> tuple[torch.Tensor, float, float]:
+        key = (num_frames, float(timestep))
         if key not in self._cache:
-            a = float(self.alphas_cumprod[timestep])
-            m = posterior_mean_matrix(num_frames, a, self.length_scale, self.jitter)
-            self._cache[key] = (m, math.sqrt(a), math.sqrt(max(1.0 - a, 1e-12)))
+            a, s = self._level(timestep)
+            self._cache[key] = (posterior_matrix(num_frames, a, s, self.length_scale, self.jitter), a, max(s, 1e-12))
         return self._cache[key]
 
-    def x0_hat(self, hidden_states: torch.Tensor, timestep: int) -> torch.Tensor:
-        """Posterior mean ``E[x0 | x_t]`` of ``hidden_states`` (B, T, C, H, W) at integer ``timestep``."""
-        m, _, _ = self._operator(hidden_states.shape[1], int(timestep))
-        return torch.einsum("st,btchw->bschw", m, hidden_states.double())
+    def x0_hat(self, hidden_states: torch.Tensor, timestep: float) -> torch.Tensor:
+        """Posterior mean ``E[x0 | x_t]`` of ``hidden_states`` at ``timestep`` (time on ``time_dim``)."""
+        m, _, _ = self._operator(hidden_states.shape[self.time_dim], timestep)
+        moved = hidden_states.double().movedim(self.time_dim, -1)  # (..., T)
+        return torch.einsum("st,...t->...s", m, moved).movedim(-1, self.time_dim)
 
     def __call__(self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
-                 timestep=None, timestep_cond=None, ofs=None, image_rotary_emb=None, attention_kwargs=None,
-                 return_dict: bool = True):
+                 timestep=None, return_dict: bool = True, **unused):
         self.calls += 1
-        self.frames_seen += int(hidden_states.shape[1])
-        t = int(torch.as_tensor(timestep).flatten()[0])
-        if torch.as_tensor(timestep).numel() > 1 and not bool((torch.as_tensor(timestep) == t).all()):
+        self.frames_seen += int(hidden_states.shape[self.time_dim])
+        steps = torch.as_tensor(timestep).flatten()
+        t = float(steps[0])
+        if steps.numel() > 1 and not bool((steps == steps[0]).all()):
             raise ValueError("the instrument expects one timestep for the whole batch")
-        # I2V models get image latents concatenated on C after the noisy latents; the prediction has the noisy
-        # latents' channel count (the image channels are ignored: the prior knows nothing of the image).
-        x_t = hidden_states[:, :, : self.out_channels].double() if self.out_channels else hidden_states.double()
-        _, sqrt_a, sqrt_1ma = self._operator(hidden_states.shape[1], t)
+        # I2V models get image conditioning concatenated on C after the noisy latents; the prediction has the noisy
+        # latents' channel count (the conditioning is ignored: the prior knows nothing of the image).
+        x_t = hidden_states.double()
+        if self.out_channels:
+            x_t = x_t.narrow(self.channel_dim, 0, self.out_channels)
+        _, a, s = self._operator(hidden_states.shape[self.time_dim], t)
         x0 = self.x0_hat(x_t, t)
-        v = ((sqrt_a * x_t - x0) / sqrt_1ma).to(hidden_states.dtype)
+        v = ((x_t - x0) / s) if self.flow else ((a * x_t - x0) / s)
+        v = v.to(hidden_states.dtype)
         if return_dict:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
@@ -114,8 +138,12 @@ class GaussianProcessDenoiser:
 @contextmanager
 def installed(pipe, length_scale: float = LENGTH_SCALE) -> Iterator[GaussianProcessDenoiser]:
     """Replace ``pipe.transformer.forward`` by a fresh instrument for the block, then restore the real one."""
+    from loopui.engine.families import family_for
+
+    family = family_for(pipe)
     instrument = GaussianProcessDenoiser(pipe.scheduler, length_scale=length_scale,
-                                         out_channels=int(pipe.transformer.config.out_channels))
+                                         out_channels=int(pipe.transformer.config.out_channels),
+                                         time_dim=family.time_dim, flow=family.flow_matching)
     had = "forward" in pipe.transformer.__dict__
     previous = pipe.transformer.__dict__.get("forward")
     pipe.transformer.forward = instrument
@@ -159,7 +187,9 @@ def measure(pipe, num_latents: int = 13, seed: int = 0, shift_skip: Optional[int
         start = time.perf_counter()
         result = generate_loop(pipe, request, output_type="latent")
         seconds = time.perf_counter() - start
-    metrics = loop_metrics(result.latents[0])
+    from loopui.engine.families import family_for
+
+    metrics = loop_metrics(family_for(pipe).time_first(result.latents))
     return Measurement(seam_ratio=float(metrics.seam_ratio), interior_ratio=float(metrics.interior_ratio),
                        worst_step=tuple(metrics.worst_interior_step), model_calls=int(result.settings["model_calls"]),
                        frames_seen=instrument.frames_seen, seconds=seconds)
