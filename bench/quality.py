@@ -3,6 +3,8 @@
     python bench/quality.py --model THUDM/CogVideoX-5b --prompts assets/prompts.txt --out bench/results/quality
     python bench/quality.py --model demo --prompts assets/prompts.txt --limit 2 --steps 2 --frames 17 \\
         --height 32 --width 48 --out /tmp/quality          # a CPU smoke run (the demo model makes noise)
+    python bench/quality.py --model demo --instrument --limit 1 --seeds 0,1,2 --height 128 --width 192 \
+        --save-videos                                      # the exact toy model: the README's table
 
 Rows (``--samplers``, all by default):
 
@@ -19,11 +21,12 @@ frame consistency with ``--clip``), plus seconds per loop. Writes ``quality.md``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -65,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality")
     parser.add_argument("--save-videos", action="store_true", help="also write every loop as MP4 into --out")
+    parser.add_argument("--instrument", action="store_true",
+                        help="replace the transformer by the exact toy denoiser of tests/instrument.py (it ignores "
+                             "the prompt: vary --seeds, not prompts); the README's toy figures")
     return parser
 
 
@@ -101,6 +107,37 @@ def markdown(rows: Sequence[dict], config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run(pipe: Any, requests: dict, clip: Any, args: argparse.Namespace) -> list[dict]:
+    """Generate and score every loop; one dict per loop (its sampler, prompt, seed, seconds and scores)."""
+    from loopui.engine import generate_loop
+    from loopui.media import export_video, loop_scores
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    loops: list[dict] = []
+    for (name, prompt, seed), request in requests.items():
+        t0 = time.perf_counter()
+        result = generate_loop(pipe, request)
+        seconds = time.perf_counter() - t0  # generation only; scoring is not the sampler's cost
+        scores = loop_scores(result.frames, prompt=prompt, clip=clip, fps=request.fps, flow=not args.fast)
+        if args.save_videos:
+            export_video(result.frames, args.out / f"{name}-{len(loops):03d}.mp4", fps=request.fps)
+        loops.append({"sampler": name, "prompt": prompt, "seed": seed, "seconds": seconds,
+                      "num_latent_frames": result.settings["num_latent_frames"], **scores})
+        print(f"{SAMPLERS[name][0]:22s} seed {seed} seam {scores['seam_ratio']:.3f} interior "
+              f"{scores['interior_ratio']:.3f} first/last MSE {scores['first_last_mse']:.1f} ({seconds:.1f} s) "
+              f"{prompt[:40]}", flush=True)
+    return loops
+
+
+@contextlib.contextmanager
+def _instrument(pipe: Any) -> Iterator[None]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from instrument import installed  # tests/instrument.py: the exact posterior-mean denoiser of a GP video prior
+
+    with installed(pipe):
+        yield
+
+
 def main(argv: Optional[Sequence[str]] = None, pipe: Any = None) -> int:
     """Run the benchmark; returns 0 (bad arguments exit 2 with one line). ``pipe``: an already built pipeline of
     ``--model`` to use instead of loading it (a notebook's, or a test's tiny one)."""
@@ -120,8 +157,6 @@ def main(argv: Optional[Sequence[str]] = None, pipe: Any = None) -> int:
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
 
-    from loopui.engine import generate_loop
-    from loopui.media import export_video, loop_scores
     from loopui.media.scores import mean_scores
     from loopui.models import ModelLoadError, ModelManager, load_clip, spec_for
 
@@ -141,29 +176,17 @@ def main(argv: Optional[Sequence[str]] = None, pipe: Any = None) -> int:
     except (ModelLoadError, ValueError) as exc:
         parser.error(" ".join(str(exc).split()))
     pipe.set_progress_bar_config(disable=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    loops: list[dict] = []
     start = time.perf_counter()
-    for (name, prompt, seed), request in requests.items():
-        t0 = time.perf_counter()
-        result = generate_loop(pipe, request)
-        seconds = time.perf_counter() - t0  # generation only; scoring is not the sampler's cost
-        scores = loop_scores(result.frames, prompt=prompt, clip=clip, fps=request.fps, flow=not args.fast)
-        if args.save_videos:
-            export_video(result.frames, args.out / f"{name}-{len(loops):03d}.mp4", fps=request.fps)
-        loops.append({"sampler": name, "prompt": prompt, "seed": seed, "seconds": seconds,
-                      "num_latent_frames": result.settings["num_latent_frames"], **scores})
-        print(f"{SAMPLERS[name][0]:22s} seed {seed} seam {scores['seam_ratio']:.3f} interior "
-              f"{scores['interior_ratio']:.3f} first/last MSE {scores['first_last_mse']:.1f} ({seconds:.1f} s) "
-              f"{prompt[:40]}", flush=True)
+    with _instrument(pipe) if args.instrument else contextlib.nullcontext():
+        loops = _run(pipe, requests, clip, args)
 
     rows = []
     for name in samplers:
         mine = [loop for loop in loops if loop["sampler"] == name]
         rows.append({"sampler": name, "label": SAMPLERS[name][0], "loops": len(mine), **mean_scores(mine),
                      "seconds": sum(loop["seconds"] for loop in mine) / len(mine)})
-    config = {"model": spec.model_id, "prompts": len(prompts), "seeds": seeds, "frames": args.frames,
+    model = spec.model_id + (" + the exact toy denoiser (tests/instrument.py)" if args.instrument else "")
+    config = {"model": model, "prompts": len(prompts), "seeds": seeds, "frames": args.frames,
               "steps": args.steps, "height": requests[next(iter(requests))].height,
               "width": requests[next(iter(requests))].width, "fps": args.fps, "clip": args.clip,
               "flow": not args.fast, "device": device}
