@@ -127,9 +127,9 @@ def test_dynamic_degree_thresholds_as_vbench() -> None:
 # -- all at once --------------------------------------------------------------------------------------------------
 
 def test_loop_scores_tell_a_loop_from_a_clip() -> None:
-    loop = loop_scores(panning(16, 3.0, period=16), fps=8)  # the texture repeats once per cycle: a perfect loop
-    clip = loop_scores(panning(16, 3.0), fps=8)
-    assert set(SCORE_KEYS) <= set(loop) and (loop["num_frames"], loop["height"], loop["width"]) == (16, H, W)
+    loop = loop_scores(panning(10, 3.0, period=10), fps=8)  # the texture repeats once per cycle: a perfect loop
+    clip = loop_scores(panning(10, 3.0), fps=8, flow=False)
+    assert set(SCORE_KEYS) <= set(loop) and (loop["num_frames"], loop["height"], loop["width"]) == (10, H, W)
     assert loop["seam_ratio"] == pytest.approx(1.0, abs=0.1) and clip["seam_ratio"] > 1.5
     assert loop["first_last_mse"] < clip["first_last_mse"] / 2
     assert loop["first_last_ssim"] > clip["first_last_ssim"]
