@@ -1,4 +1,4 @@
-"""Command line: ``python -m loopui generate|mask|models``.
+"""Command line: ``python -m loopui generate|mask|models|score``.
 
 Every ``generate`` flag takes its default, range, choices and help from ``LoopRequest``'s field metadata, so the CLI,
 the UI and the Python API cannot drift apart. Where the user leaves a flag out, the model's recommendation applies
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -143,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_mask_arguments(mask)
     models = commands.add_parser("models", help="List the known models (or describe model folders).")
     models.add_argument("model", nargs="*", metavar="ID_OR_DIR", help="Describe these instead of the registry.")
+    score = commands.add_parser("score", help="Score looping videos with the looping-video papers' metrics.",
+                                description="Score looping videos (ours or any other program's MP4, GIF, WebP, ...) "
+                                            "with the papers' metrics; several files give a comparison table.")
+    _add_score_arguments(score)
     return parser
 
 
@@ -158,6 +163,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     if args.command == "models":
         return _run_models(args.model)
+    if args.command == "score":
+        with _cli_logging(verbose=args.verbose, quiet=False):
+            return _run_score(args)
     if args.command == "mask":
         if getattr(args, "mask_unavailable", None):
             return _fail(f"the mask command is unavailable: {args.mask_unavailable}")
@@ -302,6 +310,10 @@ def _run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
     if result.seam_ratio is not None:
         print(f"seam ratio {result.seam_ratio:.2f} (the wrap's jump vs. the mean frame step; about 1 = seamless), "
               f"interior ratio {result.interior_ratio:.2f} (the largest other jump)")
+    if result.scores:
+        from loopui.media import format_scores
+
+        print(f"scores: {format_scores(result.scores)} (`{PROG} score` for all)")
     timings = result.timings
     print(f"time {elapsed:.1f} s (denoise {timings.get('denoise', 0):.1f} s, decode {timings.get('decode', 0):.1f} s; "
           f"model load {loaded.load_seconds:.1f} s)")
@@ -336,6 +348,91 @@ def _run_models(names: Sequence[str]) -> int:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     if not names:
         print(f"\n'demo' is an alias of {spec_for('demo').model_id}. A local diffusers folder works as --model too.")
+    return EXIT_OK
+
+
+# -- score ----------------------------------------------------------------------------------------------------------
+
+def _add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("videos", nargs="+", metavar="VIDEO", help="Video files (MP4, GIF, WebP, ...), as played.")
+    parser.add_argument("--image", default=None, metavar="PATH",
+                        help="Reference image: MSE_F0 (frame 0 vs. the image) and, with --clip, CLIP-I.")
+    parser.add_argument("--prompt", default=None, metavar="TEXT", help="The prompt: CLIP score (needs --clip).")
+    parser.add_argument("--clip", default=None, metavar="ID_OR_DIR",
+                        help="CLIP model (hub id or local folder, e.g. openai/clip-vit-base-patch32) for CLIP score, "
+                             "CLIP-I, frame consistency and Loop-C in CLIP space. Default: none (those are skipped).")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="Playback rate for dynamic degree (default: the file's, else 8).")
+    parser.add_argument("--fast", action="store_true",
+                        help="Skip the optical-flow metrics (motion smoothness, dynamic degree): about 0.2 s per "
+                             "frame on a CPU.")
+    parser.add_argument("--json", action="store_true", help="Print a JSON list, one object per file.")
+    parser.add_argument("--device", default=None, help="Torch device for CLIP (default: cuda when available).")
+    parser.add_argument("--verbose", "-v", action="store_true", help="Log details.")
+
+
+def _score_table(rows: Sequence[dict]) -> str:
+    """Metrics down, files across (one column per file), with each metric's better direction."""
+    from loopui.media.scores import SCORES, format_score
+
+    names = [Path(row["file"]).name for row in rows]
+    header = ["metric", "better", *names]
+    shown = [info for info in SCORES if any(row.get(info.key) is not None for row in rows)]
+    body = [[info.label, info.arrow, *[format_score(info.key, row.get(info.key)) for row in rows]] for info in shown]
+    body.append(["frames", "", *[f"{row['num_frames']} @ {row['fps']:g} fps" for row in rows]])
+    body.append(["size", "", *[f"{row['width']}x{row['height']}" for row in rows]])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in [header, *body]]
+    return "\n".join(lines)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    import json
+
+    from loopui.media import ImageInputError, VideoInputError, load_video, loop_scores, open_image
+
+    # 1. Check everything before the slow parts: the options, the reference image, every video
+    if args.prompt is not None and args.clip is None:
+        return _fail("--prompt is only used by the CLIP score: pass --clip MODEL too")
+    if args.prompt is not None and not args.prompt.strip():
+        return _fail("prompt is empty [--prompt]")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        return _fail(f"fps must be a positive number, got {args.fps:g} [--fps]")
+    try:
+        reference = None if args.image is None else open_image(args.image)
+        videos = []
+        for path in args.videos:
+            frames, fps = load_video(path)
+            if len(frames) < 2:
+                raise VideoInputError(f"video file {path!r} has {len(frames)} frame; a loop needs at least 2")
+            videos.append((path, frames, args.fps or fps))
+    except ImageInputError as exc:
+        return _fail(f"{_one_line(exc)} [--image]")
+    except VideoInputError as exc:
+        return _fail(_one_line(exc))
+
+    # 2. CLIP, when asked for
+    clip = None
+    if args.clip is not None:
+        from loopui.models import ModelLoadError, load_clip
+
+        try:
+            clip = load_clip(args.clip, device=args.device)
+        except ModelLoadError as exc:
+            return _fail(_one_line(exc))
+        except (ValueError, RuntimeError) as exc:  # e.g. an unknown --device
+            return _fail(f"{_one_line(exc)} [--device]")
+
+    # 3. Score and print
+    rows = []
+    for path, frames, fps in videos:
+        scores = loop_scores(frames, reference=reference, prompt=args.prompt, clip=clip, fps=fps, flow=not args.fast)
+        rows.append({"file": str(path), **scores})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_score_table(rows))
     return EXIT_OK
 
 

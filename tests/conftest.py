@@ -40,3 +40,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from loopui.models.demo import save_tiny_cogvideox
 
     return save_tiny_cogvideox(tmp_path_factory.mktemp("tiny-cogvideox") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight CLIP (model, tokenizer, image processor) saved with ``save_pretrained``: a loadable
+    local folder for the CLIP scores."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from loopui.models.demo import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    # eos 1 = the tiny tokenizer's </s>, so the text model pools at the end of the prompt as CLIP does.
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=77, projection_dim=8, bos_token_id=0,
+                eos_token_id=1, pad_token_id=0)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8, projection_dim=8)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    folder = tmp_path_factory.mktemp("tiny-clip") / "clip"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

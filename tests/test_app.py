@@ -89,6 +89,7 @@ def test_generate_returns_a_looping_mp4_and_reuses_the_model(app):
     # Frame-invariant decoding of L = 13 latents plays 4·L = 52 frames at the requested size.
     assert frames.shape == (52, 64, 96, 3)
     assert "Seam ratio" in seam and "Done." in status
+    assert "\n\nScores: first/last MSE " in seam  # the papers' metrics, one line under the seam ratio
     suffixes = sorted(Path(f).suffix for f in files)
     assert suffixes == [".gif", ".json", ".mp4", ".webp"]
     sidecar = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
@@ -96,9 +97,9 @@ def test_generate_returns_a_looping_mp4_and_reuses_the_model(app):
     assert studio.manager.load_count == 1
 
     # Second call, with a reference image: same cached model, a different loop.
-    video2, *_ = client.predict(prompt="ocean waves", seed=8, image=handle_file(str(ASSETS / "balloon.png")),
-                                anchor_strength=0.5, api_name="/generate", **FAST)
-    assert studio.manager.load_count == 1
+    video2, seam2, *_ = client.predict(prompt="ocean waves", seed=8, image=handle_file(str(ASSETS / "balloon.png")),
+                                       anchor_strength=0.5, api_name="/generate", **FAST)
+    assert studio.manager.load_count == 1 and "MSE_F0" in seam2 and "MSE_F0" not in seam
     frames2 = read_back(video2)
     assert frames2.shape == frames.shape
     assert not np.array_equal(frames, frames2)

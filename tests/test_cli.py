@@ -51,6 +51,8 @@ def test_generate_writes_loop_sidecar_and_latents(tiny_model_dir, tmp_path, caps
     assert sidecar["settings"]["num_latent_frames"] == 13 and sidecar["num_frames_written"] == 52
     seam, interior = sidecar["seam_ratio"], sidecar["interior_ratio"]
     assert isinstance(seam, float) and seam > 0 and isinstance(interior, float)
+    scores = sidecar["scores"]  # the papers' pixel metrics of the loop before encoding
+    assert scores["seam_ratio"] == pytest.approx(seam) and scores["first_last_mse"] > 0 and scores["mse_f0"] is None
 
     import torch
 
@@ -61,6 +63,9 @@ def test_generate_writes_loop_sidecar_and_latents(tiny_model_dir, tmp_path, caps
     assert any(line.startswith(f"wrote {out} (52 frames, 48x32") for line in stdout)
     seam_lines = [line for line in stdout if line.startswith(f"seam ratio {seam:.2f} ")]
     assert len(seam_lines) == 1 and f"interior ratio {interior:.2f} " in seam_lines[0]
+    from loopui.media import format_scores
+
+    assert f"scores: {format_scores(scores)} (`loopui score` for all)" in stdout
     assert stdout[-1].startswith("time ")
     # Measured numbers for the report (visible with pytest -s / -rA).
     print(f"[cli e2e] seam_ratio={seam:.3f} interior_ratio={interior:.3f} wall={elapsed:.1f}s", file=sys.__stderr__)

@@ -58,6 +58,7 @@ class LoopResult:
     warnings: list = field(default_factory=list)
     latent_seam_ratio: Optional[float] = None
     latent_interior_ratio: Optional[float] = None
+    scores: dict = field(default_factory=dict)  # the papers' pixel metrics (loopui.media.loop_scores, no flow/CLIP)
 
     def describe_worst_step(self) -> str:
         if self.worst_step is None:
@@ -274,12 +275,13 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
     t_decode = time.perf_counter()
 
     # 6. Metrics and settings
-    from loopui.media import loop_metrics
+    from loopui.media import loop_metrics, loop_scores
 
     latents_cpu = final.detach().float().cpu()
     latent_metrics = loop_metrics(family.time_first(latents_cpu)) if length > 2 else None
     pixel_metrics = loop_metrics(frames) if frames is not None and len(frames) > 2 else None
     metrics = pixel_metrics or latent_metrics
+    scores = loop_scores(frames, reference=image, flow=False) if pixel_metrics is not None else {}
     settings = request.to_dict()
     settings.update(
         shift_skip=skip, rope_scale=plan.rope_scale, height=plan.height, width=plan.width, num_latent_frames=length,
@@ -305,4 +307,5 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         warnings=list(plan.warnings),
         latent_seam_ratio=None if latent_metrics is None else float(latent_metrics.seam_ratio),
         latent_interior_ratio=None if latent_metrics is None else float(latent_metrics.interior_ratio),
+        scores=scores,
     )

@@ -40,8 +40,8 @@ def render_loop(pipe, request: LoopRequest, outputs: Sequence, model_id: Optiona
                 cancel_event: Optional[threading.Event] = None) -> RenderResult:
     """Generate with :func:`generate_loop`, export every output (by suffix) and write a JSON sidecar beside the first.
 
-    The sidecar holds the model, every setting (resolved), the seed, the seam metrics and timings: enough to
-    reproduce the loop.
+    The sidecar holds the model, every setting (resolved), the seed, the seam metrics, the papers' scores and timings:
+    enough to reproduce the loop.
     """
     from loopui import __version__
     from loopui.media import export_video, write_sidecar
@@ -69,6 +69,7 @@ def render_loop(pipe, request: LoopRequest, outputs: Sequence, model_id: Optiona
         "worst_step_text": result.describe_worst_step(),
         "latent_seam_ratio": result.latent_seam_ratio,
         "latent_interior_ratio": result.latent_interior_ratio,
+        "scores": result.scores,
         "num_frames_written": int(result.frames.shape[0]),
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
         "warnings": result.warnings,

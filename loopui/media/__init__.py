@@ -1,21 +1,37 @@
-"""Media room: seam metrics, video export/read-back, sidecars, seam strips, reference images and masks.
+"""Media room: seam metrics, the papers' loop scores, video export/read-back, sidecars, seam strips, reference
+images and masks.
 
-A leaf package: it imports only numpy, PIL, imageio and the standard library (imageio lazily), never torch,
-the engine or gradio.
+A leaf package: it imports only numpy, PIL, imageio, scipy, scikit-image and the standard library (imageio, scipy
+and scikit-image lazily), never torch, the engine, the models or gradio.
 """
 
-from loopui.media.export import SUPPORTED_SUFFIXES, export_video, read_video, seam_strip, write_sidecar
+from loopui.media.export import (
+    SUPPORTED_SUFFIXES,
+    VideoInputError,
+    export_video,
+    load_video,
+    read_video,
+    seam_strip,
+    write_sidecar,
+)
 from loopui.media.images import ImageInputError, load_mask_image, load_reference_image, open_image, read_mask
 from loopui.media.metrics import LoopMetrics, loop_metrics, seam_ratio
+from loopui.media.scores import SCORE_KEYS, SCORES, format_scores, loop_scores
 
 __all__ = [
+    "SCORES",
+    "SCORE_KEYS",
     "SUPPORTED_SUFFIXES",
+    "VideoInputError",
     "ImageInputError",
     "LoopMetrics",
     "export_video",
+    "format_scores",
     "load_mask_image",
     "load_reference_image",
+    "load_video",
     "loop_metrics",
+    "loop_scores",
     "open_image",
     "read_mask",
     "read_video",

@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -137,6 +137,22 @@ def export_video(frames: Any, path: str | os.PathLike[str], fps: float) -> Path:
     return path
 
 
+class VideoInputError(ValueError):
+    """A video that cannot be used: missing, unreadable, without frames, or too large to decode."""
+
+
+def _rgb_frame(frame: Any, what: str) -> np.ndarray:
+    """A decoded frame as uint8 ``(H, W, 3)``: grey repeated, alpha dropped (loops are opaque)."""
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8:
+        raise VideoInputError(f"{what} has {frame.dtype} frames; expected 8-bit")
+    if frame.ndim == 2:
+        frame = frame[..., None]
+    if frame.shape[-1] == 1:
+        frame = np.repeat(frame, 3, axis=-1)
+    return frame[..., :3]
+
+
 def read_video(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a video or animated image back as uint8 RGB frames of shape ``(F, H, W, 3)``.
 
@@ -149,19 +165,72 @@ def read_video(path: str | os.PathLike[str]) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such video file: {path}")
-    frames = []
-    for frame in iio.imiter(path):
-        frame = np.asarray(frame)
-        if frame.dtype != np.uint8:
-            raise ValueError(f"{path} has {frame.dtype} frames; expected 8-bit")
-        if frame.ndim == 2:
-            frame = np.repeat(frame[..., None], 3, axis=-1)
-        elif frame.shape[-1] == 1:
-            frame = np.repeat(frame, 3, axis=-1)
-        frames.append(frame[..., :3])  # drop alpha; our exports are opaque
+    frames = [_rgb_frame(frame, str(path)) for frame in iio.imiter(path)]
     if not frames:
         raise ValueError(f"{path} contains no frames")
     return np.stack(frames)
+
+
+# 2 GiB of decoded RGB: about 2000 frames of 720x480, far beyond a loop, and well within a machine's memory.
+DEFAULT_MAX_VIDEO_BYTES = 2 * 2**30
+
+
+def _video_fps(path: Path) -> Optional[float]:
+    """Frames per second from the container: ffmpeg's rate for MP4 and the like, the mean frame duration for
+    animated GIF/WebP; None when the file does not say."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    if path.suffix.lower() in (".gif", ".webp", ".png", ".apng"):
+        with Image.open(path) as im:
+            total_ms = 0.0
+            for index in range(getattr(im, "n_frames", 1)):
+                im.seek(index)
+                im.load()  # WebP fills in a frame's duration only once it is decoded
+                total_ms += float(im.info.get("duration") or 0)
+            count = getattr(im, "n_frames", 1)
+        return count * 1000.0 / total_ms if total_ms > 0 else None
+    fps = iio.immeta(path, plugin="FFMPEG").get("fps")
+    return float(fps) if fps and math.isfinite(fps) and fps > 0 else None
+
+
+def load_video(path: str | os.PathLike[str],
+               max_bytes: int = DEFAULT_MAX_VIDEO_BYTES) -> tuple[np.ndarray, Optional[float]]:
+    """Read any video or animated image (MP4, WebM, MOV, GIF, WebP, ...) as uint8 RGB ``(F, H, W, 3)`` and its fps.
+
+    Unlike :func:`read_video` (our own exports), every failure is one :class:`VideoInputError` line naming the
+    file: missing, a folder, not a video, no frames, or more than ``max_bytes`` once decoded (checked while
+    decoding, so a huge file stops early). The fps is None when the file does not record one.
+    """
+    import imageio.v3 as iio
+
+    path = Path(path)
+    what = f"video file {str(path)!r}"
+    if not path.exists():
+        raise VideoInputError(f"{what} not found")
+    if not path.is_file():
+        raise VideoInputError(f"{what} is not a file")
+    frames: list[np.ndarray] = []
+    size = 0
+    try:
+        for frame in iio.imiter(path):
+            frame = _rgb_frame(frame, what)
+            size += frame.nbytes
+            if size > max_bytes:
+                raise VideoInputError(f"{what} is over {max_bytes / 2**30:.1f} GiB once decoded; use a shorter or "
+                                      f"smaller clip")
+            frames.append(frame)
+        fps = _video_fps(path)
+    except VideoInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- decoders raise anything on a broken file; the user needs one line
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise VideoInputError(f"cannot read {what}: {reason}") from exc
+    if not frames:
+        raise VideoInputError(f"{what} contains no frames")
+    if any(f.shape != frames[0].shape for f in frames):
+        raise VideoInputError(f"{what} has frames of different sizes")
+    return np.stack(frames), fps
 
 
 def _json_default(value: Any) -> Any:

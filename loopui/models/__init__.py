@@ -1,4 +1,5 @@
-"""The models room: which models exist (registry), loading and caching them (manager), the tiny demo model.
+"""The models room: which models exist (registry), loading and caching them (manager), the tiny demo model, and a
+CLIP model for the loop scores (clip).
 
 Names are re-exported lazily (PEP 562) so ``import loopui.models`` pulls in neither torch nor diffusers; they are
 imported on first use of the function that needs them.
@@ -25,6 +26,8 @@ _EXPORTS = {
     "DEMO_MODEL_ID": "loopui.models.demo",
     "build_tiny_cogvideox": "loopui.models.demo",
     "save_tiny_cogvideox": "loopui.models.demo",
+    "ClipEmbedder": "loopui.models.clip",
+    "load_clip": "loopui.models.clip",
 }
 
 __all__ = sorted(_EXPORTS)

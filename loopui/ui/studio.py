@@ -118,6 +118,14 @@ def seam_summary(seam_ratio: Optional[float], worst_text: str = "", interior_rat
     return f"{line} {worst_text[:1].upper()}{worst_text[1:]}." if worst_text else line
 
 
+def _scores_line(scores: dict) -> str:
+    """The papers' metrics as one more line under the seam ratio (empty when there are none)."""
+    from loopui.media import format_scores
+
+    line = format_scores(scores) if scores else ""
+    return f"\n\nScores: {line}." if line else ""
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "", text)[:32] or "anonymous"
 
@@ -406,7 +414,7 @@ class Studio:
         return LoopOutcome(index=index, video=Path(render.files[0]), files=files, strip=strip, thumb=thumb,
                            seam_ratio=result.seam_ratio,
                            seam_text=seam_summary(result.seam_ratio, result.describe_worst_step(),
-                                                    result.interior_ratio),
+                                                    result.interior_ratio) + _scores_line(result.scores),
                            details=details, warnings=list(result.warnings), model_text=loaded.describe(),
                            settings=dict(s))
 

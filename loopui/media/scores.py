@@ -1,0 +1,422 @@
+"""The looping-video papers' metrics on a played loop of pixels; :func:`loop_scores` gives them all at once.
+
+Every metric reads decoded frames ``(F, H, W, 3)`` uint8 in the order they play (frame F-1 is followed by frame 0),
+never latents. Pixel values are 0..255 throughout. Where a paper's metric needs trained weights (VBench's AMT and RAFT
+networks) we use a weight-free stand-in and say exactly how it differs; CLIP metrics need a CLIP model and are
+skipped without one.
+
+=====================  =========================================================================================
+key                    definition (and how it differs from the source)
+=====================  =========================================================================================
+``seam_ratio``         ours: mean |frame F-1 - frame 0| / mean |frame t+1 - frame t| (see :mod:`.metrics`).
+``interior_ratio``     ours: the largest non-wrap step / the same mean.
+``first_last_mse``     Mobius (Bi et al., SIGGRAPH 2025, arXiv:2502.20307), Table 1 "MSE": "the MSE of the first
+                       frame and the last frame". Here: mean over pixels and channels of (frame 0 - frame F-1)^2 on
+                       0..255 values; the paper does not state its value range or resolution.
+``first_last_ssim``    LoopAnimate-style (Wang et al., arXiv:2404.09172) "Loop-C" loop consistency of the first and
+                       last frame, measured in pixels as SSIM(frame 0, frame F-1) (1 = identical).
+``ssim_motion``        LoopAnimate's SSIM motion: mean over t = 0..F-2 of 1 - SSIM(frame t, frame t+1); 0 = still.
+``mse_f0``             LoopAnimate's MSE_F0: mean (frame 0 - reference)^2 on 0..255, the reference fitted to the
+                       frame size by cover-and-centre-crop (as loopui fits reference images for generation).
+``motion_smoothness``  VBench (Huang et al., CVPR 2024) motion smoothness, as reported by Mobius: drop the odd
+                       frames, re-create each odd frame t from frames t-1 and t+1, score (255 - mean |re-created -
+                       real|) / 255. VBench re-creates frames with the AMT-S network; we warp both neighbours half
+                       way along one TV-L1 optical flow (scikit-image, no weights; computed at a 128-pixel short side
+                       and scaled up) and average them, a classical flow interpolator: smooth, steady motion still
+                       scores near 1, but occlusions and large motion are re-created worse than by AMT, so values
+                       run somewhat lower than VBench's.
+``dynamic_degree``     VBench dynamic degree: 1.0 if the clip moves, else 0.0 (a set's mean is the share of moving
+                       clips, Mobius's "dynamic score"). Frames sub-sampled to about 8 fps; per consecutive pair the
+                       mean of the top 5 % flow magnitudes; moving when at least round(4 * n / 16) pairs exceed
+                       6 * (short side / 256) * max(1, 8 / fps) pixels. VBench uses RAFT flow at full size; we use
+                       TV-L1 at a 128-pixel short side, magnitudes scaled to the frame's size (the threshold is
+                       proportional to size, so only flow accuracy differs), and require at least one pair.
+``flow_magnitude``     The same per-pair top-5 % flow magnitudes averaged, in pixels per frame at a 256-pixel short
+                       side (VBench's threshold is 6 at 8 fps): a continuous amount of motion.
+``clip_score``         Mobius Table 1 "CLIP": mean over frames of 100 * max(cos(CLIP(frame), CLIP(prompt)), 0)
+                       (torchmetrics' CLIPScore, per frame). The papers' CLIP variant is not stated; ours is the one
+                       you pass.
+``clip_i``             CLIP-I: mean over frames of cos(CLIP(frame), CLIP(reference)) (DreamBooth-style, 0..1 scale).
+``frame_consistency``  Mean over t of cos(CLIP(frame t), CLIP(frame t+1)) (the usual CLIP frame consistency).
+``first_last_clip``    Loop-C in CLIP space: cos(CLIP(frame 0), CLIP(frame F-1)).
+=====================  =========================================================================================
+
+SSIM everywhere is Wang et al. (2004) on BT.601 luma: Gaussian window sigma 1.5, K1 0.01, K2 0.03, data range 255
+(scikit-image ``structural_similarity``). Metrics read the clip as the papers do, as a clip from frame 0 to F-1;
+the wrap itself is measured by ``seam_ratio``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Optical flow is computed on frames scaled down to this short side: VBench's thresholds are proportional to size,
+# and TV-L1 at 480x720 costs seconds per pair on a CPU.
+FLOW_SHORT_SIDE = 128
+# SSIM's 11x11 Gaussian window (sigma 1.5) needs frames at least this big; optical flow needs a little room too.
+MIN_SSIM_SIDE = 11
+MIN_FLOW_SIDE = 16
+# VBench dynamic degree: 6 pixels at a 256-pixel short side and 8 fps; the top 5 % of flow magnitudes.
+DYNAMIC_THRESHOLD_PX = 6.0
+DYNAMIC_REFERENCE_SIDE = 256.0
+DYNAMIC_REFERENCE_FPS = 8.0
+DYNAMIC_TOP_FRACTION = 0.05
+DEFAULT_FPS = 8.0
+
+
+class FrameEmbedder(Protocol):
+    """What the CLIP metrics need (``loopui.models.load_clip`` returns one)."""
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """``(N, H, W, 3)`` uint8 -> ``(N, D)`` float embeddings."""
+        ...
+
+    def embed_text(self, text: str) -> np.ndarray:
+        """A prompt -> ``(D,)`` float embedding."""
+        ...
+
+
+@dataclass(frozen=True)
+class ScoreInfo:
+    """How to show one score: its label, which way is better (``"lower"``, ``"higher"``, ``"1"`` for about one, or
+    ``""`` for a plain measurement), its source and its decimals."""
+
+    key: str
+    label: str
+    better: str
+    source: str
+    digits: int
+
+    @property
+    def arrow(self) -> str:
+        """``↓``, ``↑``, ``≈1`` or empty."""
+        return {"lower": "↓", "higher": "↑", "1": "≈1"}.get(self.better, "")
+
+
+SCORES: tuple[ScoreInfo, ...] = (
+    ScoreInfo("seam_ratio", "seam ratio", "1", "ours", 3),
+    ScoreInfo("interior_ratio", "interior ratio", "1", "ours", 3),
+    ScoreInfo("first_last_mse", "first/last MSE", "lower", "Mobius T1", 2),
+    ScoreInfo("first_last_ssim", "Loop-C (SSIM)", "higher", "LoopAnimate", 4),
+    ScoreInfo("ssim_motion", "SSIM motion", "", "LoopAnimate", 4),
+    ScoreInfo("mse_f0", "MSE_F0", "lower", "LoopAnimate", 2),
+    ScoreInfo("motion_smoothness", "motion smoothness", "higher", "VBench (TV-L1)", 4),
+    ScoreInfo("dynamic_degree", "dynamic degree", "higher", "VBench (TV-L1)", 2),
+    ScoreInfo("flow_magnitude", "flow magnitude", "", "VBench (TV-L1)", 2),
+    ScoreInfo("clip_score", "CLIP score", "higher", "Mobius T1", 2),
+    ScoreInfo("clip_i", "CLIP-I", "higher", "CLIP", 4),
+    ScoreInfo("frame_consistency", "frame consistency", "higher", "CLIP", 4),
+    ScoreInfo("first_last_clip", "Loop-C (CLIP)", "higher", "CLIP", 4),
+)
+SCORE_KEYS: tuple[str, ...] = tuple(info.key for info in SCORES)
+# The compact line (CLI summary, page) leaves out what is already shown beside it (seam and interior ratios).
+_COMPACT = ("first_last_mse", "first_last_ssim", "ssim_motion", "mse_f0", "motion_smoothness", "dynamic_degree",
+            "clip_score", "clip_i")
+
+
+def score_info(key: str) -> ScoreInfo:
+    """The :class:`ScoreInfo` of a score key."""
+    for info in SCORES:
+        if info.key == key:
+            return info
+    raise KeyError(f"unknown score {key!r}; known: {', '.join(SCORE_KEYS)}")
+
+
+def format_score(key: str, value: Any) -> str:
+    """A score as text with its decimals; ``-`` when missing."""
+    if value is None:
+        return "-"
+    value = float(value)
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.{score_info(key).digits}f}"
+
+
+def format_scores(scores: dict[str, Any]) -> str:
+    """The papers' metrics in one compact line, e.g. ``first/last MSE 12.30 · Loop-C (SSIM) 0.9120 · ...``."""
+    parts = [f"{score_info(key).label} {format_score(key, scores[key])}" for key in _COMPACT
+             if scores.get(key) is not None]
+    return " · ".join(parts)
+
+
+# -- frames -----------------------------------------------------------------------------------------------------------
+
+def _frames(frames: Any, minimum: int = 2) -> np.ndarray:
+    from loopui.media.export import _to_uint8_frames
+
+    x = _to_uint8_frames(frames)
+    if x.shape[0] < minimum:
+        raise ValueError(f"scores need at least {minimum} frames, got {x.shape[0]}")
+    return x
+
+
+def _check_fps(fps: Any) -> None:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+
+
+def _luma(frame: np.ndarray) -> np.ndarray:
+    """BT.601 luma in float64, 0..255."""
+    f = frame.astype(np.float64)
+    return 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
+
+
+def _fit_reference(reference: Any, width: int, height: int) -> np.ndarray:
+    from loopui.media.images import load_reference_image
+
+    return np.asarray(load_reference_image(reference, width, height), dtype=np.uint8)
+
+
+# -- pixel metrics ----------------------------------------------------------------------------------------------------
+
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+def frame_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two ``(H, W, 3)`` uint8 frames on BT.601 luma (Wang et al. 2004: Gaussian sigma 1.5, K1 0.01,
+    K2 0.03, data range 255). Raises ``ValueError`` for frames under 11 pixels on a side."""
+    from skimage.metrics import structural_similarity
+
+    if min(a.shape[:2]) < MIN_SSIM_SIDE:
+        raise ValueError(f"SSIM needs frames of at least {MIN_SSIM_SIDE}x{MIN_SSIM_SIDE} pixels, got {a.shape[:2]}")
+    return float(structural_similarity(_luma(a), _luma(b), data_range=255.0, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False))
+
+
+def first_last_mse(frames: Any) -> float:
+    """Mobius Table 1 MSE: mean (frame 0 - frame F-1)^2 over pixels and channels, 0..255 values."""
+    x = _frames(frames)
+    return _mse(x[0], x[-1])
+
+
+def first_last_ssim(frames: Any) -> float:
+    """Loop-C-style first/last frame consistency in pixels: SSIM(frame 0, frame F-1), 1 = identical."""
+    x = _frames(frames)
+    return frame_ssim(x[0], x[-1])
+
+
+def ssim_motion(frames: Any) -> float:
+    """LoopAnimate's SSIM motion: mean over consecutive pairs of 1 - SSIM (0 = a still clip)."""
+    x = _frames(frames)
+    return float(np.mean([1.0 - frame_ssim(x[t], x[t + 1]) for t in range(len(x) - 1)]))
+
+
+def mse_f0(frames: Any, reference: Any) -> float:
+    """LoopAnimate's MSE_F0: mean (frame 0 - reference)^2, 0..255, the reference (path, PIL image or array)
+    fitted to the frame size by cover-and-centre-crop."""
+    x = _frames(frames, minimum=1)
+    return _mse(x[0], _fit_reference(reference, x.shape[2], x.shape[1]))
+
+
+# -- optical flow (weight-free stand-ins for VBench's networks) -------------------------------------------------------
+
+def _flow_size(height: int, width: int) -> tuple[int, int]:
+    """(h, w) for flow: the short side brought down to FLOW_SHORT_SIDE (never up), aspect kept."""
+    scale = min(1.0, FLOW_SHORT_SIDE / min(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _downscale(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if gray.shape == size:
+        return gray.astype(np.float32) / 255.0
+    image = Image.fromarray(gray.astype(np.float32), mode="F")
+    return np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+
+
+def _tvl1(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """TV-L1 flow ``(2, h, w)`` (rows, columns) with moving(x + flow(x)) ~ reference(x)."""
+    from skimage.registration import optical_flow_tvl1
+
+    return np.asarray(optical_flow_tvl1(reference, moving), dtype=np.float32)
+
+
+def _warp(frame: np.ndarray, displacement: np.ndarray) -> np.ndarray:
+    """``frame(y + displacement(y))`` for an ``(H, W, 3)`` frame and a ``(2, H, W)`` displacement (bilinear)."""
+    from scipy.ndimage import map_coordinates
+
+    height, width = frame.shape[:2]
+    rows, cols = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
+    coords = np.stack([rows + displacement[0], cols + displacement[1]])
+    f = frame.astype(np.float32)
+    return np.stack([map_coordinates(f[..., c], coords, order=1, mode="nearest") for c in range(f.shape[-1])], -1)
+
+
+def _upscale_flow(flow: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A flow computed at (h, w) as a flow of the full (height, width) frame: resized and its lengths scaled."""
+    from PIL import Image
+
+    h, w = flow.shape[1:]
+    if (h, w) == (height, width):
+        return flow
+    out = [np.asarray(Image.fromarray(flow[i], mode="F").resize((width, height), Image.Resampling.BILINEAR))
+           for i in range(2)]
+    return np.stack([out[0] * (height / h), out[1] * (width / w)]).astype(np.float32)
+
+
+def _check_flow_size(x: np.ndarray) -> None:
+    if min(x.shape[1:3]) < MIN_FLOW_SIDE:
+        raise ValueError(f"optical flow needs frames of at least {MIN_FLOW_SIDE}x{MIN_FLOW_SIDE} pixels, "
+                         f"got {x.shape[1]}x{x.shape[2]}")
+
+
+def motion_smoothness(frames: Any) -> float:
+    """VBench motion smoothness with a weight-free interpolator (see the module table): each odd frame is re-created
+    from its two neighbours by warping them half way along a TV-L1 flow, score = (255 - mean |error|) / 255.
+
+    Raises ``ValueError`` for fewer than 3 frames or frames under 16 pixels on a side.
+    """
+    x = _frames(frames, minimum=3)
+    _check_flow_size(x)
+    height, width = x.shape[1:3]
+    size = _flow_size(height, width)
+    small = {t: _downscale(_luma(x[t]), size) for t in range(0, len(x), 2)}
+    errors = []
+    for t in range(1, len(x) - 1, 2):
+        # A point at p in frame t-1 sits at p + flow(p) in frame t+1, so at p + flow/2 in frame t; reading each
+        # neighbour half way along the flow (the flow taken at the output pixel) re-creates frame t.
+        flow = _upscale_flow(_tvl1(small[t - 1], small[t + 1]), height, width)
+        middle = 0.5 * _warp(x[t - 1], -0.5 * flow) + 0.5 * _warp(x[t + 1], 0.5 * flow)
+        predicted = np.clip(np.round(middle), 0, 255)
+        errors.append(float(np.mean(np.abs(predicted - x[t].astype(np.float32)))))
+    return (255.0 - float(np.mean(errors))) / 255.0
+
+
+def dynamic_degree(frames: Any, fps: float = DEFAULT_FPS) -> tuple[bool, float]:
+    """VBench dynamic degree with TV-L1 instead of RAFT (see the module table).
+
+    Returns:
+        ``(moving, flow_magnitude)``: whether enough consecutive pairs exceed VBench's threshold, and the mean over
+        pairs of the top-5 % flow magnitudes in pixels at a 256-pixel short side.
+
+    Raises:
+        ValueError: fewer than 2 frames (after sub-sampling to about 8 fps), frames under 16 pixels, bad fps.
+    """
+    _check_fps(fps)
+    x = _frames(frames)
+    _check_flow_size(x)
+    x = x[::max(1, round(fps / DYNAMIC_REFERENCE_FPS))]
+    if len(x) < 2:
+        raise ValueError(f"dynamic degree needs at least 2 frames at about 8 fps, got {len(x)}")
+    size = _flow_size(*x.shape[1:3])
+    to_reference = DYNAMIC_REFERENCE_SIDE / min(size)  # flow pixels -> pixels at a 256-pixel short side
+    small = [_downscale(_luma(f), size) for f in x]
+    tops = []
+    for a, b in zip(small[:-1], small[1:]):
+        magnitude = np.hypot(*_tvl1(a, b)).ravel() * to_reference
+        count = max(1, int(magnitude.size * DYNAMIC_TOP_FRACTION))
+        tops.append(float(np.mean(np.partition(magnitude, magnitude.size - count)[-count:])))
+    threshold = DYNAMIC_THRESHOLD_PX * max(1.0, DYNAMIC_REFERENCE_FPS / fps)
+    needed = max(1, round(4 * len(x) / 16))
+    moving = sum(top > threshold for top in tops) >= needed
+    return bool(moving), float(np.mean(tops))
+
+
+# -- CLIP ---------------------------------------------------------------------------------------------------------
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    norm = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.where(norm == 0, 1.0, norm)
+
+
+def clip_scores(frames: Any, clip: FrameEmbedder, prompt: Optional[str] = None,
+                reference: Any = None) -> dict[str, Optional[float]]:
+    """CLIP score (with ``prompt``), CLIP-I (with ``reference``), frame consistency and Loop-C in CLIP space.
+
+    See the module table for the definitions; ``clip`` embeds frames and text (``loopui.models.load_clip``).
+    """
+    x = _frames(frames)
+    e = _unit(clip.embed_images(x))
+    if e.shape[0] != len(x):
+        raise ValueError(f"the CLIP embedder returned {e.shape[0]} embeddings for {len(x)} frames")
+    out: dict[str, Optional[float]] = {
+        "frame_consistency": float(np.mean(np.sum(e[:-1] * e[1:], axis=-1))),
+        "first_last_clip": float(e[0] @ e[-1]),
+        "clip_score": None,
+        "clip_i": None,
+    }
+    if prompt is not None and prompt.strip():
+        text = _unit(clip.embed_text(prompt))
+        out["clip_score"] = float(np.mean(100.0 * np.maximum(e @ text, 0.0)))
+    if reference is not None:
+        ref = _unit(clip.embed_images(_fit_reference(reference, x.shape[2], x.shape[1])[None]))[0]
+        out["clip_i"] = float(np.mean(e @ ref))
+    return out
+
+
+# -- all of them --------------------------------------------------------------------------------------------------
+
+def _optional(name: str, compute, *args) -> Any:
+    """Run one metric; a clip too small or short for it gives None (logged), other errors propagate."""
+    try:
+        return compute(*args)
+    except ValueError as exc:
+        logger.debug("%s not measured: %s", name, exc)
+        return None
+
+
+def loop_scores(frames: Any, reference: Any = None, prompt: Optional[str] = None,
+                clip: Optional[FrameEmbedder] = None, fps: Optional[float] = None,
+                flow: bool = True) -> dict[str, Any]:
+    """Every metric of the module table for one played loop, as a JSON-ready dict.
+
+    Args:
+        frames: ``(F, H, W, 3)`` uint8 (or float in [0, 1]) as played, F >= 2.
+        reference: the reference image (path, PIL image or array) for ``mse_f0`` and ``clip_i``; None skips them.
+        prompt: the prompt, for ``clip_score`` (needs ``clip``).
+        clip: a CLIP embedder (``loopui.models.load_clip``); None skips the CLIP metrics.
+        fps: playback rate, for dynamic degree (default 8, VBench's reference rate).
+        flow: False skips the optical-flow metrics (``motion_smoothness``, ``dynamic_degree``, ``flow_magnitude``),
+            the only slow ones (about 0.2 s per frame on a CPU).
+
+    Returns:
+        ``num_frames``, ``height``, ``width``, ``fps`` and every key of :data:`SCORE_KEYS`; a metric that was not
+        asked for or cannot be measured (frames too small, too few, no reference) is None.
+
+    Raises:
+        ValueError: frames of the wrong shape or dtype, fewer than 2 frames, a bad fps.
+        loopui.media.ImageInputError: an unreadable reference image.
+    """
+    from loopui.media.metrics import loop_metrics
+
+    x = _frames(frames)
+    fps = DEFAULT_FPS if fps is None else fps
+    _check_fps(fps)
+    seams = loop_metrics(x)
+    scores: dict[str, Any] = dict(num_frames=int(x.shape[0]), fps=float(fps), width=int(x.shape[2]),
+                                  height=int(x.shape[1]))
+    scores.update({key: None for key in SCORE_KEYS})
+    scores.update(seam_ratio=float(seams.seam_ratio), interior_ratio=float(seams.interior_ratio),
+                  first_last_mse=_mse(x[0], x[-1]),
+                  first_last_ssim=_optional("first_last_ssim", frame_ssim, x[0], x[-1]),
+                  ssim_motion=_optional("ssim_motion", ssim_motion, x))
+    if reference is not None:
+        scores["mse_f0"] = mse_f0(x, reference)
+    if flow:
+        scores["motion_smoothness"] = _optional("motion_smoothness", motion_smoothness, x)
+        dynamic = _optional("dynamic_degree", dynamic_degree, x, fps)
+        if dynamic is not None:
+            scores["dynamic_degree"] = 1.0 if dynamic[0] else 0.0
+            scores["flow_magnitude"] = dynamic[1]
+    if clip is not None:
+        scores.update(clip_scores(x, clip, prompt=prompt, reference=reference))
+    return scores
+
+
+def mean_scores(rows: Sequence[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """Per-key means over several score dicts (None entries left out; None when no row has the key)."""
+    out: dict[str, Optional[float]] = {}
+    for key in SCORE_KEYS:
+        values = [float(r[key]) for r in rows if r.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
