@@ -14,6 +14,7 @@ from .settings import LoopRequest, default_shift_skip, knob_info, latent_length
 _LAZY = {
     "LoopInterrupted": ".loop", "LoopResult": ".loop", "PipelineInfo": ".loop", "generate_loop": ".loop",
     "pipeline_info": ".loop", "SEAM_POLISH_PRESETS": ".polish", "RenderResult": ".render", "render_loop": ".render",
+    "NonFiniteOutput": ".guards", "PipelineBusy": ".locks",
 }
 
 __all__ = ["LoopRequest", "default_shift_skip", "knob_info", "latent_length", *_LAZY]

@@ -21,6 +21,8 @@ import torch
 
 from .conditioning import ImageConditioning, encode_reference, mask_to_latent_grid
 from .decode import decode_cycle, decoded_frame_count, video_to_uint8
+from .guards import cancel_checkpoint, ensure_finite, vae_memory_defaults
+from .locks import holds_pipeline_lock
 from .rope import scaled_rope_preparer
 from .schedulers import build_scheduler
 from .settings import LoopRequest, default_shift_skip
@@ -122,10 +124,13 @@ def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        if had:
-            setattr(obj, name, previous)
-        else:
-            delattr(obj, name)
+        # Restore only what is still ours: offload hooks re-installed meanwhile (diffusers does so at the end of
+        # every offloaded call) own the attribute now, and putting the old hook's forward back would be stale.
+        if obj.__dict__.get(name) is value:
+            if had:
+                setattr(obj, name, previous)
+            else:
+                delattr(obj, name)
 
 
 @contextmanager
@@ -185,12 +190,15 @@ def _motion_mask(image, request: LoopRequest) -> np.ndarray:
     return np.asarray(result.mask, dtype=np.float32)
 
 
+@holds_pipeline_lock
 def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback: Optional[ProgressCallback] = None,
                   cancel_event: Optional[threading.Event] = None) -> LoopResult:
     """Generate a seamless loop with ``pipe`` (a built ``CogVideoXPipeline`` / ``CogVideoXImageToVideoPipeline``).
 
     ``callback(stage, step, total)`` reports "encode", "denoise" (after each step) and "decode"; setting
-    ``cancel_event`` stops the denoising loop within one step and raises :class:`LoopInterrupted`.
+    ``cancel_event`` stops the denoising loop within one step (decoding between two decoder calls) and raises
+    :class:`LoopInterrupted`. One call at a time per pipeline: a second call on the same pipeline (or on one sharing
+    its components) waits for the first. NaN/Inf output raises ``NonFiniteOutput`` instead of a black video.
     The pipeline's own scheduler is used unless ``request.scheduler`` names one. With ``shift_skip=0`` and the
     defaults otherwise this is exactly the stock pipeline's sampling.
     """
@@ -275,14 +283,18 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
     t_denoise = time.perf_counter()
     if state.step < steps:  # only an interrupt leaves steps undone
         raise LoopInterrupted(f"stopped after {state.step} of {steps} steps")
+    ensure_finite(final, "final latents", dtype)
 
     # 5. Decode (frame-invariant by default)
     frames = None
     if output_type == "np":
         if callback:
             callback("decode", 0, 1)
-        with torch.no_grad():
+        stop = lambda: LoopInterrupted("stopped while decoding")  # noqa: E731
+        with torch.no_grad(), vae_memory_defaults(pipe), \
+                cancel_checkpoint(getattr(pipe.vae, "decoder", pipe.vae), cancel_event, stop):
             video = decode_cycle(pipe, final.to(pipe.vae.dtype), frame_invariant=request.frame_invariant_decoding)
+        ensure_finite(video, "decoded frames", pipe.vae.dtype)
         frames = video_to_uint8(pipe, video)
         if callback:
             callback("decode", 1, 1)
