@@ -151,11 +151,11 @@ def main() -> None:
         manager = ModelManager(max_models=1)
         loaded = manager.get("demo", device=DEVICE, offload="model")
         transformer = loaded.pipe.transformer
-        where: dict = {"transformer_after_cleanup": []}
+        where: dict = {"transformer_when_it_failed": [], "transformer_after_cleanup": []}
 
         def fail(module, args, kwargs):
             # Inside the transformer's forward: accelerate's hook has moved the whole transformer to the GPU.
-            where["transformer_when_it_failed"] = str(next(transformer.parameters()).device)
+            where["transformer_when_it_failed"].append(str(next(transformer.parameters()).device))
             raise torch.cuda.OutOfMemoryError("injected after the transformer was moved to the GPU")
 
         recover = ModelManager._recover

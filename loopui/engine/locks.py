@@ -54,7 +54,8 @@ def guarded_objects(pipe: Any) -> list[Any]:
             continue
         try:
             weakref.ref(value)
-        except TypeError:  # not weak-referenceable: nothing we could key a lock on
+            hash(value)
+        except TypeError:  # not weak-referenceable or not hashable: nothing we could key a lock on
             continue
         objects[id(value)] = value
     return [objects[key] for key in sorted(objects)]
