@@ -254,6 +254,15 @@ def test_gpu_seconds_grow_with_steps_frames_size_and_model():
     assert estimate_gpu_seconds(five, {"num_inference_steps": 200, "num_frames": 241}) == ZERO_GPU_MAX_SECONDS
 
 
+def test_gpu_seconds_of_malformed_values_do_not_crash_the_call(fake_cuda):
+    from loopui.ui.studio import ZERO_GPU_MAX_SECONDS, Studio
+
+    studio = Studio(demo=True, devices="cuda:0")
+    assert studio.gpu_seconds("THUDM/CogVideoX-5b", {"num_inference_steps": "lots"}) == ZERO_GPU_MAX_SECONDS
+    unknown = studio.gpu_seconds("no/such-model", {"num_inference_steps": 4})
+    assert unknown == studio.gpu_seconds(studio.model_id, {"num_inference_steps": 4})  # sized for the default
+
+
 # -- several GPUs in the app ------------------------------------------------------------------------------------------------
 
 def test_app_devices_flag_sets_the_pool_and_the_queue_runs_one_job_per_device(fake_cuda, monkeypatch):

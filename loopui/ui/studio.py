@@ -464,7 +464,11 @@ class Studio:
             spec = self.spec(model_id or self.model_id)
         except ValueError:
             spec = self.spec(self.model_id)
-        return estimate_gpu_seconds(spec, values)
+        try:
+            return estimate_gpu_seconds(spec, values)
+        except (TypeError, ValueError, OverflowError):
+            # Malformed values fail validation inside the call with a proper message; this must not crash first.
+            return ZERO_GPU_MAX_SECONDS
 
     @staticmethod
     def _outcome(index: int, render: Any, stem: Path, loaded: Any, notes: Optional[list] = None) -> LoopOutcome:
