@@ -123,6 +123,10 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Weights dtype (default: the model's on CUDA, float32 on CPU).")
     parser.add_argument("--offload", default=None, choices=("auto", "none", "model", "sequential"),
                         help="GPU memory policy (default: LOOPUI_OFFLOAD, else chosen from free VRAM).")
+    parser.add_argument("--parallel", action="store_true",
+                        help="Split one loop across several GPUs (context parallelism; models with a diffusers "
+                             "context-parallel plan, i.e. Wan). Start with `torchrun --nproc-per-node N -m loopui "
+                             "generate --parallel ...`; process 0 writes the files.")
     parser.add_argument("--quiet", "-q", action="store_true", help="No progress output, only the summary.")
     parser.add_argument("--verbose", "-v", action="store_true", help="Log details (and diffusers' messages).")
 
@@ -254,39 +258,68 @@ class _Progress:
 def _run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
     import torch
 
-    from loopui.engine import LoopInterrupted, render_loop
+    from loopui.engine import LoopInterrupted, NonFiniteOutput, generate_loop, render_loop
     from loopui.engine.render import check_outputs
-    from loopui.models import ModelLoadError, ModelManager, spec_for
+    from loopui.models import ModelLoadError, ModelManager, OutOfGPUMemory, spec_for
 
     progress = _Progress(enabled=not args.quiet)
+    parallel = None
     try:
         # 1. Check everything that needs no model
         spec = spec_for(args.model)
         request = build_request(args, spec)
         outputs = check_outputs(args.output)
         _check_inputs(request, spec)
+        device, offload = args.device, args.offload
+        if args.parallel:
+            parallel, device, offload = _start_parallel(args, spec)
+            if not parallel.is_main:
+                progress.enabled = False
 
-        # 2. Load the model
+        # 2. Load the model (progress in bytes while it downloads)
+        shown: dict[str, int] = {}
+
         def on_load(stage: str, fraction: Optional[float], message: str) -> None:
-            if not args.quiet:
-                print(f"{PROG}: {message}", file=sys.stderr)
+            if args.quiet or (parallel is not None and not parallel.is_main):
+                return
+            if stage == "memory":
+                print(f"{PROG}: warning: {message}", file=sys.stderr)
+                return
+            if stage == "downloading" and fraction is not None:
+                tenth = int(fraction * 10)  # one line per 10 %
+                if shown.get(stage) == tenth:
+                    return
+                shown[stage] = tenth
+            print(f"{PROG}: {message}", file=sys.stderr)
 
-        manager = ModelManager(device=args.device, offload=args.offload)
-        loaded = manager.get(args.model, dtype=args.dtype, progress=on_load)
-        loaded.pipe.set_progress_bar_config(disable=True)  # our own bar replaces diffusers'
+        def work(loaded: Any) -> tuple[Any, Any]:
+            loaded.pipe.set_progress_bar_config(disable=True)  # our own bar replaces diffusers'
+            if parallel is not None:
+                from loopui.engine.parallel import enable_context_parallel
 
-        # 3. Generate and write the files
+                enable_context_parallel(loaded.pipe, parallel.world_size)
+                if not parallel.is_main:  # the others take part in every transformer call; process 0 writes
+                    return loaded, generate_loop(loaded.pipe, request, output_type="latent")
+            return loaded, render_loop(loaded.pipe, request, outputs=outputs, model_id=spec.model_id,
+                                       callback=progress)
+
+        # 3. Generate and write the files (a CUDA out-of-memory error is retried once with more offloading)
+        manager = ModelManager(device=device, offload=offload)
         start = time.perf_counter()
-        render = render_loop(loaded.pipe, request, outputs=outputs, model_id=spec.model_id, callback=progress)
+        loaded, render = manager.run(args.model, work, dtype=args.dtype, progress=on_load)
+        if parallel is not None and not parallel.is_main:
+            return EXIT_OK
         if args.save_latents:
             _save_latents(render.result.latents, Path(args.save_latents))
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - loaded.load_seconds
     except (KeyboardInterrupt, LoopInterrupted) as exc:
         return _fail("interrupted" + (f": {_one_line(exc)}" if str(exc) else ""), EXIT_INTERRUPTED)
     except ModelLoadError as exc:
         return _fail(_one_line(exc))
     except ValueError as exc:  # bad settings, unreadable images, the engine's input checks
         return _fail(_flag_hint(_one_line(exc)))
+    except (OutOfGPUMemory, NonFiniteOutput) as exc:
+        return _fail(_one_line(exc), EXIT_FAILURE)
     except torch.cuda.OutOfMemoryError as exc:
         return _fail(f"out of memory: {_one_line(exc)} -- try a smaller size, fewer frames or --offload sequential",
                      EXIT_FAILURE)
@@ -294,6 +327,8 @@ def _run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
         return _fail(_one_line(exc), EXIT_FAILURE)
     finally:
         progress.close()
+        if parallel is not None:
+            _end_parallel()
 
     # 4. Summary: one line per file, the seam, the time
     result = render.result
@@ -325,6 +360,31 @@ def _save_latents(latents: Any, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(latents.detach().to(device="cpu", dtype=torch.float32).contiguous(), path)
+
+
+def _start_parallel(args: argparse.Namespace, spec: Any) -> tuple[Any, str, str]:
+    """``--parallel``: check the launch and the model before any loading, join the process group; returns
+    (context, this process's device, offload policy)."""
+    import torch
+
+    from loopui.engine.parallel import check_family, init_process_group, torchrun_context
+
+    context = torchrun_context()
+    check_family(spec.family, spec.model_id)
+    if args.device is not None:
+        raise ValueError("--parallel picks each process's GPU itself (cuda:<local rank>): leave out --device")
+    if args.offload not in (None, "auto", "none"):
+        raise ValueError(f"--parallel keeps each process's model on its GPU: --offload {args.offload} cannot be used")
+    if not torch.cuda.is_available():
+        raise ValueError("--parallel needs one CUDA GPU per process, and none is visible here")
+    return context, init_process_group(context), "none"
+
+
+def _end_parallel() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # -- models ---------------------------------------------------------------------------------------------------------

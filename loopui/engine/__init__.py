@@ -15,6 +15,7 @@ _LAZY = {
     "LoopInterrupted": ".loop", "LoopResult": ".loop", "generate_loop": ".loop", "pipeline_spec": ".loop",
     "LoopPlan": ".plan", "plan_loop": ".plan", "SEAM_POLISH_PRESETS": ".polish", "RenderResult": ".render",
     "render_loop": ".render",
+    "NonFiniteOutput": ".guards", "PipelineBusy": ".locks",
 }
 
 __all__ = ["LoopRequest", "default_shift_skip", "knob_info", "latent_length", *_LAZY]

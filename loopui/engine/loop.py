@@ -28,6 +28,8 @@ from .families import Family, family_for
 from .families.base import patch_attribute
 from .noise import clean_estimate
 from .plan import LoopPlan, plan_loop, resolve_rope_scale, resolve_shift_skip
+from .guards import cancel_checkpoint, ensure_finite, vae_memory_defaults
+from .locks import holds_pipeline_lock
 from .polish import SEAM_POLISH_PRESETS
 from .settings import LoopRequest
 from .shift import CycleDenoiser, ImageChannel, ShiftSchedule, StepState
@@ -163,12 +165,15 @@ def _observe_clean_estimate(scheduler: Any, family: Family, state: StepState, pr
     return patch_attribute(scheduler, "step", step)
 
 
+@holds_pipeline_lock
 def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback: Optional[ProgressCallback] = None,
                   cancel_event: Optional[threading.Event] = None) -> LoopResult:
     """Generate a seamless loop with ``pipe`` (a built CogVideoX or Wan text/image-to-video pipeline).
 
     ``callback(stage, step, total)`` reports "encode", "denoise" (after each step) and "decode"; setting
-    ``cancel_event`` stops the denoising loop within one step and raises :class:`LoopInterrupted`.
+    ``cancel_event`` stops the denoising loop within one step (decoding between two decoder calls) and raises
+    :class:`LoopInterrupted`. One call at a time per pipeline: a second call on the same pipeline (or on one sharing
+    its components) waits for the first. NaN/Inf output raises ``NonFiniteOutput`` instead of a black video.
     Values left empty in ``request`` take the model's recommendations (:func:`loopui.engine.plan.plan_loop`).
     With ``shift_skip=0`` and the defaults otherwise this is exactly the stock pipeline's sampling.
     """
@@ -261,14 +266,18 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
     t_denoise = time.perf_counter()
     if state.step < steps:  # only an interrupt leaves steps undone
         raise LoopInterrupted(f"stopped after {state.step} of {steps} steps")
+    ensure_finite(final, "final latents", dtype)
 
     # 5. Decode (frame-invariant by default)
     frames = None
     if output_type == "np":
         if callback:
             callback("decode", 0, 1)
-        with torch.no_grad():
+        stop = lambda: LoopInterrupted("stopped while decoding")  # noqa: E731
+        with torch.no_grad(), vae_memory_defaults(pipe), \
+                cancel_checkpoint(getattr(pipe.vae, "decoder", pipe.vae), cancel_event, stop):
             video = decode_cycle(pipe, final, frame_invariant=request.frame_invariant_decoding, family=family)
+        ensure_finite(video, "decoded frames", pipe.vae.dtype)
         frames = video_to_uint8(pipe, video)
         if callback:
             callback("decode", 1, 1)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .loop import LoopResult, ProgressCallback, generate_loop
+from .loop import LoopInterrupted, LoopResult, ProgressCallback, generate_loop
 from .settings import LoopRequest
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ def render_loop(pipe, request: LoopRequest, outputs: Sequence, model_id: Optiona
     """Generate with :func:`generate_loop`, export every output (by suffix) and write a JSON sidecar beside the first.
 
     The sidecar holds the model, every setting (resolved), the seed, the seam metrics, the papers' scores and timings:
-    enough to reproduce the loop.
+    enough to reproduce the loop. ``cancel_event`` is honoured while denoising, decoding and between files (the files
+    already written by this call are removed).
     """
     from loopui import __version__
     from loopui.media import export_video, write_sidecar
@@ -50,8 +51,13 @@ def render_loop(pipe, request: LoopRequest, outputs: Sequence, model_id: Optiona
     result = generate_loop(pipe, request, output_type="np", callback=callback, cancel_event=cancel_event)
     if model_id:
         result.settings["model"] = model_id
-    files = []
+    files: list[Path] = []
     for index, path in enumerate(paths):
+        if cancel_event is not None and cancel_event.is_set():
+            # A stopped run leaves no half set of files behind.
+            for written in files:
+                written.unlink(missing_ok=True)
+            raise LoopInterrupted(f"stopped while writing the files ({index} of {len(paths)} written, removed)")
         if callback:
             callback("export", index, len(paths))
         files.append(Path(export_video(result.frames, path, fps=result.settings["fps"])))

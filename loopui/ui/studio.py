@@ -83,6 +83,47 @@ def _integer_fields() -> frozenset[str]:
 INTEGER_FIELDS = _integer_fields()
 
 
+# ZeroGPU: GPU seconds per denoising step at a model's native size and trained length (classifier-free guidance
+# included) on an H100/H200-class GPU. From CogVideoX's model cards (50 steps on one H100: ~90 s for 5B, ~45 s for 2B);
+# not measured here. Other models: scaled from the 5B figure by their VRAM estimate.
+GPU_STEP_SECONDS: dict[str, float] = {"THUDM/CogVideoX-5b": 1.8, "THUDM/CogVideoX-5b-I2V": 1.8,
+                                      "THUDM/CogVideoX-2b": 0.9}
+GPU_DECODE_SECONDS = 15.0  # tiled VAE decode of the trained length at the native size (rough)
+GPU_OVERHEAD_SECONDS = 10.0  # prompt encoding, moving tensors, export
+GPU_SAFETY = 1.3
+ZERO_GPU_MIN_SECONDS, ZERO_GPU_MAX_SECONDS = 30, 300
+
+
+def estimate_gpu_seconds(spec: Any, values: dict) -> int:
+    """GPU seconds one generation needs with these settings (what to ask ZeroGPU for), with a safety margin.
+
+    A visitor whose remaining quota is below the request is refused up front, so asking for a fixed 300 s turned
+    free visitors away even for a 4-step preview. Per-step cost grows with the number of tokens (latent frames x
+    area): half linear (MLPs), half quadratic (attention); window mode costs one trained-length pass per window;
+    seam polish adds its extra passes.
+    """
+    from loopui.engine.polish import polish_cost
+
+    steps = max(1, int(values.get("num_inference_steps") or 50))
+    frames = int(values.get("num_frames") or spec.native_num_frames)
+    height = int(values.get("height") or spec.native_height)
+    width = int(values.get("width") or spec.native_width)
+    length = latent_length(frames, spec.temporal_compression)
+    trained = spec.trained_latent_frames
+    area = (height * width) / float(spec.native_height * spec.native_width)
+    per_step = GPU_STEP_SECONDS.get(spec.model_id, 1.8 * spec.vram_gb / 26.0)
+    if values.get("window_mode") == "window" and length > trained:
+        passes, tokens = math.ceil(length / (trained - trained // 2)), area
+    else:
+        passes, tokens = 1, area * length / trained
+    step_seconds = per_step * passes * (tokens + tokens**2) / 2.0
+    level = values.get("seam_polish") or "off"
+    polish = polish_cost(level, steps) if level in ("off", "fast", "balanced", "strong") else 1.0
+    decode = GPU_DECODE_SECONDS * area * length / trained
+    total = GPU_SAFETY * (steps * step_seconds * polish + decode + GPU_OVERHEAD_SECONDS)
+    return int(min(ZERO_GPU_MAX_SECONDS, max(ZERO_GPU_MIN_SECONDS, math.ceil(total))))
+
+
 def cuda_available() -> bool:
     """Whether a CUDA device is usable (asks torch; creates no CUDA context of ours)."""
     import torch
@@ -174,10 +215,11 @@ class HistoryEntry:
 
 @dataclass
 class Studio:
-    """State shared by every session of the app: the model manager, running jobs, defaults and caches.
+    """State shared by every session of the app: the model manager, the device pool, running jobs, defaults, caches.
 
     ``manager`` is a ``loopui.models.ModelManager`` (built lazily when None). ``demo`` switches the defaults to the
-    tiny random model and preview settings. ``has_gpu`` None = ask torch.
+    tiny random model and preview settings. ``has_gpu`` None = ask torch. ``devices`` picks the GPUs: one job runs
+    on each at a time, each device with its own cached model and memory policy.
     """
 
     manager: Any = None
@@ -185,7 +227,10 @@ class Studio:
     demo: bool = False
     has_gpu: Optional[bool] = None
     output_root: Optional[Path] = None
+    devices: Optional[Any] = None  # "cuda:0,cuda:1" or a list; None = every visible GPU (else the CPU)
+    zero_gpu: bool = False  # a Hugging Face ZeroGPU Space: one "cuda" device, model loaded at start-up
     jobs: JobRegistry = field(default_factory=JobRegistry)
+    pool: Any = field(default=None, repr=False)
     _saliency_cache: "OrderedDict[tuple, Any]" = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _counter: int = 0
@@ -203,6 +248,16 @@ class Studio:
         self.spec(self.model_id)  # a bad --model fails at start, with the registry's message
         if self.has_gpu is None:
             self.has_gpu = cuda_available()
+        if self.pool is None:
+            from loopui.models import DevicePool, parse_devices
+
+            if self.zero_gpu:
+                names = ["cuda"]  # ZeroGPU attaches one GPU per call; CUDA is emulated outside the call
+            elif self.devices is None and not self.has_gpu:
+                names = ["cpu"]
+            else:
+                names = parse_devices(self.devices)
+            self.pool = DevicePool(names)
         if self.output_root is None:
             self.output_root = Path(tempfile.gettempdir()) / SESSION_ROOT_NAME
         self.output_root = Path(self.output_root)
@@ -366,30 +421,65 @@ class Studio:
     # -- generation -----------------------------------------------------------------------------------------------
 
     def start(self, session: str, model_id: str, request: LoopRequest) -> LoopJob:
-        """Start a generation in a worker thread: load (cached), render under the GPU lock, export, seam strip."""
+        """Start a generation in a worker thread: wait for a free device, load (cached) and render there, export,
+        seam strip. The device is held from the load to the last file, so no other job loads a model over it."""
         index = self._next_index()
         stem = self.session_dir(session) / f"loop-{index:03d}-seed{request.seed}"
         outputs = [stem.with_suffix(s) for s in OUTPUT_SUFFIXES]
 
         def run(report: ProgressCallback, cancel: threading.Event) -> LoopOutcome:
             from loopui.engine import LoopInterrupted, render_loop
+            from loopui.models import LoadCancelled
+
+            notes: list[str] = []
 
             def on_load(stage: str, fraction: Optional[float], message: str) -> None:
+                if stage == "memory":
+                    notes.append(message)
                 report("load", int(round(100 * (fraction or 0.0))), 100, message)
 
-            report("load", 0, 100, f"Loading {model_id}")
-            loaded = self.manager.get(model_id, progress=on_load)
-            if cancel.is_set():
-                raise LoopInterrupted("stopped before sampling started")
-            with self.manager.gpu_lock(loaded.device):
+            def on_wait() -> None:
+                report("load", 0, 100, f"Waiting for a free GPU ({self.pool.size} in use by other visitors)…")
+
+            def work(loaded: Any) -> LoopOutcome:
+                if cancel.is_set():
+                    raise LoopInterrupted("stopped before sampling started")
                 render = render_loop(loaded.pipe, request, outputs=outputs, model_id=loaded.spec.model_id,
                                      callback=report, cancel_event=cancel)
-            return self._outcome(index, render, stem, loaded)
+                return self._outcome(index, render, stem, loaded, notes)
+
+            report("load", 0, 100, f"Loading {model_id}")
+            try:
+                with self.pool.acquire(prefer=lambda device: self.manager.holds(model_id, device), cancel=cancel,
+                                       on_wait=on_wait) as device:
+                    return self.manager.run(model_id, work, device=device, progress=on_load, cancel=cancel,
+                                            offload="none" if self.zero_gpu else None)
+            except LoadCancelled as exc:
+                raise LoopInterrupted(str(exc)) from None
 
         return self.jobs.start(session, run)
 
+    def preload(self) -> Any:
+        """Load the start-up model now (ZeroGPU's pattern: weights go to the GPU at start-up, outside any GPU call,
+        so a visitor's GPU time is spent generating, not loading 20 GB)."""
+        device = self.pool.devices[0]
+        logger.info("loading %s on %s at start-up", self.model_id, device)
+        return self.manager.get(self.model_id, device=device, offload="none" if self.zero_gpu else None)
+
+    def gpu_seconds(self, model_id: str, values: dict) -> int:
+        """GPU seconds to ask ZeroGPU for one generation with these settings (see :func:`estimate_gpu_seconds`)."""
+        try:
+            spec = self.spec(model_id or self.model_id)
+        except ValueError:
+            spec = self.spec(self.model_id)
+        try:
+            return estimate_gpu_seconds(spec, values)
+        except (TypeError, ValueError, OverflowError):
+            # Malformed values fail validation inside the call with a proper message; this must not crash first.
+            return ZERO_GPU_MAX_SECONDS
+
     @staticmethod
-    def _outcome(index: int, render: Any, stem: Path, loaded: Any) -> LoopOutcome:
+    def _outcome(index: int, render: Any, stem: Path, loaded: Any, notes: Optional[list] = None) -> LoopOutcome:
         from PIL import Image
 
         from loopui.media import seam_strip
@@ -415,7 +505,8 @@ class Studio:
                            seam_ratio=result.seam_ratio,
                            seam_text=seam_summary(result.seam_ratio, result.describe_worst_step(),
                                                     result.interior_ratio) + _scores_line(result.scores),
-                           details=details, warnings=list(result.warnings), model_text=loaded.describe(),
+                           details=details, warnings=list(notes or []) + list(result.warnings),
+                           model_text=loaded.describe(),
                            settings=dict(s))
 
     def history_entry(self, outcome: LoopOutcome, values: dict, model_id: str) -> HistoryEntry:
@@ -438,9 +529,13 @@ class Studio:
         from loopui.models import ModelLoadError
         from loopui.saliency import SaliencyUnavailable
 
+        from loopui.engine.guards import NonFiniteOutput
+        from loopui.models import OutOfGPUMemory
+
         text = " ".join(str(exc).split()) or type(exc).__name__
-        if isinstance(exc, (ValueError, ModelLoadError, SaliencyUnavailable, ImageInputError)):
-            return text
+        if isinstance(exc, (ValueError, ModelLoadError, SaliencyUnavailable, ImageInputError, OutOfGPUMemory,
+                            NonFiniteOutput)):
+            return text[:1].upper() + text[1:] if isinstance(exc, (OutOfGPUMemory, NonFiniteOutput)) else text
         return f"generation failed ({type(exc).__name__}): {text}"
 
     # -- masks ----------------------------------------------------------------------------------------------------

@@ -126,10 +126,13 @@ def patch_attribute(obj: Any, name: str, value: Any) -> "contextmanager":
         try:
             yield
         finally:
-            if had:
-                setattr(obj, name, previous)
-            else:
-                delattr(obj, name)
+            # Restore only what is still ours: offload hooks re-installed meanwhile (diffusers does so at the end of
+            # every offloaded call) own the attribute now, and putting the old hook's forward back would be stale.
+            if obj.__dict__.get(name) is value:
+                if had:
+                    setattr(obj, name, previous)
+                else:
+                    delattr(obj, name)
 
     return patched()
 
