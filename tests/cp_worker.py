@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_wan import build_tiny_wan  # noqa: E402
 
-from loopui.engine.loop import _patched  # noqa: E402
+from loopui.engine.families.base import patch_attribute as _patched  # noqa: E402
 from loopui.engine.parallel import enable_context_parallel, init_process_group, torchrun_context  # noqa: E402
 from loopui.engine.rope import ntk_theta  # noqa: E402
 from loopui.engine.shift import CycleDenoiser, ShiftSchedule, StepState  # noqa: E402
@@ -97,10 +97,14 @@ def main() -> None:
         report["max_diff"] = float((parallel - reference).abs().max())
         report["differs_from_unscaled"] = float((reference_scaled - reference).abs().max())
 
-        # RoPE scaling on every process, in place: the rotary module keeps its context-parallel split hook.
-        rope.freqs_cos, rope.freqs_sin = scaled_tables(rope, 2.0)
-        report["max_diff_scaled_in_place"] = float((sample(pipe) - reference_scaled).abs().max())
-        rope.freqs_cos, rope.freqs_sin = stock_tables
+        # RoPE scaling on every process through the engine's own path (the Wan family swaps the tables in place, so
+        # the rotary module keeps its context-parallel split hook).
+        from loopui.engine.families import family_for
+
+        with family_for(pipe).rope_scaled(pipe, 2.0):
+            report["max_diff_scaled_in_place"] = float((sample(pipe) - reference_scaled).abs().max())
+        report["tables_restored"] = bool(rope.freqs_cos is stock_tables[0] or torch.equal(rope.freqs_cos,
+                                                                                           stock_tables[0]))
 
         # Rebuilding the rotary module instead drops that hook: each process then gets the whole table.
         from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed

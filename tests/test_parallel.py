@@ -52,6 +52,7 @@ def test_context_parallel_on_two_processes_matches_one_process_with_the_roll_out
         # A RoPE scale set on every process (in place) matches the same scale on one process -- and changes
         # the result, so the comparison means something.
         assert report["max_diff_scaled_in_place"] < 1e-6 and report["differs_from_unscaled"] > 1e-5
+        assert report["tables_restored"]
         # Rebuilding the rotary module instead loses the context-parallel split hook on it: a loud failure.
         assert report["rebuilt_rope"].startswith("RuntimeError") and "must match" in report["rebuilt_rope"]
 
@@ -85,13 +86,14 @@ def test_torchrun_entry_point_exists_and_fails_clearly_for_cogvideox(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("loopui: error:")]
-    assert len(lines) == 2  # one line from each process
+    # One line per process; torchrun may stop the second before it prints once the first has failed.
+    assert 1 <= len(lines) <= 2
     assert all("cogvideox, which has none in diffusers" in line for line in lines)
     assert not (tmp_path / "o.mp4").exists()
 
 
 def test_torchrun_context_and_plans(tiny_pipe):
-    from loopui.engine.parallel import denoisers, enable_context_parallel, torchrun_context
+    from loopui.engine.parallel import enable_context_parallel, torchrun_context
 
     context = torchrun_context({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (context.rank, context.world_size, context.is_main) == (1, 4, False)
@@ -99,7 +101,6 @@ def test_torchrun_context_and_plans(tiny_pipe):
         torchrun_context({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     with pytest.raises(ValueError, match="makes no sense"):
         torchrun_context({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
-    assert denoisers(tiny_pipe) == [tiny_pipe.transformer]
     assert enable_context_parallel(tiny_pipe, 1) == []  # one process: nothing to split, nothing touched
     with pytest.raises(ValueError, match="CogVideoXTransformer3DModel has no context-parallel plan"):
         enable_context_parallel(tiny_pipe, 2)

@@ -139,12 +139,13 @@ def test_rope_scaling_rebuilds_only_the_temporal_columns(wan):
 
 def test_full_mode_past_the_trained_length_scales_rope_and_restores_it(wan):
     rope = wan.transformer.rope
+    stock_cos = rope.freqs_cos
     with Recorder(wan.transformer, probe=lambda hs: rope(hs)[0]) as rec:
         # 97 frames = 25 latents > 21 trained: automatic RoPE scale 25 / 21, applied through the rope module.
         result = generate_loop(wan, LoopRequest(**{**SMALL, "num_frames": 97, "num_inference_steps": 2}),
                                output_type="latent")
     assert result.settings["rope_scale"] == pytest.approx(25 / 21)
-    assert "forward" not in rope.__dict__, "the stock rope module is back"
+    assert "forward" not in rope.__dict__ and rope.freqs_cos is stock_cos, "the stock tables are back"
     probe = torch.zeros(1, 16, 25, 4, 4)
     expected = scaled_wan_rope(rope, 25 / 21)(probe)[0]
     assert all(torch.equal(call["probe"], expected) for call in rec.calls)

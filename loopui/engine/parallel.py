@@ -20,8 +20,6 @@ from typing import Any, Mapping, Optional
 logger = logging.getLogger(__name__)
 
 LAUNCH_HINT = "torchrun --nproc-per-node N -m loopui generate --parallel ..."
-# Families whose diffusers transformer has a context-parallel plan (`_cp_plan`), as of diffusers 0.42.
-FAMILIES_WITH_CP_PLAN = {"wan": True, "cogvideox": False}
 
 
 @dataclass(frozen=True)
@@ -57,21 +55,19 @@ def torchrun_context(environ: Optional[Mapping[str, str]] = None) -> ParallelCon
 
 def check_family(family: str, model_id: str = "") -> None:
     """Refuse, before any loading, a model family without a context-parallel plan (``ValueError``)."""
-    if FAMILIES_WITH_CP_PLAN.get(family, True):
-        return
+    from .families import FAMILIES
+
+    known = FAMILIES.get(family)
+    if known is None or known.context_parallel:
+        return  # an unknown family is checked again after loading (its transformer's own plan)
     import diffusers
 
     name = model_id or family
+    able = ", ".join(f for f, fam in FAMILIES.items() if fam.context_parallel)
     raise ValueError(f"--parallel needs a model whose transformer has a context-parallel plan in diffusers "
-                     f"({', '.join(f for f, ok in FAMILIES_WITH_CP_PLAN.items() if ok)}); {name} is {family}, which "
+                     f"({able}); {name} is {family}, which "
                      f"has none in diffusers {diffusers.__version__}. Run one loop per GPU instead (several GPUs: "
                      f"`python app.py --devices cuda:0,cuda:1`)")
-
-
-def denoisers(pipe: Any) -> list[Any]:
-    """The pipeline's transformer(s): ``transformer``, and ``transformer_2`` for a two-expert model (Wan 2.2)."""
-    return [module for module in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None))
-            if module is not None]
 
 
 def init_process_group(context: ParallelContext, backend: Optional[str] = None) -> str:
@@ -99,7 +95,9 @@ def enable_context_parallel(pipe: Any, world_size: int) -> list[Any]:
     if world_size < 2:
         logger.info("one process: nothing to split")
         return []
-    modules = denoisers(pipe)
+    from .families import family_for
+
+    modules = family_for(pipe).denoisers(pipe)
     if not modules:
         raise ValueError(f"{type(pipe).__name__} has no transformer to parallelise")
     for module in modules:

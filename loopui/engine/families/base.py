@@ -26,6 +26,7 @@ class Family:
     flow_matching: bool = False  # schedulers write x = (1 - sigma) x0 + sigma noise and predict a velocity
     schedulers: tuple[str, ...] = ()  # names accepted by request.scheduler
     decode_context: int = 2  # latents borrowed from the cycle's end for frame-invariant decoding
+    context_parallel: bool = False  # the diffusers transformer ships a context-parallel plan (one loop, N GPUs)
 
     # -- identity ---------------------------------------------------------------------------------------------
     def matches(self, pipe: Any) -> bool:

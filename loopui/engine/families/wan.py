@@ -1,9 +1,9 @@
 """Wan 2.1 / 2.2: latents ``(B, C, T, H, W)``, flow matching, I2V condition (mask + image latents) on C.
 
 - Rotary tables are built inside the transformer by its ``rope`` module (``WanRotaryPosEmbed``), whose theta is baked
-  into non-persistent buffers at construction: NTK scaling builds a second module with the temporal columns rebuilt
-  and points ``rope.forward`` at it for one call. A window is just a shorter clip: the module sizes its table from
-  the hidden states.
+  into non-persistent buffers at construction: NTK scaling swaps the module's buffers for tables with the temporal
+  columns rebuilt, in place for one call (the module itself stays, so hooks on it -- context parallelism's split,
+  offload -- keep working). A window is just a shorter clip: the module sizes its table from the hidden states.
 - ``WanPipeline`` calls the transformer twice per step under CFG (conditional, then unconditional): the cycle offset
   advances per scheduler step (in the step callback), never per call. Wan 2.2 A14B has two experts, ``transformer``
   (high noise) and ``transformer_2`` (low noise); both are wrapped.
@@ -18,13 +18,13 @@
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import torch
 
 from ..rope import DEFAULT_THETA, ntk_theta, temporal_frequencies
-from .base import Family, patch_attribute
+from .base import Family
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +41,6 @@ def scaled_wan_rope(rope: Any, rope_scale: float) -> Any:
     return scaled
 
 
-class _RopeForward:
-    """Stands in for ``transformer.rope.forward``: the scaled module, moved to wherever the hidden states are."""
-
-    def __init__(self, scaled: Any) -> None:
-        self.scaled = scaled
-
-    def __call__(self, hidden_states: torch.Tensor) -> Any:
-        if self.scaled.freqs_cos.device != hidden_states.device:
-            self.scaled.to(hidden_states.device)
-        return self.scaled(hidden_states)
-
-
 class WanFamily(Family):
     name = "wan"
     pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
@@ -60,6 +48,7 @@ class WanFamily(Family):
     channel_dim = 1
     flow_matching = True
     schedulers = ("unipc", "euler")
+    context_parallel = True  # WanTransformer3DModel has a _cp_plan in diffusers 0.42
 
     def latent_channels(self, pipe: Any) -> int:
         return int(pipe.vae.config.z_dim)
@@ -111,11 +100,18 @@ class WanFamily(Family):
         if rope_scale == 1.0:
             yield
             return
-        with ExitStack() as stack:
+        saved = []
+        try:
             for denoiser in self.denoisers(pipe):
-                forward = _RopeForward(scaled_wan_rope(denoiser.rope, rope_scale))
-                stack.enter_context(patch_attribute(denoiser.rope, "forward", forward))
+                rope = denoiser.rope
+                scaled = scaled_wan_rope(rope, rope_scale)
+                saved.append((rope, rope.freqs_cos, rope.freqs_sin))
+                rope.freqs_cos = scaled.freqs_cos.to(rope.freqs_cos.device, rope.freqs_cos.dtype)
+                rope.freqs_sin = scaled.freqs_sin.to(rope.freqs_sin.device, rope.freqs_sin.dtype)
             yield
+        finally:
+            for rope, cos, sin in saved:
+                rope.freqs_cos, rope.freqs_sin = cos, sin
 
     def temporal_rope_dim(self, pipe: Any) -> Optional[int]:
         return int(self.denoisers(pipe)[0].rope.t_dim)
