@@ -289,15 +289,15 @@ def test_an_all_black_mask_with_background_freeze_makes_a_still_without_saliency
 
     use_rembg_home(monkeypatch, tmp_path / "no-weights")  # no u2netp; a download attempt would fail
     image = red_square_image((96, 64))
-    still = generate_loop(tiny_pipe, LoopRequest(prompt="x", height=64, width=96, num_inference_steps=3, seed=3,
-                                                 image=image, mask=np.zeros((64, 96), np.uint8),
+    still = generate_loop(tiny_pipe, LoopRequest(prompt="x", height=32, width=48, num_inference_steps=2, seed=3,
+                                                 image=image, mask=np.zeros((32, 48), np.uint8),
                                                  anchor_strength=0.0, background_freeze=1.0),
                           output_type="latent")
     latents = still.latents[0]  # (T, C, h, w)
     for t in range(1, latents.shape[0]):
         torch.testing.assert_close(latents[t], latents[0], rtol=0, atol=1e-5)
-    moving = generate_loop(tiny_pipe, LoopRequest(prompt="x", height=64, width=96, num_inference_steps=3, seed=3,
-                                                  image=image, mask=np.full((64, 96), 255, np.uint8),
+    moving = generate_loop(tiny_pipe, LoopRequest(prompt="x", height=32, width=48, num_inference_steps=2, seed=3,
+                                                  image=image, mask=np.full((32, 48), 255, np.uint8),
                                                   anchor_strength=0.0, background_freeze=1.0),
                            output_type="latent")
     assert not torch.allclose(moving.latents[0, 1], moving.latents[0, 0], atol=1e-3)
