@@ -7,10 +7,18 @@ Thin on purpose: parse arguments, build the Blocks with ``loopui.ui.build_app``,
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import socket
 import sys
 
 logger = logging.getLogger("loopui.app")
+
+EXIT_USAGE = 2
+
+
+HOUSEKEEPING_DEFAULTS = {"keep_hours": ("LOOPUI_KEEP_HOURS", 24.0), "keep_gb": ("LOOPUI_KEEP_GB", 2.0)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,30 +36,85 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--devices", default=None, metavar="LIST",
                         help="GPUs to serve from, e.g. cuda:0,cuda:1: one generation runs on each at a time, each "
                              "with its own copy of the model (default: every visible GPU)")
-    return parser.parse_args(argv)
+    parser.add_argument("--public", action=argparse.BooleanOptionalAction, default=None,
+                        help="public mode for a shared server: registry models only (no local folders), capped "
+                             "steps, frames and size, small uploads (default: on when running on a Hugging Face "
+                             "Space, i.e. SPACE_ID is set)")
+    parser.add_argument("--keep-hours", type=float, default=None, metavar="H",
+                        help="delete generated files older than this (default 24, or LOOPUI_KEEP_HOURS)")
+    parser.add_argument("--keep-gb", type=float, default=None, metavar="GB",
+                        help="keep generated files below this total size, oldest deleted first (default 2, or "
+                             "LOOPUI_KEEP_GB)")
+    args = parser.parse_args(argv)
+    if args.public is None:
+        args.public = bool(os.environ.get("SPACE_ID"))
+    for name, (variable, default) in HOUSEKEEPING_DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        if getattr(args, name) is None:
+            text = os.environ.get(variable, "").strip()
+            try:
+                setattr(args, name, float(text) if text else default)
+            except ValueError:
+                parser.error(f"{variable} must be a number, got {text!r}")
+            flag = variable
+        value = getattr(args, name)
+        if not (value > 0 and value != float("inf")):
+            parser.error(f"{flag} must be a positive number, got {value!r}")
+    return args
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (checked before the model and the page are built)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def _busy(port: int) -> int:
+    print(f"loopui: error: port {port} is busy: use --port (for example --port {port + 1})", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:
     """Build and serve the app until interrupted."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not port_is_free(args.host, args.port):
+        return _busy(args.port)
     from loopui.ui import Studio, build_app, launch_options
     from loopui.ui.spaces_compat import on_zero_gpu
 
     zero_gpu = on_zero_gpu()
     try:
-        studio = Studio(model_id=args.model, demo=args.demo, devices=args.devices, zero_gpu=zero_gpu)
+        studio = Studio(model_id=args.model, demo=args.demo, devices=args.devices, zero_gpu=zero_gpu,
+                        public=args.public, max_output_age_s=args.keep_hours * 3600,
+                        max_output_bytes=int(args.keep_gb * 2**30))
     except ValueError as exc:
-        logger.error("%s", exc)
-        return 2
+        print(f"loopui: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
     if zero_gpu:
         # ZeroGPU's pattern: weights to "cuda" at start-up, outside any GPU call (CUDA is emulated here), so a
         # visitor's GPU seconds are spent generating rather than loading the model again in every fresh worker.
         studio.preload()
     demo = build_app(studio)
     studio.warm_up()
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=args.mcp or None,
-                prevent_thread_lock=True, **launch_options())
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=args.mcp or None,
+                    prevent_thread_lock=True, **launch_options(public=args.public))
+    except OSError as exc:  # taken between the check and the launch: Gradio words it as "Cannot find empty port"
+        if "port" not in str(exc).lower():
+            raise
+        return _busy(args.port)
+    if args.public:
+        logger.info("public mode: registry models only, requests capped, generated files kept %.0f h / %.1f GB",
+                    args.keep_hours, args.keep_gb)
     if args.mcp and not demo.mcp_server:
         logger.warning("--mcp was given but the MCP server is not running: install the extra with "
                        "`pip install \"gradio[mcp]\"` and restart")

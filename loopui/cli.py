@@ -11,12 +11,23 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from loopui.engine.settings import LoopRequest, knob_info
+from loopui.engine.settings import (
+    ResolvedRequest,
+    knob_info,
+    number_text,
+    real_number,
+    request_from_values,
+    resolve_request,
+    size_text,
+    whole_number,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,41 +39,57 @@ _MODEL_RECOMMENDED = ("scheduler", "guidance_scale", "use_dynamic_cfg", "height"
 
 
 def _rope_scale(text: str) -> Optional[float]:
-    """``--rope-scale``: a number, or ``auto`` (None: the engine picks L / L_trained for over-long cycles)."""
+    """``--rope-scale``: a number, or ``auto`` (None: L / L_trained for an over-long cycle, see resolve_request)."""
     if text.strip().lower() == "auto":
         return None
     try:
-        return float(text)
+        return real_number("rope_scale", text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def _whole(text: str) -> int:
+    """A whole-number flag, by the same rule as the page and the API (``7.5`` is refused, not rounded)."""
+    try:
+        return whole_number("value", text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return real_number("value", text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}") from None
 
 
 # (flag, LoopRequest field, argparse type). Booleans and the image paths are added separately.
 _KNOB_FLAGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("--negative-prompt", "negative_prompt", str),
-    ("--frames", "num_frames", int),
-    ("--height", "height", int),
-    ("--width", "width", int),
-    ("--steps", "num_inference_steps", int),
-    ("--guidance", "guidance_scale", float),
-    ("--seed", "seed", int),
-    ("--shift-skip", "shift_skip", int),
-    ("--shift-start", "shift_start", float),
-    ("--shift-end", "shift_end", float),
+    ("--frames", "num_frames", _whole),
+    ("--height", "height", _whole),
+    ("--width", "width", _whole),
+    ("--steps", "num_inference_steps", _whole),
+    ("--guidance", "guidance_scale", _number),
+    ("--seed", "seed", _whole),
+    ("--shift-skip", "shift_skip", _whole),
+    ("--shift-start", "shift_start", _number),
+    ("--shift-end", "shift_end", _number),
     ("--rope-scale", "rope_scale", _rope_scale),
     ("--window", "window_mode", str),
     ("--scheduler", "scheduler", str),
-    ("--fps", "fps", int),
+    ("--fps", "fps", _whole),
     ("--seam-polish", "seam_polish", str),
     ("--mask-model", "mask_model", str),
-    ("--mask-threshold", "mask_threshold", float),
-    ("--mask-grow", "mask_grow", int),
-    ("--mask-feather", "mask_feather", int),
+    ("--mask-threshold", "mask_threshold", _number),
+    ("--mask-grow", "mask_grow", _whole),
+    ("--mask-feather", "mask_feather", _whole),
     ("--motion-region", "motion_region", str),
-    ("--anchor-strength", "anchor_strength", float),
-    ("--init-strength", "init_strength", float),
-    ("--background-freeze", "background_freeze", float),
+    ("--anchor-strength", "anchor_strength", _number),
+    ("--init-strength", "init_strength", _number),
+    ("--background-freeze", "background_freeze", _number),
 )
+
 # For error messages: "num_frames must be >= 5" is clearer as "... [--frames]" on the command line.
 _FIELD_FLAGS = {field: flag for flag, field, _ in _KNOB_FLAGS} | {
     "prompt": "--prompt", "use_dynamic_cfg": "--dynamic-cfg", "image": "--image", "mask": "--mask",
@@ -80,7 +107,7 @@ def _knob_help(field: str, recommended: bool = False) -> str:
     info = knob_info(field)
     parts = [info["help"]]
     if info.get("min") is not None and info.get("max") is not None:
-        parts.append(f"Range {info['min']:g}..{info['max']:g}.")
+        parts.append(f"Range {number_text(info['min'])}..{number_text(info['max'])}.")
     if recommended:
         parts.append("Default: the model's recommendation.")
     elif info["default"] is not None and info["default"] != "":
@@ -107,8 +134,9 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         default=None, help=_knob_help("use_dynamic_cfg", recommended=True))
     parser.add_argument("--no-frame-invariant-decoding", dest="frame_invariant_decoding", action="store_false",
                         default=knob_info("frame_invariant_decoding")["default"],
-                        help="Decode the cycle as a plain clip instead: "
-                             + _knob_help("frame_invariant_decoding"))
+                        help="Stock decoding: decode the cycle as a plain clip (the VAE's own frame count, its first "
+                             "frame decoded differently from the rest). By default every latent is decoded with "
+                             "context from the end of the cycle, so the loop has no odd first frame.")
     parser.add_argument("--image", default=None, metavar="PATH", help=_knob_help("image"))
     parser.add_argument("--mask", default=None, metavar="PATH", help=_knob_help("mask"))
     parser.add_argument("--invert-mask", action="store_true",
@@ -188,7 +216,11 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def _flag_hint(message: str) -> str:
-    field = message.split(" ", 1)[0]
+    """Append the flag of the setting a message starts with (``num_frames must ...`` -> ``... [--frames]``), unless
+    the message names a flag already."""
+    if " [--" in message or message.startswith("--"):
+        return message
+    field = message.split(" ", 1)[0].rstrip(":")
     flag = _FIELD_FLAGS.get(field)
     return f"{message} [{flag}]" if flag else message
 
@@ -197,8 +229,9 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def build_request(args: argparse.Namespace, spec: Any) -> LoopRequest:
-    """A validated ``LoopRequest`` from parsed ``generate`` arguments, the model's recommendations filling gaps."""
+def build_request(args: argparse.Namespace, spec: Any) -> ResolvedRequest:
+    """The request of parsed ``generate`` arguments, the model's recommendations filling the flags left out and
+    ``resolve_request`` (as for the page and the API) the automatic values."""
     values = {field: getattr(args, field) for _, field, _ in _KNOB_FLAGS}
     values.update(prompt=args.prompt, use_dynamic_cfg=args.use_dynamic_cfg, image=args.image, mask=args.mask,
                   frame_invariant_decoding=args.frame_invariant_decoding)
@@ -212,21 +245,61 @@ def build_request(args: argparse.Namespace, spec: Any) -> LoopRequest:
     for field in _MODEL_RECOMMENDED:
         if values[field] is None:
             values[field] = recommended[field]
-    return LoopRequest(**values).validate()
+    return resolve_request(request_from_values(values), spec)
 
 
-def _check_inputs(request: LoopRequest, spec: Any) -> None:
+def _check_inputs(request: Any, spec: Any) -> None:
     """Fail before the (slow) model load on mistakes the engine would only find after it."""
-    from loopui.media import load_mask_image, load_reference_image
+    from loopui.media import ImageInputError, load_mask_image, load_reference_image
 
-    if not request.prompt.strip():
-        raise ValueError("prompt is empty: describe what the loop should show [--prompt]")
     if spec.image_to_video and request.image is None:
         raise ValueError(f"{spec.model_id} animates a reference image: pass --image PATH")
-    if request.image is not None:
-        load_reference_image(request.image, request.width, request.height)
-    if request.mask is not None:
-        load_mask_image(request.mask, request.width, request.height)
+    for flag, value, load in (("--image", request.image, load_reference_image),
+                              ("--mask", request.mask, load_mask_image)):
+        if value is not None:
+            try:
+                load(value, request.width, request.height)
+            except ImageInputError as exc:
+                raise ValueError(f"{flag}: {_one_line(exc)}") from None
+
+
+def check_output_paths(outputs: Sequence[str], save_latents: Optional[str] = None) -> list[Path]:
+    """Every file the run will write -- outputs, their JSON sidecar, the latents -- checked before any work: a
+    supported suffix, not a folder, and a folder that exists (or can be made) and can be written to. Raises
+    ``ValueError`` naming the flag."""
+    from loopui.engine.render import check_outputs
+
+    try:
+        paths = check_outputs(outputs)
+    except ValueError as exc:
+        raise ValueError(f"--output: {_one_line(exc)}") from None
+    targets = [("--output", p) for p in paths] + [("--output", paths[0].with_suffix(".json"))]
+    if save_latents is not None:
+        latents = Path(save_latents)
+        if latents.suffix.lower() != ".pt":
+            raise ValueError(f"--save-latents: {str(latents)!r} must end in .pt")
+        targets.append(("--save-latents", latents))
+    for flag, path in targets:
+        _check_writable(flag, path)
+    return paths
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag}: {str(path)!r} exists and cannot be overwritten")
+    folder = path.parent
+    while not folder.exists():  # the exporter creates missing folders: the nearest existing one must be writable
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag}: cannot create {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    try:  # os.access says yes to root on a read-only mount; creating a file is the real test
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"{flag}: cannot write to the folder {str(folder)!r} ({reason})") from None
 
 
 class _Progress:
@@ -259,18 +332,20 @@ def _run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
     import torch
 
     from loopui.engine import LoopInterrupted, NonFiniteOutput, generate_loop, render_loop
-    from loopui.engine.render import check_outputs
     from loopui.models import ModelLoadError, ModelManager, OutOfGPUMemory, spec_for
 
     progress = _Progress(enabled=not args.quiet)
     parallel = None
     try:
-        # 1. Check everything that needs no model
+        # 1. Check everything that needs no model: settings, input images, every file to be written
         spec = spec_for(args.model)
-        request = build_request(args, spec)
-        outputs = check_outputs(args.output)
+        resolved = build_request(args, spec)
+        request = resolved.request
         _check_inputs(request, spec)
-        device, offload = args.device, args.offload
+        outputs = check_output_paths(args.output, args.save_latents)
+        for note in resolved.notes:
+            print(f"{PROG}: note: {note}", file=sys.stderr)
+        device, offload = args.device, _usable_offload(args.offload, args.device)
         if args.parallel:
             parallel, device, offload = _start_parallel(args, spec)
             if not parallel.is_main:
@@ -323,8 +398,9 @@ def _run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
     except torch.cuda.OutOfMemoryError as exc:
         return _fail(f"out of memory: {_one_line(exc)} -- try a smaller size, fewer frames or --offload sequential",
                      EXIT_FAILURE)
-    except OSError as exc:  # an output that cannot be written
-        return _fail(_one_line(exc), EXIT_FAILURE)
+    except OSError as exc:  # a file that could not be written after all (disk full, removed folder)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # not ffmpeg's whole command line
+        return _fail(f"could not write the output: {first[:300]}", EXIT_FAILURE)
     finally:
         progress.close()
         if parallel is not None:
@@ -337,7 +413,7 @@ def _run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
             print(f"{PROG}: warning: {message}", file=sys.stderr)
     frames, height, width = result.frames.shape[:3]
     for path in render.files:
-        print(f"wrote {path} ({frames} frames, {width}x{height}, {result.settings['fps']} fps, "
+        print(f"wrote {path} ({frames} frames, {size_text(width, height)}, {result.settings['fps']} fps, "
               f"{path.stat().st_size / 1024:.0f} KiB)")
     print(f"wrote {render.sidecar} (settings and metrics)")
     if args.save_latents:
@@ -353,6 +429,20 @@ def _run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
     print(f"time {elapsed:.1f} s (denoise {timings.get('denoise', 0):.1f} s, decode {timings.get('decode', 0):.1f} s; "
           f"model load {loaded.load_seconds:.1f} s)")
     return EXIT_OK
+
+
+def _usable_offload(offload: Optional[str], device: Optional[str]) -> Optional[str]:
+    """``--offload`` as the model manager should get it: CPU offload needs CUDA, so without it the flag is dropped
+    with a warning that names the flag (the manager's own warning names the environment variable)."""
+    if offload in (None, "auto", "none"):
+        return offload
+    import torch
+
+    on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if not on_cuda:
+        logger.warning("--offload %s ignored: CPU offload needs a CUDA device", offload)
+        return None
+    return offload
 
 
 def _save_latents(latents: Any, path: Path) -> None:
@@ -401,7 +491,8 @@ def _run_models(names: Sequence[str]) -> int:
         name = spec.model_id + (" (default)" if spec.model_id == DEFAULT_MODEL_ID else "")
         rows.append((name, "i2v" if spec.image_to_video else "t2v", "yes" if spec.rotary else "no",
                      str(spec.trained_latent_frames),
-                     f"{spec.native_width}x{spec.native_height}x{spec.native_num_frames}", spec.cuda_dtype,
+                     f"{size_text(spec.native_width, spec.native_height)}, {spec.native_num_frames} frames",
+                     spec.cuda_dtype,
                      f"~{spec.vram_gb:g} GiB"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -120,3 +120,44 @@ def test_page_previews_the_mask_and_plays_a_looping_video(served_demo, tmp_path)
                                                           "object").mask == 0)
     assert sky_painted.sum() > 300, f"stroke not in the mask (rows {np.nonzero(sky_painted.any(1))[0]})"
     assert painted[5, 5] == 0  # unpainted sky stays still
+
+
+def test_page_layout_keeps_generate_in_reach_and_labels_readable(served_demo):
+    """Desktop: no model name under the dropdown arrow, no mask label under the editor's toolbar. Phone (390 px):
+    the prompt, Generate and the player come first (Generate used to be ~3,600 px down)."""
+    from loopui.ui.browser import (CHROMIUM_ARGS, PHONE_VIEWPORT, VIEWPORT, chromium_executable, layout_report)
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    _require(sync_playwright is not None, "playwright is not installed (pip install playwright)")
+    chromium = chromium_executable()
+    _require(chromium is not None, "chromium not found at /usr/bin/chromium (apt-get install chromium)")
+
+    _, url = served_demo
+    reports = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            for name, viewport, mobile in (("desktop", VIEWPORT, False), ("phone", PHONE_VIEWPORT, True)):
+                context = browser.new_context(viewport=viewport, is_mobile=mobile, has_touch=mobile)
+                page = context.new_page()
+                page.goto(url, wait_until="domcontentloaded")
+                page.locator("#loopui-generate").wait_for(state="visible", timeout=60000)
+                page.locator("#loopui-mask .top-panel").wait_for(state="attached", timeout=10000)
+                reports[name] = layout_report(page)
+                context.close()
+        finally:
+            browser.close()
+
+    for name, report in reports.items():
+        assert report["model_text_right"] <= report["model_arrow_left"] + 0.5, (name, report)
+        assert not report["mask_label_hidden_by_toolbar"], (name, report)
+    phone = reports["phone"]
+    assert phone["page_width"] <= PHONE_VIEWPORT["width"]  # nothing scrolls sideways
+    assert phone["prompt"]["y"] < phone["generate"]["y"] < phone["video"]["y"]
+    assert phone["generate"]["bottom"] <= PHONE_VIEWPORT["height"]  # on the first screen, under the prompt
+    assert phone["video"]["y"] < 1.5 * PHONE_VIEWPORT["height"]
+    desktop = reports["desktop"]
+    assert desktop["generate"]["bottom"] <= VIEWPORT["height"] and desktop["video"]["y"] < VIEWPORT["height"]

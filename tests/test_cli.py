@@ -78,13 +78,13 @@ def test_model_recommendations_fill_unset_flags_only(tiny_model_dir, tmp_path):
     parser = build_parser()
     five = REGISTRY["THUDM/CogVideoX-5b"]
     args = parser.parse_args(["generate", "--prompt", "waves", "-o", "x.mp4", "--rope-scale", "auto"])
-    request = build_request(args, spec_for(args.model))
+    request = build_request(args, spec_for(args.model)).request
     assert (request.scheduler, request.use_dynamic_cfg, request.guidance_scale) == ("dpm", True, five.guidance_scale)
-    assert (request.height, request.width, request.rope_scale) == (480, 720, None)
+    assert (request.height, request.width, request.rope_scale, request.shift_skip) == (480, 720, 1.0, 6)
     args = parser.parse_args(["generate", "--model", "demo", "--prompt", "waves", "-o", "x.mp4", "--scheduler",
                               "ddim", "--no-dynamic-cfg", "--guidance", "3.5", "--height", "32", "--invert-mask",
                               "--rope-scale", "1.5"])
-    request = build_request(args, spec_for(args.model))
+    request = build_request(args, spec_for(args.model)).request
     assert (request.scheduler, request.use_dynamic_cfg, request.guidance_scale) == ("ddim", False, 3.5)
     assert (request.height, request.width) == (32, 96)  # width from the demo model's preview size
     assert request.motion_region == "background" and request.rope_scale == 1.5
@@ -190,7 +190,7 @@ def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "THUDM/CogVideoX-5b (default)" in out and "THUDM/CogVideoX-2b" in out and "i2v" in out
-    assert "loopui/tiny-random-cogvideox" in out and "720x480x49" in out
+    assert "loopui/tiny-random-cogvideox" in out and "720x480, 49 frames" in out
 
 
 def test_mask_subcommand_is_wired(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import subprocess
 import sys
 import threading
@@ -113,6 +114,60 @@ def test_weights_path_follows_rembg_env(empty_home, monkeypatch, tmp_path):
         "isnet-general-use.onnx"
 
 
+@pytest.mark.parametrize("env", [
+    {"U2NET_HOME": "u2"}, {"REMBG_HOME": "rh"}, {"XDG_DATA_HOME": "xdg"}, {},
+    {"REMBG_HOME": "rh", "XDG_DATA_HOME": "xdg"},
+])
+def test_home_and_weights_path_match_rembg(monkeypatch, tmp_path, env):
+    from rembg.sessions import sessions
+
+    from loopui.saliency import rembg_home
+
+    for name in ("U2NET_HOME", "REMBG_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(tmp_path / value))
+    cls = sessions["u2netp"]
+    assert rembg_home() == Path(cls.rembg_home())
+    assert weights_path("u2netp") == Path(cls.model_dir()) / "u2netp.onnx"
+    legacy = Path(cls.legacy_home()) / "u2netp.onnx"  # a file downloaded by an older rembg is found too
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    write_tiny_saliency_onnx(legacy)
+    assert weights_path("u2netp") == Path(cls.resolve_existing("u2netp.onnx"))
+
+
+@pytest.mark.parametrize("name", ["u2netp", "u2net", "isnet-general-use", "birefnet-general"])
+def test_prediction_equals_rembgs(empty_home, name):
+    """Our onnxruntime path feeds and reads each model exactly as rembg's session of the same name."""
+    from rembg import new_session, remove
+
+    write_tiny_saliency_onnx(empty_home / "models" / name / f"{name}.onnx", size=None)
+    rng = np.random.default_rng(1)
+    image = (rng.random((70, 110, 3)) * 255).astype(np.uint8)
+    ours = np.round(compute_saliency(image, name) * 255).astype(np.uint8)
+    theirs = remove(image, session=new_session(name), only_mask=True)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_first_mask_in_a_fresh_process_skips_rembgs_heavy_imports(tmp_path):
+    """rembg's package import compiles pymatting's numba kernels on a fresh install (74 s measured); the mask
+    path must not import it when the weights are on disk."""
+    install_tiny_u2netp(tmp_path)
+    code = ("import sys, time; sys.path.insert(0, 'tests'); start = time.perf_counter(); "
+            "from loopui.saliency import compute_saliency; from saliency_fixtures import red_square_image; "
+            "mask = compute_saliency(red_square_image()); "
+            "heavy = [m for m in ('rembg', 'pymatting', 'numba', 'pooch', 'torch') if m in sys.modules]; "
+            "assert not heavy, heavy; assert mask.max() > 0.9; "
+            "print(f'first mask in a fresh process: {time.perf_counter() - start:.2f} s')")
+    env = {**os.environ, "U2NET_HOME": str(tmp_path), "MODEL_CHECKSUM_DISABLED": "1",
+           "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}  # as on a fresh install, should numba load
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    print(proc.stdout.strip(), file=sys.__stderr__)
+
+
 @pytest.mark.parametrize("as_pil", [False, True])
 def test_red_square_mask_from_tiny_u2netp(tiny_home, as_pil):
     image = red_square_image()
@@ -125,16 +180,16 @@ def test_red_square_mask_from_tiny_u2netp(tiny_home, as_pil):
 
 
 def test_session_created_once_across_threads(tiny_home, monkeypatch):
-    import rembg
+    from loopui.saliency import models
 
     calls = []
-    real = rembg.new_session
+    real = models.OnnxSaliencySession
 
     def counting(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rembg, "new_session", counting)
+    monkeypatch.setattr(models, "OnnxSaliencySession", counting)
     image = red_square_image()
     results = []
     threads = [threading.Thread(target=lambda: results.append(compute_saliency(image))) for _ in range(4)]
@@ -350,10 +405,18 @@ def test_user_mask_forms_are_read_and_resized(empty_home, tmp_path):
         np.testing.assert_array_equal(result.mask, expected, err_msg=type(user).__name__)
 
 
-def test_empty_user_mask_falls_back_to_model(tiny_home):
+def test_all_black_user_mask_wins_even_without_weights(empty_home):
+    # "Nothing moves" is a valid request: the model is not consulted (its weights are missing here).
     result = resolve_mask(red_square_image(), user_mask=np.zeros((64, 96), dtype=np.uint8), feather=0)
+    assert result.source == "user" and result.model_name is None
+    assert not result.mask.any() and result.coverage == 0.0
+    assert load_user_mask(np.zeros((4, 4), dtype=np.uint8)).shape == (4, 4)
+    assert load_user_mask(None) is None
+
+
+def test_model_mask_when_no_user_mask(tiny_home):
+    result = resolve_mask(red_square_image(), feather=0)
     assert result.source == "model" and result.model_name == "u2netp"
-    assert "empty" in result.message
     inside, outside = inside_outside(result.mask)
     assert inside.min() == 1.0 and outside.max() == 0.0
     assert result.raw is not None and result.raw.shape == (64, 96)

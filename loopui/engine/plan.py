@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .settings import LoopRequest, default_shift_skip, latent_length
+from .settings import LoopRequest, auto_rope_scale, default_shift_skip, latent_length
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,8 @@ def resolve_rope_scale(request: LoopRequest, spec: Any, length: int) -> float:
         return 1.0
     if request.rope_scale is not None:
         return float(request.rope_scale)
-    if request.window_mode == "full" and length > spec.trained_latent_frames and not spec.learned_positions:
-        return length / spec.trained_latent_frames
-    return 1.0
+    # (A learned positional table never gets here past its trained length in full mode: the family refuses that.)
+    return auto_rope_scale(length, spec.trained_latent_frames, spec.rotary, request.window_mode)
 
 
 def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 WINDOW_MODES = ("full", "window")
 # CogVideoX: DDIM / DPM (v-prediction); Wan: UniPC / Euler (flow matching). A family refuses the others.
@@ -25,6 +26,76 @@ def _knob(default: Any, help: str, minimum: float | None = None, maximum: float 
 def latent_length(num_frames: int, temporal_compression: int = 4) -> int:
     """Number of latent frames L a causal video VAE makes of ``num_frames`` pixel frames (49 -> 13)."""
     return (int(num_frames) - 1) // temporal_compression + 1
+
+
+def size_text(width: Optional[int], height: Optional[int]) -> str:
+    """A frame size written the one way loopui writes sizes everywhere: width first, ``720x480``."""
+    return f"{width}x{height}"
+
+
+def whole_number(name: str, value: Any) -> int:
+    """The one rule for whole-number knobs (frames, steps, seed, sizes, shift, fps, mask pixels).
+
+    ``7``, ``7.0`` and ``"7"`` are 7; a fraction (``7.5``), a non-finite value, a boolean or text that is not a
+    number is refused with a ``ValueError`` naming ``name`` -- never rounded silently.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    elif isinstance(value, float) or (hasattr(value, "__float__") and not isinstance(value, complex)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    else:
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def real_number(name: str, value: Any) -> float:
+    """A finite number (``2``, ``2.5``, ``"2.5"``); booleans, text that is not a number, NaN and infinity are
+    refused with a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or isinstance(value, complex):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def nearest_frame_count(num_frames: int, temporal_compression: int = 4) -> int:
+    """The frame count of the form ``k·n + 1`` (k = temporal compression) nearest ``num_frames``; ties go down.
+
+    A causal video VAE turns exactly those counts into whole latents (49 -> 13 for k = 4); any other count would be
+    cut to the one below it.
+    """
+    k = int(temporal_compression)
+    below = (int(num_frames) - 1) // k * k + 1
+    return below if num_frames - below <= below + k - num_frames else below + k
+
+
+def auto_rope_scale(length: int, trained_latent_frames: int, rotary: bool, window_mode: str = "full") -> float:
+    """The automatic RoPE scale: ``L / L_trained`` for a cycle longer than the model saw, in ``full`` mode on a
+    model with rotary embeddings; 1 (off) otherwise."""
+    if rotary and window_mode == "full" and length > trained_latent_frames:
+        return length / trained_latent_frames
+    return 1.0
 
 
 def default_shift_skip(length: int) -> int:
@@ -117,10 +188,18 @@ class LoopRequest:
 
     def validate(self) -> "LoopRequest":
         """Raise ``ValueError`` naming the offending value; return ``self`` so calls chain."""
-        if not isinstance(self.prompt, str):
-            raise ValueError(f"prompt must be text, got {type(self.prompt).__name__}")
-        if not isinstance(self.negative_prompt, str):
-            raise ValueError(f"negative_prompt must be text, got {type(self.negative_prompt).__name__}")
+        for name, kind in _FIELD_KINDS.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
+            if kind is str and not isinstance(value, str):
+                raise ValueError(f"{name} must be text, got {type(value).__name__}")
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None or isinstance(value, (str, bool)) or not isinstance(value, (int, float)):
@@ -129,27 +208,15 @@ class LoopRequest:
                 raise ValueError(f"{f.name} must be a finite number, got {value!r}")
             lo, hi = f.metadata.get("min"), f.metadata.get("max")
             if lo is not None and value < lo:
-                raise ValueError(f"{f.name} must be >= {lo}, got {value!r}")
+                raise ValueError(f"{f.name} must be >= {number_text(lo)}, got {value!r}")
             if hi is not None and value > hi:
-                raise ValueError(f"{f.name} must be <= {hi}, got {value!r}")
-        for name in ("num_frames", "num_inference_steps", "seed"):
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        if self.fps is not None and (not isinstance(self.fps, int) or isinstance(self.fps, bool)):
-            raise ValueError(f"fps must be an integer, got {self.fps!r}")
-        if self.use_dynamic_cfg is not None and not isinstance(self.use_dynamic_cfg, bool):
-            raise ValueError(f"use_dynamic_cfg must be true or false, got {self.use_dynamic_cfg!r}")
-        if self.shift_skip is not None and (not isinstance(self.shift_skip, int) or isinstance(self.shift_skip, bool)):
-            raise ValueError(f"shift_skip must be an integer, got {self.shift_skip!r}")
+                raise ValueError(f"{f.name} must be <= {number_text(hi)}, got {value!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value % 16 != 0):
+            if value is not None and value % 16 != 0:
                 raise ValueError(f"{name} must be a multiple of 16, got {value!r}")
         if self.shift_start > self.shift_end:
             raise ValueError(f"shift_start must not exceed shift_end, got {self.shift_start!r} > {self.shift_end!r}")
-        for name in ("anchor_strength", "init_strength", "background_freeze"):
-            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a number in [0, 1], got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -177,6 +244,106 @@ class LoopRequest:
         """Build from a dict, ignoring unknown keys (so older sidecars still load)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _field_kinds() -> tuple[dict[str, type], frozenset[str]]:
+    """(field -> str/bool/int/float, the fields that may be None) from ``LoopRequest``'s type hints."""
+    hints = typing.get_type_hints(LoopRequest)
+    kinds, optional = {}, set()
+    for f in dataclasses.fields(LoopRequest):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        if type(None) in args:
+            optional.add(f.name)
+            hint = next(a for a in args if a is not type(None))
+        if hint in (str, bool, int, float):
+            kinds[f.name] = hint
+    return kinds, frozenset(optional)
+
+
+_FIELD_KINDS, _OPTIONAL_FIELDS = _field_kinds()
+# The knobs the whole-number rule applies to (their type is int).
+WHOLE_NUMBER_FIELDS: tuple[str, ...] = tuple(name for name, kind in _FIELD_KINDS.items() if kind is int)
+TEXT_FIELDS = ("prompt", "negative_prompt")
+
+
+def request_from_values(values: Mapping[str, Any]) -> LoopRequest:
+    """A validated ``LoopRequest`` from loosely typed values (an API call, a form, a CLI): the one place where
+    values are coerced, so the page, the API and the CLI refuse and accept the same things.
+
+    Unknown keys are refused; ``None`` (or an empty string) in a knob that has an automatic value means
+    "automatic"; ``"auto"`` works for ``rope_scale``, ``shift_skip``, ``height``, ``width`` and ``scheduler``;
+    whole-number knobs follow :func:`whole_number`, other numbers :func:`real_number`; booleans must be booleans.
+    Raises ``ValueError`` naming the parameter.
+    """
+    names = {f.name for f in dataclasses.fields(LoopRequest)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}")
+    data: dict[str, Any] = {}
+    for name, value in values.items():
+        kind = _FIELD_KINDS.get(name)
+        if name in TEXT_FIELDS:
+            value = "" if value is None else value
+        elif isinstance(value, str):
+            value = value.strip()
+            if value.lower() in ("", "auto") and (name in _OPTIONAL_FIELDS or kind is None):
+                value = None  # "automatic" for the knobs that have an automatic value; no file for image/mask
+        if value is not None and kind is int:
+            value = whole_number(name, value)
+        elif value is not None and kind is float:
+            value = real_number(name, value)
+        data[name] = value
+    return LoopRequest(**data).validate()
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with every automatic value filled in for one model, and the notes to show the user."""
+
+    request: LoopRequest
+    num_latent_frames: int
+    notes: tuple[str, ...] = ()
+
+
+def resolve_request(request: LoopRequest, spec: Any) -> ResolvedRequest:
+    """Fill the automatic values of ``request`` for the model ``spec`` -- the one function the page, the API and the
+    CLI call, so all three compute the same loop.
+
+    ``spec`` needs ``temporal_compression``, ``trained_latent_frames``, ``rotary``, ``native_height`` and
+    ``native_width`` (a ``loopui.models.ModelSpec``). A frame count not of the form k·n + 1 is moved to the nearest
+    one with a note; ``shift_skip`` None becomes the coprime skip nearest L/2 and must otherwise lie in [0, L-1];
+    ``rope_scale`` None becomes the automatic scale, and a model without rotary embeddings accepts only 1; an empty
+    size becomes the model's native size. Raises ``ValueError`` naming the parameter.
+    """
+    request.validate()
+    if not request.prompt.strip():
+        raise ValueError("prompt is empty: describe what the loop should show")
+    from loopui.saliency import mask_model_info
+
+    try:
+        mask_model_info(request.mask_model)
+    except ValueError as exc:
+        raise ValueError(f"mask_model: {exc}") from None
+    notes = []
+    compression = int(spec.temporal_compression)
+    frames = nearest_frame_count(request.num_frames, compression)
+    if frames > knob_info("num_frames")["max"]:
+        frames -= compression
+    if frames != request.num_frames:
+        notes.append(f"num_frames {request.num_frames} is not of the form {compression}n+1: using {frames}")
+    from .plan import plan_loop
+
+    # The family's own checks and automatic values (shift skip, RoPE scale, size, learned positions, schedulers).
+    plan = plan_loop(dataclasses.replace(request, num_frames=frames), spec)
+    resolved = dataclasses.replace(request, num_frames=frames, shift_skip=plan.shift_skip, rope_scale=plan.rope_scale,
+                                   height=plan.height, width=plan.width)
+    return ResolvedRequest(request=resolved.validate(), num_latent_frames=plan.num_latents, notes=tuple(notes))
+
+
+def number_text(value: float) -> str:
+    """A number (a range bound as people write it: 4294967295, 0.5 -- never 4.29497e+09."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def knob_info(name: str) -> dict:

@@ -69,14 +69,15 @@ def _to_unit_float(arr: np.ndarray, what: str) -> np.ndarray:
 
 
 def load_user_mask(user_mask: Any, size: Optional[Tuple[int, int]] = None) -> Optional[np.ndarray]:
-    """A user-provided or painted mask as float32 ``(H, W)`` in [0, 1], or ``None`` when it is empty.
+    """A user-provided or painted mask as float32 ``(H, W)`` in [0, 1] (``None`` only when none is given).
 
     ``user_mask`` may be a path, a PIL image or an array (``HxW`` or ``HxWx3/4``; uint8 0..255, bool, or float
     in [0, 1]). White (or any bright / painted pixel) means "may move": 3-channel masks use their brightest
     channel; 4-channel masks use alpha when any pixel is transparent (a painted layer), else the colour — the
     rules of ``loopui.media.read_mask``, the project's one mask reader.
     ``size`` is the target ``(width, height)`` (PIL order); the mask is resized bilinearly to it.
-    An all-zero mask returns ``None``, i.e. it counts as "no mask given" (an untouched paint canvas is empty).
+    An all-zero mask is a mask like any other -- "nothing moves" is a valid request (with background freeze it
+    makes a still); a caller with an untouched paint canvas should pass ``None`` instead.
     """
     if user_mask is None:
         return None
@@ -85,8 +86,6 @@ def load_user_mask(user_mask: Any, size: Optional[Tuple[int, int]] = None) -> Op
     from loopui.media import read_mask
 
     mask = read_mask(user_mask)
-    if not np.any(mask > 0):
-        return None
     if size is not None:
         mask = resize_mask(mask, size)
     return mask

@@ -6,7 +6,11 @@ older versions, at ``<legacy home>/<name>.onnx``), where ``<home>`` is ``$U2NET_
 download or checksum; otherwise ``new_session`` downloads it with pooch, which fails offline with
 ``requests.ConnectionError`` (an ``OSError``). We turn that into ``SaliencyUnavailable`` with the exact path.
 
-rembg is imported lazily (it takes ~1.5 s and pulls in onnxruntime), never at ``import loopui.saliency``.
+Only the mask is needed here, so a model whose weights are on disk runs through onnxruntime directly, with rembg's
+own pre- and post-processing for that model (``_PREPROCESSING``; a test checks the result equals rembg's). rembg's
+package import compiles pymatting's numba kernels on a fresh install (over a minute on a small CPU) for matting that
+a mask never uses; it is imported only to download missing weights. Nothing heavy loads at
+``import loopui.saliency``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,68 @@ logger = logging.getLogger(__name__)
 
 HOME_ENV_VARS = ("U2NET_HOME", "REMBG_HOME", "XDG_DATA_HOME")
 CUSTOM_SESSION = "u2net_custom"  # rembg's session for a user-supplied U^2-Net-style ONNX file (model_path=)
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class _Preprocessing:
+    """How rembg 2.0.86 feeds one model and reads its output (rembg/sessions/<model>.py, ``predict``)."""
+
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    size: int
+    sigmoid: bool = False
+
+
+_PREPROCESSING: Dict[str, _Preprocessing] = {
+    "u2netp": _Preprocessing(*_IMAGENET, 320),
+    "u2net": _Preprocessing(*_IMAGENET, 320),
+    CUSTOM_SESSION: _Preprocessing(*_IMAGENET, 320),
+    "isnet-general-use": _Preprocessing((0.5, 0.5, 0.5), (1.0, 1.0, 1.0), 1024),
+    "birefnet-general": _Preprocessing(*_IMAGENET, 1024, sigmoid=True),
+}
+
+
+class OnnxSaliencySession:
+    """One saliency model on onnxruntime, predicting exactly as rembg's session of the same name does."""
+
+    def __init__(self, model_name: str, path: Path) -> None:
+        import onnxruntime as ort
+
+        self.model_name = model_name
+        self.path = path
+        self.preprocessing = _PREPROCESSING[model_name]
+        options = ort.SessionOptions()
+        threads = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if threads.isdigit():  # as rembg's new_session does
+            options.inter_op_num_threads = options.intra_op_num_threads = int(threads)
+        available = ort.get_available_providers()
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
+                     if ort.get_device() == "GPU" and "CUDAExecutionProvider" in available
+                     else ["CPUExecutionProvider"])
+        self.inner_session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+    def predict(self, image: Any) -> np.ndarray:
+        """The mask of a PIL image: ``(H, W)`` uint8 at the image's size, min-max normalised (rembg's output)."""
+        from PIL import Image
+
+        prep = self.preprocessing
+        size = (prep.size, prep.size)
+        pixels = np.array(image.convert("RGB").resize(size, Image.Resampling.LANCZOS))
+        pixels = pixels / max(np.max(pixels), 1e-6)
+        normalised = (pixels - np.array(prep.mean)) / np.array(prep.std)
+        feed = {self.inner_session.get_inputs()[0].name:
+                np.expand_dims(normalised.transpose((2, 0, 1)), 0).astype(np.float32)}
+        pred = self.inner_session.run(None, feed)[0][:, 0, :, :]
+        if prep.sigmoid:
+            pred = 1 / (1 + np.exp(-pred))
+        high, low = np.max(pred), np.min(pred)
+        pred = np.squeeze((pred - low) / (high - low))
+        if self.model_name == "u2net":
+            pred = pred.clip(0, 1)
+        mask = Image.fromarray((pred * 255).astype("uint8"), mode="L")
+        return np.asarray(mask.resize(image.size, Image.Resampling.LANCZOS))
 
 
 class SaliencyUnavailable(RuntimeError):
@@ -81,25 +147,41 @@ def mask_model_info(model_name: str) -> MaskModelInfo:
 
 
 def _session_class(name: str) -> Any:
-    from rembg.sessions import sessions  # lazy: heavy import
+    from rembg.sessions import sessions  # heavy (compiles numba kernels on a fresh install): downloads only
 
     return sessions[name]
 
 
+def _legacy_home() -> Path:
+    # rembg 2.0.86 BaseSession.legacy_home: the old flat folder, still read.
+    return Path(os.path.expanduser(os.getenv("U2NET_HOME", os.path.join(os.getenv("XDG_DATA_HOME", "~"),
+                                                                        ".u2net"))))
+
+
 def rembg_home() -> Path:
-    """The folder rembg keeps models under (``$U2NET_HOME`` / ``$REMBG_HOME`` / ...); no network, nothing created."""
-    return Path(_session_class(DEFAULT_MASK_MODEL).rembg_home())
+    """The folder rembg keeps models under (``$U2NET_HOME`` / ``$REMBG_HOME`` / ...); no network, nothing created.
+
+    Follows rembg 2.0.86's ``BaseSession.rembg_home`` (a test compares the two) without importing rembg.
+    """
+    if os.getenv("U2NET_HOME"):
+        return _legacy_home()
+    xdg = os.getenv("XDG_DATA_HOME")
+    default = os.path.join(xdg, "rembg") if xdg else os.path.join("~", ".rembg")
+    return Path(os.path.expanduser(os.getenv("REMBG_HOME", default)))
 
 
 def weights_path(model_name: str) -> Path:
     """Where the weights of ``model_name`` are, or where rembg expects them (``<home>/models/<name>/<file>``).
 
-    Asks rembg's own session class, so it follows rembg's environment variables. No network call.
+    Looks where rembg looks (its model folder, then its old flat folder), following its environment variables.
+    No network call, no rembg import.
     """
     info = mask_model_info(model_name)
-    cls = _session_class(info.name)
-    existing = cls.resolve_existing(info.filename)
-    return Path(existing) if existing is not None else Path(cls.model_dir()) / info.filename
+    preferred = rembg_home() / "models" / info.name / info.filename
+    for candidate in (preferred, _legacy_home() / info.filename):
+        if candidate.exists():
+            return candidate
+    return preferred
 
 
 def weights_available(model_name: str) -> bool:
@@ -127,22 +209,23 @@ def _load_errors() -> Tuple[type, ...]:
 
 
 def _custom_model_path(model_path: Union[str, "os.PathLike[str]"]) -> Path:
-    """Check a custom ONNX path the way rembg will (must exist, must lie inside rembg's home)."""
-    cls = _session_class(CUSTOM_SESSION)
-    try:
-        resolved = Path(cls.validate_model_path(model_path=os.fspath(model_path)))
-    except ValueError as err:
+    """Check a custom ONNX path the way rembg's ``u2net_custom`` does (must exist, must lie inside rembg's home or
+    its old flat folder)."""
+    resolved = Path(os.path.abspath(os.path.expanduser(os.fspath(model_path))))
+    roots = [Path(os.path.abspath(rembg_home())), Path(os.path.abspath(_legacy_home()))]
+    if not any(resolved == root or root in resolved.parents for root in roots):
         raise ValueError(f"model_path {os.fspath(model_path)!r} must lie inside rembg's model folder "
-                         f"{cls.rembg_home()} (set U2NET_HOME to a folder that contains it)") from err
+                         f"{rembg_home()} (set U2NET_HOME to a folder that contains it)")
     if not resolved.is_file():
         raise SaliencyUnavailable(f"custom mask model file not found: {resolved}; a painted mask still works")
     return resolved
 
 
 def _get_session(model_name: str, model_path: Optional[Union[str, "os.PathLike[str]"]] = None) -> Any:
-    """The cached rembg session for ``model_name`` (or for the custom file ``model_path``), created once.
+    """The cached session for ``model_name`` (or for the custom file ``model_path``), created once.
 
-    The key includes the weights path, so pointing ``U2NET_HOME`` elsewhere gets a fresh session.
+    The key includes the weights path, so pointing ``U2NET_HOME`` elsewhere gets a fresh session. Missing weights
+    are downloaded through rembg (the only time rembg itself is imported).
     """
     if model_path is not None:
         name, path = CUSTOM_SESSION, _custom_model_path(model_path)
@@ -155,27 +238,11 @@ def _get_session(model_name: str, model_path: Optional[Union[str, "os.PathLike[s
         session = _SESSIONS.get(key)
         if session is not None:
             return session
-        from rembg import new_session
-
-        kwargs = {"model_path": str(path)} if model_path is not None else {}
         start = time.perf_counter()
         if info is not None and not path.is_file():
-            logger.info("downloading mask model %s (~%g MB) to %s", info.name, info.size_mb, path)
+            path = _download(info, path)
         try:
-            with _quiet_pooch():
-                session = new_session(name, **kwargs)
-        except OSError as err:
-            # requests.ConnectionError / HTTPError (offline, blocked, 404) and disk errors while downloading.
-            if info is None:
-                raise SaliencyUnavailable(f"cannot read custom mask model {path}: {err}") from err
-            raise SaliencyUnavailable(_missing_message(
-                info, path, f"weights not found at {path} and the download failed ({type(err).__name__})")) from err
-        except ValueError as err:
-            # pooch's checksum mismatch on a download.
-            if info is None:
-                raise
-            reason = f"the download to {path} failed its checksum ({_first_line(err)})"
-            raise SaliencyUnavailable(_missing_message(info, path, reason)) from err
+            session = OnnxSaliencySession(name, path)
         except _load_errors() as err:
             label = info.name if info is not None else f"custom model {path.name}"
             raise SaliencyUnavailable(f"mask model {label!r} could not load {path}: {type(err).__name__}: "
@@ -184,6 +251,21 @@ def _get_session(model_name: str, model_path: Optional[Union[str, "os.PathLike[s
         logger.info("loaded mask model %s from %s in %.2fs", name, path, time.perf_counter() - start)
         _SESSIONS[key] = session
         return session
+
+
+def _download(info: MaskModelInfo, path: Path) -> Path:
+    """Download the weights of ``info`` with rembg's own downloader (pooch, with rembg's checksums)."""
+    logger.info("downloading mask model %s (~%g MB) to %s", info.name, info.size_mb, path)
+    try:
+        with _quiet_pooch():
+            return Path(_session_class(info.name).download_models())
+    except OSError as err:
+        # requests.ConnectionError / HTTPError (offline, blocked, 404) and disk errors while downloading.
+        raise SaliencyUnavailable(_missing_message(
+            info, path, f"weights not found at {path} and the download failed ({type(err).__name__})")) from err
+    except ValueError as err:  # pooch's checksum mismatch
+        reason = f"the download to {path} failed its checksum ({_first_line(err)})"
+        raise SaliencyUnavailable(_missing_message(info, path, reason)) from err
 
 
 @contextlib.contextmanager
@@ -217,22 +299,18 @@ def compute_saliency(image: ImageLike, model_name: str = DEFAULT_MASK_MODEL,
     rembg requires it to lie inside its home folder. Raises ``SaliencyUnavailable`` when the weights are missing
     and cannot be downloaded, ``ValueError`` for an unknown model or bad image.
     """
+    from PIL import Image
+
     rgb = to_rgb_array(image)
     if model_path is None:
         mask_model_info(model_name)  # validate before importing anything heavy
     session = _get_session(model_name, model_path)
-    from rembg import remove
 
     start = time.perf_counter()
-    # rembg min-max normalises the prediction; a flat image gives 0/0 -> NaN, which we map to 0 below.
+    # The prediction is min-max normalised; a flat image gives 0/0 -> NaN, which we map to 0 below.
     with np.errstate(invalid="ignore", divide="ignore"):
-        # An ndarray in gives an HxW uint8 array out (a PIL image would give a PIL "L" image, and rembg would
-        # also apply its EXIF rotation, so the mask could stop matching our pixels).
-        out = remove(rgb, session=session, only_mask=True)
-    mask = np.asarray(out)
-    if mask.ndim == 3:  # defensive: an "LA"/RGB result from another rembg version
-        mask = mask[..., 0]
-    mask = _normalise_raw(mask)
+        out = session.predict(Image.fromarray(rgb))
+    mask = _normalise_raw(np.asarray(out))
     if mask.shape != rgb.shape[:2]:
         from .masks import resize_mask
 

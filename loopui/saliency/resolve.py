@@ -67,9 +67,8 @@ def resolve_mask(image: ImageLike, user_mask: Any = None, model_name: str = DEFA
     label = model_name if model_path is None else f"custom model {os.fspath(model_path)}"
     raw = compute_saliency(rgb, model_name, model_path=model_path)
     mask = postprocess_mask(raw, threshold, grow, feather, invert)
-    empty_note = " (given mask was empty)" if user_mask is not None else ""
     region = "background" if invert else "object"
-    message = (f"{region} mask from {label}{empty_note}: {100.0 * mask_coverage(mask):.1f}% of the frame may move")
+    message = f"{region} mask from {label}: {100.0 * mask_coverage(mask):.1f}% of the frame may move"
     logger.info(message)
     return MaskResult(mask=mask, source="model", model_name=model_name if model_path is None else "u2net_custom",
                       message=message, raw=raw)

@@ -18,8 +18,9 @@ from typing import Any, Optional
 import gradio as gr
 import numpy as np
 
-from loopui.engine.settings import default_shift_skip, knob_info, latent_length
+from loopui.engine.settings import WHOLE_NUMBER_FIELDS, default_shift_skip, knob_info, latent_length
 from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS
+from loopui.ui.jobs import LeftLine, ProgressClock
 from loopui.ui.spaces_compat import gpu_decorator
 from loopui.ui.studio import (
     AUTO_SCHEDULER,
@@ -28,6 +29,7 @@ from loopui.ui.studio import (
     PAINT_MOVE_COLOR,
     PAINT_STILL_COLOR,
     PREVIEW_SETTINGS,
+    REQUEST_FIELDS,
     RESOLUTION_LABELS,
     RESOLUTION_PRESETS,
     RESTORED_FIELDS,
@@ -46,22 +48,122 @@ EXAMPLE_PROMPTS = (
     "a koi fish swimming in circles in a clear pond, top-down view",
     "northern lights rippling over a frozen lake, stars, slow motion",
 )
-QUEUE_MAX_SIZE = 16  # waiting generations beyond this are refused with "queue full" instead of piling up
+QUEUE_MAX_SIZE = 16  # Gradio's queue bound for the page's other events (generations wait in the studio's line)
 # The generator yields at least this often: a cancelled event can only close it between yields.
 HEARTBEAT_SECONDS = 0.5
-STAGE_LABELS = {"load": "Loading model", "encode": "Encoding prompt", "denoise": "Denoising",
+STOPPED_IN_LINE = "Stopped while queued: your loop left the queue before it started. Ready for the next loop."
+STAGE_LABELS = {"queue": "Queued", "load": "Loading model", "encode": "Encoding prompt", "denoise": "Denoising",
                 "decode": "Decoding frames", "export": "Writing MP4 / GIF / WebP"}
 CSS = """
 #loopui-banner {border-left: 4px solid #f59e0b; padding: 6px 12px; background: rgba(245, 158, 11, 0.08);}
 #loopui-status {min-height: 1.6em;}
+/* A long choice (a model name) ends in an ellipsis before the dropdown's arrow instead of running under it. */
+#loopui-main input[role="combobox"] {text-overflow: ellipsis; overflow: hidden; white-space: nowrap; min-width: 0;
+                                     padding-right: 28px;}
+/* The mask editor's pan/zoom/undo bar sits below its label, not over it. */
+#loopui-mask .top-panel {top: 34px;}
+/* Phones: the two columns dissolve into one list in this order -- prompt, Generate, the player, the status, then
+   the settings and the results -- so Generate and the loop stay in reach instead of a few screens down. */
+@media (max-width: 768px) {
+  #loopui-intro h1 {font-size: 1.5em;}
+  #loopui-banner {flex-wrap: wrap;}
+  #loopui-banner > * {min-width: 100% !important;}
+  #loopui-main {flex-direction: column; flex-wrap: nowrap;}
+  #loopui-main > #loopui-inputs, #loopui-main > #loopui-outputs {display: contents;}
+  #loopui-prompt-box {order: 1;}
+  #loopui-actions {order: 2; flex-wrap: nowrap;}
+  #loopui-actions > * {min-width: 0 !important;}
+  #loopui-video {order: 3;}
+  #loopui-status {order: 4;}
+  #loopui-settings {order: 5;}
+  #loopui-results {order: 6;}
+}
 """
 
 
-def launch_options() -> dict[str, Any]:
-    """Keyword arguments every launch of the studio uses (app.py, tests, the screenshot script)."""
-    # show_error: a file that is not an image fails in Gradio's own preprocessing, before our callbacks can
-    # word it; with this the client still gets the cause ("cannot identify image file ...") instead of a blank.
-    return dict(allowed_paths=[str(ASSETS_DIR)], css=CSS, show_error=True)
+# The input components below are stock Gradio components with their preprocessing replaced on the instance.
+# (Subclassing a Gradio component would make Gradio write a .pyi stub next to this module at import time.)
+
+def uploaded_image(param: str, **kwargs: Any) -> gr.Image:
+    """A ``gr.Image`` (type filepath) whose unreadable uploads end as one line naming ``param``.
+
+    Gradio's own preprocessing error is several hundred characters listing internal component names and the
+    server's temp paths (or a pydantic dump when a client sends a bare string); this one says which input and why.
+    """
+    component = gr.Image(type="filepath", **kwargs)
+    stock = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return stock(payload)
+        except gr.Error:
+            raise
+        except Exception as exc:  # PIL's UnidentifiedImageError, DecompressionBombError, OSError on a bad file
+            raise gr.Error(_upload_error(param, payload, exc), print_exception=False) from None
+
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    component.data_model = _checked_image_data(param)
+    return component
+
+
+def _checked_image_data(param: str) -> type:
+    """Gradio's ``ImageData`` model, whose validation failure (not a file at all) is one line naming the input."""
+    from gradio.data_classes import ImageData
+
+    class CheckedImageData(ImageData):
+        model_config = {"title": "ImageData"}
+
+        @classmethod
+        def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().model_validate(obj, *args, **kwargs)
+            except ValueError:  # pydantic's ValidationError
+                raise gr.Error(f"{param}: expected an uploaded image file (gradio_client.handle_file(path)), got "
+                               f"{type(obj).__name__} {str(obj)[:60]!r}", print_exception=False) from None
+
+    return CheckedImageData
+
+
+def _upload_error(param: str, payload: Any, exc: BaseException) -> str:
+    name = Path(str(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "upload")).name
+    if "DecompressionBomb" in type(exc).__name__:
+        return f"{param}: {name!r} has too many pixels to decode safely; use a smaller image"
+    if "cannot identify image file" in str(exc) or "UnidentifiedImage" in type(exc).__name__:
+        return f"{param}: {name!r} is not an image file (or it is empty)"
+    reason = " ".join(str(exc).split()).replace(str(getattr(payload, "path", "") or "\0"), name)
+    return f"{param}: {name!r} cannot be read as an image ({reason[:200]})"
+
+
+def api_value(component: gr.components.Component, whole: bool = False) -> gr.components.Component:
+    """A hidden ``/generate`` input that hands the client's value to the app untouched.
+
+    Gradio's Number rounds to its precision and answers out-of-range values with "Value -1 is less than minimum
+    value 0." (no parameter name), its Checkbox takes any value; here ``LoopRequest``'s own checks answer, naming
+    the parameter, and a knob with an automatic value accepts null or "auto".
+    """
+    component.preprocess = lambda payload: payload  # type: ignore[method-assign]
+    if isinstance(component, gr.Number):
+        kind = {"type": "integer" if whole else "number"}
+        info = kind if component.value is not None else {"anyOf": [kind, {"type": "null"}]}
+        component.api_info = lambda: info  # type: ignore[method-assign]
+    return component
+
+
+PUBLIC_MAX_UPLOAD = "20mb"  # public mode: larger uploads are refused by Gradio before they reach the app
+
+
+def launch_options(public: bool = False) -> dict[str, Any]:
+    """Keyword arguments every launch of the studio uses (app.py, tests, the screenshot script).
+
+    Files are served only from Gradio's allowlist: uploads, the app's own results and the example images in
+    ``assets/`` -- nothing else on disk. ``public`` also bounds the upload size.
+    """
+    # show_error: errors raised outside our callbacks (e.g. Gradio's own checks) still reach the client with
+    # their cause instead of a blank "Error".
+    options: dict[str, Any] = dict(allowed_paths=[str(ASSETS_DIR)], css=CSS, show_error=True)
+    if public:
+        options["max_file_size"] = PUBLIC_MAX_UPLOAD
+    return options
 
 
 def _ui_help(name: str) -> str:
@@ -83,17 +185,24 @@ def _dropdown(name: str, label: str, value: Any, choices: Optional[list] = None,
     return gr.Dropdown(choices=choices, value=value, label=label, info=_ui_help(name), **overrides)
 
 
-def _progress_view(event: Any) -> tuple[tuple[tuple, dict], str]:
-    """(gr.Progress arguments, status line) for one worker progress event."""
+def _progress_view(event: Any, clock: ProgressClock) -> tuple[tuple[tuple, dict], str]:
+    """(gr.Progress arguments, status line) for one worker progress event; times come from ``clock``."""
     label = STAGE_LABELS.get(event.stage, event.stage)
+    if event.stage == "queue":
+        ahead = event.step
+        text = (f"Queued: {ahead} loop{'s' if ahead != 1 else ''} ahead of yours (position {ahead + 1}). "
+                "Stop takes it out of the line.")
+        return ((None,), {"desc": text}), text
+    elapsed, left = clock.times(event.stage, event.step, event.total)
+    timing = f"{elapsed:.0f} s elapsed" + (f" · about {left:.0f} s left" if left is not None else "")
     if event.stage == "denoise":
-        return (((event.step, event.total),), {"desc": label, "unit": "steps"}), \
+        return (((event.step, event.total),), {"desc": f"{label} · {timing}", "unit": "steps"}), \
             f"{label}: {event.total} steps (progress on the player)…"
     if event.stage == "load":
         text = event.message or label
-        return ((event.step / 100.0 if event.total else None,), {"desc": text}), text
+        return ((event.step / 100.0 if event.total else None,), {"desc": f"{text} · {timing}"}), text
     fraction = event.step / event.total if event.total else None
-    return ((fraction,), {"desc": label}), label + "…"
+    return ((fraction,), {"desc": f"{label} · {timing}"}), label + "…"
 
 
 def _session(request: Optional[gr.Request]) -> str:
@@ -118,9 +227,32 @@ def _shift_update(studio: Studio, model_id: str, num_frames: int, value: Optiona
     return gr.update(maximum=max(length - 1, 1), value=k, interactive=length > 1)
 
 
+def _api_inputs(studio: Studio) -> dict[str, gr.components.Component]:
+    """Hidden twins of the page's knobs for the ``/generate`` and ``/mask`` API: defaults as the page starts, except
+    that knobs with an automatic value (shift, RoPE scale, size, scheduler) default to automatic -- so a client
+    that changes ``num_frames`` and leaves them out gets what the page and the CLI compute."""
+    automatic = {"shift_skip", "rope_scale", "height", "width", "scheduler"}
+    out: dict[str, gr.components.Component] = {}
+    for name in REQUEST_FIELDS:
+        if name in ("image", "mask"):
+            out[name] = uploaded_image(name, label=name, visible=False)
+            continue
+        info = knob_info(name)
+        value = None if name in automatic else studio.default(name)
+        if name in ("prompt", "negative_prompt") or info.get("choices") or name == "mask_model":
+            out[name] = gr.Textbox(label=name, value=value, visible=False)
+        elif isinstance(info["default"], bool):
+            out[name] = api_value(gr.Checkbox(label=name, value=value, visible=False))
+        else:
+            out[name] = api_value(gr.Number(label=name, value=value, visible=False),
+                                  whole=name in WHOLE_NUMBER_FIELDS)
+    out["model"] = gr.Textbox(label="model", value=studio.model_id, visible=False)
+    return out
+
+
 def build_app(studio: Studio) -> gr.Blocks:
-    """The studio page, queued (bounded queue, one generation per device of the studio's pool at a time); launch
-    it with ``.launch()``."""
+    """The studio page, queued (a bounded waiting line, one generation per device of the studio's pool at a time);
+    launch it with ``.launch()``."""
     spec = studio.spec(studio.model_id)
     frames0 = studio.default("num_frames")
 
@@ -129,131 +261,149 @@ def build_app(studio: Studio) -> gr.Blocks:
         history = gr.State([])
         gr.Markdown("# loopui — seamless looping videos\nType a prompt (optionally add a reference image), press "
                     "**Generate**, get a loop that plays without a seam. Training-free: the model sees its latent "
-                    "cycle rotated a little at every denoising step, so no frame is the edge.")
+                    "cycle rotated a little at every denoising step, so no frame is the edge.",
+                    elem_id="loopui-intro")
         banner_text = studio.banner()
         with gr.Row(visible=bool(banner_text), elem_id="loopui-banner"):
             gr.Markdown(banner_text)
             preview_btn = gr.Button("Use preview settings", size="sm", scale=0, min_width=180)
 
-        with gr.Row():
+        # Two columns on a wide screen; on a phone (see CSS) the columns dissolve so that the prompt, Generate and
+        # the player come first and the settings follow.
+        with gr.Row(elem_id="loopui-main"):
             # ---------------------------------------------------------------- inputs
-            with gr.Column(scale=5):
-                prompt = gr.Textbox(label="Prompt", lines=3, value="", elem_id="loopui-prompt",
-                                    placeholder="ocean waves rolling onto a beach at sunset", info=_ui_help("prompt"))
-                gr.Examples(examples=[[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts",
-                            cache_examples=False, api_visibility="private")
-                negative_prompt = gr.Textbox(label="Negative prompt", lines=1, value="",
-                                             info=_ui_help("negative_prompt"))
-                with gr.Row():
-                    model = gr.Dropdown(choices=studio.model_choices(), value=studio.model_id, label="Model",
-                                        info="Video model; it loads on the first Generate and then stays loaded.")
-                    resolution = gr.Dropdown(
-                        choices=[(label, key) for key, label in RESOLUTION_LABELS.items()]
-                        + [("Custom", CUSTOM_RESOLUTION)],
-                        value=studio.default_resolution(), label="Resolution",
-                        info="Smaller is much faster; the model's native size looks best.")
-                model_md = gr.Markdown(studio.model_text(studio.model_id))
-                with gr.Row():
-                    preset_h, preset_w = RESOLUTION_PRESETS[studio.default_resolution()]
-                    height = gr.Number(label="Height", value=preset_h, precision=0, minimum=knob_info("height")["min"],
-                                       maximum=knob_info("height")["max"], step=knob_info("height")["step"],
-                                       info=knob_info("height")["help"])
-                    width = gr.Number(label="Width", value=preset_w, precision=0, minimum=knob_info("width")["min"],
-                                      maximum=knob_info("width")["max"], step=knob_info("width")["step"],
-                                      info=knob_info("width")["help"])
-                num_frames = _slider("num_frames", "Loop length (frames)", frames0)
-                # Built with the knob's full range so API clients may pass any k (the engine checks k < L);
-                # the page narrows it to 0..L-1 on load and whenever the loop length changes.
-                shift_skip = _slider("shift_skip", "Shift step k", studio.default("shift_skip"))
-                shift_md = gr.Markdown(shift_note(frames0, studio.default("shift_skip"), spec.temporal_compression))
-                rope0 = _rope_update(studio, studio.model_id, frames0, studio.default("window_mode"))
-                rope_scale = _slider("rope_scale", "RoPE scale", rope0["value"], info=rope0["info"],
-                                     interactive=rope0["interactive"])
-                with gr.Row():
-                    num_inference_steps = _slider("num_inference_steps", "Steps", studio.default("num_inference_steps"))
-                    guidance_scale = _slider("guidance_scale", "Guidance", studio.default("guidance_scale"))
-                with gr.Row():
-                    seed_info = knob_info("seed")
-                    seed = gr.Number(label="Seed", value=studio.default("seed"), precision=0,
-                                     minimum=seed_info["min"], maximum=seed_info["max"], info=seed_info["help"],
-                                     scale=4, elem_id="loopui-seed")
-                    dice = gr.Button("Random seed", scale=1, min_width=120)
+            with gr.Column(scale=5, elem_id="loopui-inputs"):
+                with gr.Group(elem_id="loopui-prompt-box"):
+                    prompt = gr.Textbox(label="Prompt", lines=3, value="", elem_id="loopui-prompt",
+                                        placeholder="ocean waves rolling onto a beach at sunset",
+                                        info=_ui_help("prompt"))
+                with gr.Column(elem_id="loopui-settings"):
+                    gr.Examples(examples=[[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts",
+                                cache_examples=False, api_visibility="private")
+                    negative_prompt = gr.Textbox(label="Negative prompt", lines=1, value="",
+                                                 info=_ui_help("negative_prompt"))
+                    with gr.Row():
+                        model = gr.Dropdown(choices=studio.model_choices(), value=studio.model_id, label="Model",
+                                            elem_id="loopui-model",
+                                            info="Video model; it loads on the first Generate and then stays "
+                                                 "loaded.")
+                        resolution = gr.Dropdown(
+                            choices=[(label, key) for key, label in RESOLUTION_LABELS.items()]
+                            + [("Custom", CUSTOM_RESOLUTION)],
+                            value=studio.default_resolution(), label="Resolution (width x height)",
+                            elem_id="loopui-resolution",
+                            info="Smaller is much faster; the model's native size looks best.")
+                    model_md = gr.Markdown(studio.model_text(studio.model_id))
+                    with gr.Row():
+                        preset_h, preset_w = RESOLUTION_PRESETS[studio.default_resolution()]
+                        width = gr.Number(label="Width", value=preset_w, minimum=knob_info("width")["min"],
+                                          maximum=knob_info("width")["max"], step=knob_info("width")["step"],
+                                          info=knob_info("width")["help"])
+                        height = gr.Number(label="Height", value=preset_h, minimum=knob_info("height")["min"],
+                                           maximum=knob_info("height")["max"], step=knob_info("height")["step"],
+                                           info=knob_info("height")["help"])
+                    num_frames = _slider("num_frames", "Loop length (frames)", frames0)
+                    shift_skip = _slider("shift_skip", "Shift step k", studio.default("shift_skip"))
+                    shift_md = gr.Markdown(shift_note(frames0, studio.default("shift_skip"),
+                                                      spec.temporal_compression))
+                    rope0 = _rope_update(studio, studio.model_id, frames0, studio.default("window_mode"))
+                    rope_scale = _slider("rope_scale", "RoPE scale", rope0["value"], info=rope0["info"],
+                                         interactive=rope0["interactive"])
+                    with gr.Row():
+                        num_inference_steps = _slider("num_inference_steps", "Steps",
+                                                      studio.default("num_inference_steps"))
+                        guidance_scale = _slider("guidance_scale", "Guidance", studio.default("guidance_scale"))
+                    with gr.Row():
+                        seed_info = knob_info("seed")
+                        # No precision: a fractional seed reaches the one whole-number rule (refused, by name)
+                        # instead of being rounded silently.
+                        seed = gr.Number(label="Seed", value=studio.default("seed"), minimum=seed_info["min"],
+                                         maximum=seed_info["max"], step=1, info=seed_info["help"], scale=4,
+                                         elem_id="loopui-seed")
+                        dice = gr.Button("Random seed", scale=1, min_width=120)
 
-                with gr.Accordion("Reference image (optional)", open=True):
-                    with gr.Row():
-                        image = gr.Image(label="Reference image", type="filepath", sources=["upload", "clipboard",
-                                                                                             "webcam"],
-                                         height=300, elem_id="loopui-image")
-                        mask_editor = gr.ImageEditor(
-                            label="Motion mask (green = may move; paint to change)", type="numpy", format="png",
-                            sources=(), transforms=(), layers=False, height=300, elem_id="loopui-mask",
-                            brush=gr.Brush(colors=[(PAINT_MOVE_COLOR, 0.8), (PAINT_STILL_COLOR, 0.8)],
-                                           default_color=(PAINT_MOVE_COLOR, 0.8), color_mode="fixed"),
-                            eraser=gr.Eraser())
-                    mask_note = gr.Markdown("", elem_id="loopui-mask-note")
-                    image_examples = sorted(str(p) for p in ASSETS_DIR.glob("*.png") if p.name != "screenshot.png")
-                    if image_examples:
-                        gr.Examples(examples=[[p] for p in image_examples], inputs=[image],
-                                    label="Example images (made by scripts/make_assets.py)",
-                                    cache_examples=False, api_visibility="private")
-                    with gr.Group(visible=False) as image_controls:
-                        motion_region = gr.Radio(choices=list(knob_info("motion_region")["choices"]),
-                                                 value=studio.default("motion_region"), label="Motion region",
-                                                 info=_ui_help("motion_region"))
-                        anchor_strength = _slider("anchor_strength", "Anchor strength",
-                                                  studio.default("anchor_strength"))
-                        init_strength = _slider("init_strength", "Init strength", studio.default("init_strength"))
-                        background_freeze = _slider("background_freeze", "Background freeze",
-                                                    studio.default("background_freeze"))
-                        with gr.Accordion("Mask settings", open=False):
-                            mask_model = _dropdown("mask_model", "Mask model", studio.default("mask_model"),
-                                                   choices=[(MASK_MODEL_INFO[m].label, m) for m in MASK_MODELS])
-                            mask_threshold = _slider("mask_threshold", "Mask threshold",
-                                                     studio.default("mask_threshold"))
-                            mask_grow = _slider("mask_grow", "Mask grow / shrink", studio.default("mask_grow"))
-                            mask_feather = _slider("mask_feather", "Mask feather", studio.default("mask_feather"))
+                    with gr.Accordion("Reference image (optional)", open=True):
+                        with gr.Row():
+                            image = uploaded_image("image", label="Reference image",
+                                                   sources=["upload", "clipboard", "webcam"], height=300,
+                                                   elem_id="loopui-image")
+                            mask_editor = gr.ImageEditor(
+                                label="Motion mask", type="numpy", format="png",
+                                sources=(), transforms=(), layers=False, height=300, elem_id="loopui-mask",
+                                brush=gr.Brush(colors=[(PAINT_MOVE_COLOR, 0.8), (PAINT_STILL_COLOR, 0.8)],
+                                               default_color=(PAINT_MOVE_COLOR, 0.8), color_mode="fixed"),
+                                eraser=gr.Eraser())
+                        mask_note = gr.Markdown("", elem_id="loopui-mask-note")
+                        image_examples = sorted(str(p) for p in ASSETS_DIR.glob("*.png")
+                                                if p.name != "screenshot.png")
+                        if image_examples:
+                            gr.Examples(examples=[[p] for p in image_examples], inputs=[image],
+                                        label="Example images (made by scripts/make_assets.py)",
+                                        cache_examples=False, api_visibility="private")
+                        with gr.Group(visible=False) as image_controls:
+                            motion_region = gr.Radio(choices=list(knob_info("motion_region")["choices"]),
+                                                     value=studio.default("motion_region"), label="Motion region",
+                                                     info=_ui_help("motion_region"))
+                            anchor_strength = _slider("anchor_strength", "Anchor strength",
+                                                      studio.default("anchor_strength"))
+                            init_strength = _slider("init_strength", "Init strength",
+                                                    studio.default("init_strength"))
+                            background_freeze = _slider("background_freeze", "Background freeze",
+                                                        studio.default("background_freeze"))
+                            with gr.Accordion("Mask settings", open=False):
+                                mask_model = _dropdown("mask_model", "Mask model", studio.default("mask_model"),
+                                                       choices=[(MASK_MODEL_INFO[m].label, m) for m in MASK_MODELS])
+                                mask_threshold = _slider("mask_threshold", "Mask threshold",
+                                                         studio.default("mask_threshold"))
+                                mask_grow = _slider("mask_grow", "Mask grow / shrink", studio.default("mask_grow"))
+                                mask_feather = _slider("mask_feather", "Mask feather",
+                                                       studio.default("mask_feather"))
 
-                with gr.Accordion("Advanced", open=False):
-                    scheduler = _dropdown("scheduler", "Scheduler", studio.default("scheduler"),
-                                          choices=[("Pipeline's own", AUTO_SCHEDULER), ("DDIM", "ddim"),
-                                                   ("DPM (trailing)", "dpm")])
-                    with gr.Row():
-                        use_dynamic_cfg = gr.Checkbox(value=studio.default("use_dynamic_cfg"), label="Dynamic CFG",
-                                                      info=_ui_help("use_dynamic_cfg"))
-                        frame_invariant_decoding = gr.Checkbox(value=studio.default("frame_invariant_decoding"),
-                                                               label="Frame-invariant decoding",
-                                                               info=_ui_help("frame_invariant_decoding"))
-                    with gr.Row():
-                        shift_start = _slider("shift_start", "Shift start", studio.default("shift_start"))
-                        shift_end = _slider("shift_end", "Shift end", studio.default("shift_end"))
-                    window_mode = gr.Radio(choices=list(knob_info("window_mode")["choices"]),
-                                           value=studio.default("window_mode"), label="Long-loop mode",
-                                           info=_ui_help("window_mode"))
-                    with gr.Row():
-                        fps = _slider("fps", "FPS", studio.default("fps"))
-                        seam_polish = _dropdown("seam_polish", "Seam polish", studio.default("seam_polish"))
+                    with gr.Accordion("Advanced", open=False):
+                        scheduler = _dropdown("scheduler", "Scheduler", studio.default("scheduler"),
+                                              choices=[("Pipeline's own", AUTO_SCHEDULER), ("DDIM", "ddim"),
+                                                       ("DPM (trailing)", "dpm")])
+                        with gr.Row():
+                            use_dynamic_cfg = gr.Checkbox(value=studio.default("use_dynamic_cfg"),
+                                                          label="Dynamic CFG", info=_ui_help("use_dynamic_cfg"))
+                            frame_invariant_decoding = gr.Checkbox(value=studio.default("frame_invariant_decoding"),
+                                                                   label="Frame-invariant decoding",
+                                                                   info=_ui_help("frame_invariant_decoding"))
+                        with gr.Row():
+                            shift_start = _slider("shift_start", "Shift start", studio.default("shift_start"))
+                            shift_end = _slider("shift_end", "Shift end", studio.default("shift_end"))
+                        window_mode = gr.Radio(choices=list(knob_info("window_mode")["choices"]),
+                                               value=studio.default("window_mode"), label="Long-loop mode",
+                                               info=_ui_help("window_mode"))
+                        with gr.Row():
+                            fps = _slider("fps", "FPS", studio.default("fps"))
+                            seam_polish = _dropdown("seam_polish", "Seam polish", studio.default("seam_polish"))
 
             # ---------------------------------------------------------------- outputs
-            with gr.Column(scale=4):
-                with gr.Row():
+            with gr.Column(scale=4, elem_id="loopui-outputs"):
+                with gr.Row(elem_id="loopui-actions"):
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="loopui-generate", scale=3)
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="loopui-stop", scale=1)
                 video = gr.Video(label="Loop", loop=True, autoplay=True, interactive=False, elem_id="loopui-video",
                                  height=360)
                 status = gr.Markdown("Ready.", label="status", elem_id="loopui-status")
-                seam_md = gr.Markdown("", label="seam", elem_id="loopui-seam")
-                strip = gr.Image(label="Seam strips: the wrap (last 3 | first 3), then around the largest inner jump",
-                                 type="filepath", interactive=False, height=160)
-                files = gr.File(label="Downloads (MP4, GIF, WebP, settings JSON)", file_count="multiple",
-                                interactive=False)
-                gallery = gr.Gallery(label="This session's loops (click to restore settings)", columns=4,
-                                     height=220, allow_preview=False, interactive=False, object_fit="cover", fit_columns=False,
-                                     elem_id="loopui-gallery")
+                with gr.Column(elem_id="loopui-results"):
+                    seam_md = gr.Markdown("", label="seam", elem_id="loopui-seam")
+                    strip = gr.Image(label="Seam strips: the wrap (last 3 | first 3), then around the largest inner "
+                                           "jump", type="filepath", interactive=False, height=160)
+                    files = gr.File(label="Downloads (MP4, GIF, WebP, settings JSON)", file_count="multiple",
+                                    interactive=False)
+                    gallery = gr.Gallery(label="This session's loops (click to restore settings)", columns=4,
+                                         height=220, allow_preview=False, interactive=False, object_fit="cover",
+                                         fit_columns=False, elem_id="loopui-gallery")
 
-        # Hidden plumbing: the mask sent with /generate, and the /mask endpoint's output and trigger.
+        # Hidden plumbing: the painted mask sent with the page's Generate, the API's inputs, the /mask output.
         mask = gr.Image(label="Motion mask", type="filepath", image_mode="L", format="png", visible=False)
+        api = _api_inputs(studio)
         api_mask = gr.Image(label="Motion mask", type="filepath", image_mode="L", format="png", visible=False)
         api_mask_trigger = gr.Button(visible=False)
+        api_generate_trigger = gr.Button(visible=False)
+        page_origin, api_origin = gr.State("page"), gr.State("api")
 
         knobs: dict[str, gr.components.Component] = dict(
             prompt=prompt, negative_prompt=negative_prompt, image=image, mask=mask, shift_skip=shift_skip,
@@ -273,26 +423,31 @@ def build_app(studio: Studio) -> gr.Blocks:
             return studio.gpu_seconds(values.get("model") or studio.model_id, values)
 
         @gpu_decorator(duration=gpu_duration)
-        def generate(prompt: str, negative_prompt: str, shift_skip: float, rope_scale: float, num_frames: float,
-                     num_inference_steps: float, guidance_scale: float, seed: float, height: Optional[float],
-                     width: Optional[float], scheduler: str, use_dynamic_cfg: bool, frame_invariant_decoding: bool,
+        def generate(prompt: str, negative_prompt: str, num_frames: float, num_inference_steps: float,
+                     guidance_scale: float, seed: float, use_dynamic_cfg: bool, frame_invariant_decoding: bool,
                      shift_start: float, shift_end: float, window_mode: str, fps: float, seam_polish: str,
                      anchor_strength: float, init_strength: float, background_freeze: float, motion_region: str,
-                     mask_model: str, mask_threshold: float, mask_grow: float, mask_feather: float, model: str,
-                     history: list, image: Optional[str] = None, mask: Optional[str] = None,
+                     mask_model: str, mask_threshold: float, mask_grow: float, mask_feather: float,
+                     model: Optional[str], history: list, origin: str, shift_skip: Optional[float] = None,
+                     rope_scale: Optional[float] = None, height: Optional[float] = None, width: Optional[float] = None,
+                     scheduler: Optional[str] = None, image: Optional[str] = None, mask: Optional[str] = None,
                      request: gr.Request = None, progress: gr.Progress = gr.Progress()):
             """Generate a seamless loop; returns the looping MP4 first, then the seam note, the seam strip, the
-            files (MP4, GIF, WebP, settings JSON) and a status line."""
-            values = dict(locals())
-            for name in ("history", "request", "progress", "model"):
-                values.pop(name, None)
+            files (MP4, GIF, WebP, settings JSON) and a status line. Knobs left out (or null / "auto") get the
+            automatic values the page and the CLI use."""
+            arguments = dict(locals())
+            values = {name: value for name, value in arguments.items() if name in REQUEST_FIELDS}
             skip = gr.skip()
             try:
-                loop_request = studio.build_request(values, model_id=model or studio.model_id)
+                model_id = studio.check_model(model).model_id
+                if origin == "page":
+                    values = studio.page_values(values, model_id)
+                resolved = studio.build_request(values, model_id=model_id)
+                job = studio.start(_session(request), model_id, resolved.request)
             except ValueError as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
-            session = _session(request)
-            job = studio.start(session, model or studio.model_id, loop_request)
+                raise gr.Error(" ".join(str(exc).split()), print_exception=False) from None
+            notes = "".join(f"\n\nNote: {n}." for n in resolved.notes)
+            clock = ProgressClock()
             try:
                 # Two constraints on yielding: a cancelled event can only close this generator between yields
                 # (so yield at least every HEARTBEAT_SECONDS), and every yield makes the page hide the progress
@@ -304,10 +459,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                     if event is None or event.kind == "progress":
                         text = skip
                         if event is not None:
-                            shown, line = _progress_view(event)
+                            shown, line = _progress_view(event, clock)
                             progress(*shown[0], **shown[1])
-                            if event.stage != "denoise" or event.step <= 1:  # a new stage: worth a status line
-                                text = line
+                            if event.stage != "denoise" or event.step <= 1:
+                                text = line + notes  # a new stage or a new place in line: worth a status line
                             elif time.monotonic() - last_yield < HEARTBEAT_SECONDS:
                                 continue
                         yield skip, skip, skip, skip, text, skip
@@ -316,22 +471,28 @@ def build_app(studio: Studio) -> gr.Blocks:
                             progress(*shown[0], **shown[1])
                     elif event.kind == "done":
                         outcome = event.payload
-                        entry = studio.history_entry(outcome, values, model or studio.model_id)
+                        entry = studio.history_entry(outcome, values, model_id)
                         new_history = ([entry] + list(history or []))[:MAX_HISTORY]
                         warn = "".join(f"\n\n⚠ {w}" for w in outcome.warnings)
-                        text = f"Done. {outcome.details}\n\n{outcome.model_text}{warn}"
+                        text = f"Done. {outcome.details}{notes}\n\n{outcome.model_text}{warn}"
                         yield (str(outcome.video), outcome.seam_text, str(outcome.strip),
                                [str(f) for f in outcome.files], text, new_history)
                     else:  # error
                         exc = event.payload
                         from loopui.engine import LoopInterrupted
 
+                        if isinstance(exc, LeftLine):
+                            yield skip, skip, skip, skip, STOPPED_IN_LINE, skip
+                            return
                         if isinstance(exc, LoopInterrupted):
                             yield skip, skip, skip, skip, f"Stopped ({exc}). Ready for the next loop.", skip
                             return
                         if not isinstance(exc, ValueError):
                             logger.error("generation failed", exc_info=exc)
-                        raise gr.Error(studio.error_text(exc), print_exception=False)
+                        message = studio.error_text(exc)
+                        # The status line must not keep saying "fetching" or "denoising" after a failure.
+                        yield skip, skip, skip, skip, f"✖ Failed: {message}", skip
+                        raise gr.Error(message, print_exception=False)
             finally:
                 # A cancelled Gradio event closes this generator: make the worker stop too (within one step).
                 if job.running:
@@ -346,21 +507,30 @@ def build_app(studio: Studio) -> gr.Blocks:
                 raise gr.Error(str(exc), print_exception=False) from None
 
         def stop(request: gr.Request) -> str:
-            if studio.jobs.stop(_session(request)):
-                return "Stopped: the worker ends after the current denoising step. Ready for the next loop."
-            return "Nothing to stop. Ready."
+            job = studio.jobs.stop(_session(request))
+            if job is None:
+                return "Nothing to stop. Ready."
+            if job.stage == "queue":
+                return STOPPED_IN_LINE
+            return "Stopped: the worker ends after the current denoising step. Ready for the next loop."
 
-        # Inputs follow generate's signature (image and mask last, so API clients may omit them).
-        by_name = {**knobs, "model": model, "history": history}
-        gen_inputs = [by_name[p] for p in inspect.signature(generate).parameters if p in by_name]
+        # Inputs follow generate's signature, matched by name; the knobs whose API default is "automatic" (None) come
+        # last with a Python default, which is how Gradio tells clients they may leave them out.
+        def inputs_for(by_name: dict) -> list:
+            return [by_name[p] for p in inspect.signature(generate).parameters if p in by_name]
+
+        page_inputs = inputs_for({**knobs, "model": model, "history": history, "origin": page_origin})
+        api_inputs = inputs_for({**api, "history": history, "origin": api_origin})
+        outputs = [video, seam_md, strip, files, status, history]
+        generation = dict(concurrency_limit=studio.line.capacity + studio.line.slots, concurrency_id="generate")
         mask_step = generate_btn.click(prepare_mask, inputs=[image, mask_editor, mask_model, motion_region],
                                        outputs=[mask], api_visibility="private", queue=False)
-        gen_event = mask_step.then(generate, inputs=gen_inputs,
-                                   outputs=[video, seam_md, strip, files, status, history], api_name="generate",
-                                   concurrency_limit=studio.pool.size, concurrency_id="gpu",
-                                   show_progress_on=[video])
+        gen_event = mask_step.then(generate, inputs=page_inputs, outputs=outputs, api_name="page_generate",
+                                   api_visibility="private",
+                                   show_progress_on=[video], **generation)
         gen_event.then(lambda h: [(e.thumb, e.caption) for e in h], inputs=[history], outputs=[gallery],
                        api_visibility="private", queue=False)
+        api_generate_trigger.click(generate, inputs=api_inputs, outputs=outputs, api_name="generate", **generation)
         stop_btn.click(stop, inputs=None, outputs=[status], cancels=[gen_event], queue=False, api_name="stop",
                        api_visibility="undocumented")
 
@@ -386,23 +556,29 @@ def build_app(studio: Studio) -> gr.Blocks:
               outputs=[mask_editor, mask_note, image_controls], api_visibility="private", trigger_mode="always_last",
               show_progress_on=[mask_editor])
 
-        def mask_endpoint(image: Optional[str], mask_model: str, mask_threshold: float, mask_grow: float,
-                          mask_feather: float, motion_region: str) -> np.ndarray:
+        def mask_endpoint(image: Optional[str], mask_model: str = "u2netp", mask_threshold: float = 0.5,
+                          mask_grow: float = 0, mask_feather: float = 8,
+                          motion_region: str = "object") -> np.ndarray:
             """The motion mask the engine would use for ``image`` (white = may move), at preview size."""
             if not image:
-                raise gr.Error("no image given: pass a reference image", print_exception=False)
+                raise gr.Error("image: no image given; pass a reference image", print_exception=False)
             try:
-                preview = studio.mask_preview(image, mask_model, mask_threshold, mask_grow, mask_feather,
-                                              motion_region)
+                knobs_in = studio.mask_settings(dict(mask_model=mask_model, mask_threshold=mask_threshold,
+                                                     mask_grow=mask_grow, mask_feather=mask_feather,
+                                                     motion_region=motion_region), image)
+                preview = studio.mask_preview(image, knobs_in.mask_model, knobs_in.mask_threshold,
+                                              knobs_in.mask_grow, knobs_in.mask_feather, knobs_in.motion_region)
             except ValueError as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
+                raise gr.Error(" ".join(str(exc).split()), print_exception=False) from None
             if preview.mask is None:
-                if motion_region == "everything":
+                if knobs_in.motion_region == "everything":
                     return np.full(preview.image.shape[:2], 255, dtype=np.uint8)
                 raise gr.Error(preview.note, print_exception=False)
             return np.round(preview.mask * 255).astype(np.uint8)
 
-        api_mask_trigger.click(mask_endpoint, inputs=[image, *mask_settings], outputs=[api_mask], api_name="mask")
+        api_mask_inputs = [api[name] for name in ("image", "mask_model", "mask_threshold", "mask_grow",
+                                                    "mask_feather", "motion_region")]
+        api_mask_trigger.click(mask_endpoint, inputs=api_mask_inputs, outputs=[api_mask], api_name="mask")
 
         # ---------------------------------------------------------------- knobs that depend on each other
         def on_frames(model_id: str, frames: float, window: str):
@@ -447,7 +623,7 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         def use_preview(model_id: str):
             frames = PREVIEW_SETTINGS["num_frames"]
-            return ("64x96", PREVIEW_SETTINGS["height"], PREVIEW_SETTINGS["width"], frames,
+            return ("96x64", PREVIEW_SETTINGS["height"], PREVIEW_SETTINGS["width"], frames,
                     PREVIEW_SETTINGS["num_inference_steps"], _shift_update(studio, model_id, frames))
 
         preview_btn.click(use_preview, inputs=[model],
@@ -490,5 +666,7 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         demo.unload(cleanup)
 
+    # Generations wait in the studio's own line (it knows each job's place and can refuse with "busy"); Gradio's queue
+    # only bounds everything else.
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=4)
     return demo

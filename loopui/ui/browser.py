@@ -21,6 +21,29 @@ CHROMIUM_PATH = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 VIEWPORT = {"width": 1440, "height": 1200}
+PHONE_VIEWPORT = {"width": 390, "height": 844}  # a common phone screen, in CSS pixels
+
+# Where the page's key parts are (CSS pixels from the top of the page) and whether labels collide with controls.
+_LAYOUT_JS = """() => {
+  const box = (sel) => { const el = document.querySelector(sel); if (!el) return null;
+    const r = el.getBoundingClientRect(); return {x: r.x, y: r.y + window.scrollY, w: r.width, h: r.height,
+                                                  right: r.right, bottom: r.bottom + window.scrollY}; };
+  const overlap = (a, b) => !!a && !!b && a.x < b.right && b.x < a.right && a.y < b.bottom && b.y < a.bottom;
+  const input = document.querySelector('#loopui-model input');
+  const style = input ? getComputedStyle(input) : null;
+  const arrow = box('#loopui-model .icon-wrap');
+  const inputBox = box('#loopui-model input');
+  const label = box('#loopui-mask label[data-testid=block-label]');
+  const panel = box('#loopui-mask .top-panel');
+  return {
+    prompt: box('#loopui-prompt'), generate: box('#loopui-generate'), video: box('#loopui-video'),
+    page_height: document.documentElement.scrollHeight, page_width: document.documentElement.scrollWidth,
+    // The model's text area must end before the dropdown arrow starts (else the name runs under it).
+    model_text_right: inputBox && style ? inputBox.right - parseFloat(style.paddingRight) : null,
+    model_arrow_left: arrow ? arrow.x : null,
+    mask_label_hidden_by_toolbar: overlap(label, panel),
+  };
+}"""
 
 # Reads the <video> element's playback state; fetches its source so a missing/forbidden file shows up as a status.
 _VIDEO_STATE_JS = """async (el) => {
@@ -57,6 +80,12 @@ class PageReport:
     video: dict = field(default_factory=dict)
     gallery_items: int = 0
     screenshot: Optional[Path] = None
+
+
+def layout_report(page: Any) -> dict:
+    """Positions of the prompt, Generate and the player, the page's size, and the two label collisions that used to
+    happen (model name under the dropdown arrow, mask editor label under its toolbar)."""
+    return page.evaluate(_LAYOUT_JS)
 
 
 def _paint_stroke(page: Any) -> None:
@@ -132,5 +161,5 @@ def drive_studio(page: Any, url: str, prompt: str, image: Path, screenshot: Opti
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot), full_page=True)
     return PageReport(mask_seconds=mask_seconds, mask_note=mask_note, mask_has_image=has_image,
-                      image_controls_visible=controls_visible, generate_seconds=generate_seconds, status=status, seam=seam, video=state,
-                      gallery_items=gallery_items, screenshot=screenshot)
+                      image_controls_visible=controls_visible, generate_seconds=generate_seconds, status=status,
+                      seam=seam, video=state, gallery_items=gallery_items, screenshot=screenshot)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -18,6 +19,118 @@ ProgressCallback = Callable[..., None]  # (stage, step, total[, message]) -- the
 JobTarget = Callable[[ProgressCallback, threading.Event], Any]
 
 TERMINAL_KINDS = ("done", "error")
+
+
+class LineFull(ValueError):
+    """The waiting line in front of the GPU is full: the request is refused at once (a clear "busy" message)."""
+
+
+class LeftLine(RuntimeError):
+    """A job was stopped while it waited in line: it never started."""
+
+
+class Ticket:
+    """One job's place in a :class:`WaitingLine`."""
+
+    __slots__ = ("admitted",)
+
+    def __init__(self) -> None:
+        self.admitted = False
+
+
+class WaitingLine:
+    """First come, first served, in front of the GPU: ``slots`` jobs run at once, at most ``capacity`` wait.
+
+    ``join`` is called by the request's thread (so a full line is refused before anything starts); ``wait`` by the
+    job's worker, which hears its position while it waits and leaves the line when its cancel event is set.
+    """
+
+    def __init__(self, slots: int = 1, capacity: int = 16) -> None:
+        if slots < 1 or capacity < 0:
+            raise ValueError(f"slots must be >= 1 and capacity >= 0, got {slots!r}, {capacity!r}")
+        self.slots = slots
+        self.capacity = capacity
+        self._waiting: list[Ticket] = []
+        self._running = 0
+        self._cond = threading.Condition()
+
+    def join(self) -> Ticket:
+        """A place at the end of the line; :class:`LineFull` when ``capacity`` jobs already wait."""
+        with self._cond:
+            waiting = len(self._waiting)
+            if waiting >= self.capacity and self._running + waiting >= self.slots:
+                raise LineFull(f"busy: {waiting} loop{' is' if waiting == 1 else 's are'} already waiting for the "
+                               "GPU (the line is full); try again in a few minutes")
+            ticket = Ticket()
+            self._waiting.append(ticket)
+            return ticket
+
+    def wait(self, ticket: Ticket, cancel: threading.Event,
+             on_position: Optional[Callable[[int, int], None]] = None, poll: float = 0.1) -> None:
+        """Block until it is ``ticket``'s turn. ``on_position(ahead, waiting)`` hears how many jobs are ahead
+        (running or waiting) whenever that changes; a set ``cancel`` leaves the line and raises :class:`LeftLine`."""
+        last = None
+        with self._cond:
+            while True:
+                if cancel.is_set():
+                    self._waiting.remove(ticket)
+                    self._cond.notify_all()
+                    raise LeftLine("left the queue before it started")
+                index = self._waiting.index(ticket)
+                if index == 0 and self._running < self.slots:
+                    self._waiting.pop(0)
+                    self._running += 1
+                    ticket.admitted = True
+                    self._cond.notify_all()
+                    return
+                ahead = self._running + index
+                if on_position is not None and ahead != last:
+                    last = ahead
+                    on_position(ahead, len(self._waiting))
+                self._cond.wait(poll)
+
+    def done(self, ticket: Ticket) -> None:
+        """Give the slot back (after the job ran) or leave the line (if it never got in)."""
+        with self._cond:
+            if ticket.admitted:
+                ticket.admitted = False
+                self._running -= 1
+            elif ticket in self._waiting:
+                self._waiting.remove(ticket)
+            self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """How many jobs wait now (not counting the running ones)."""
+        with self._cond:
+            return len(self._waiting)
+
+
+class ProgressClock:
+    """Elapsed time of a job (from when it left the line) and an estimate of the denoising time left."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.started: Optional[float] = None
+        self._denoise: Optional[tuple[float, int]] = None  # (time, step) of the first denoising report
+
+    def times(self, stage: str, step: int, total: int) -> tuple[float, Optional[float]]:
+        """(seconds elapsed, seconds of denoising left or None when unknown) at this progress report."""
+        now = self._clock()
+        if stage == "queue":
+            return 0.0, None
+        if self.started is None:
+            self.started = now
+        left = None
+        if stage == "denoise":
+            if self._denoise is None:
+                # The first report comes after the first step; time it from the job's start or the last stage.
+                self._denoise = (now, step)
+            else:
+                t0, s0 = self._denoise
+                if step > s0:
+                    left = (now - t0) / (step - s0) * max(total - step, 0)
+        return now - self.started, left
 
 
 @dataclass(frozen=True)
@@ -42,6 +155,7 @@ class LoopJob:
         self._on_exit = on_exit
         self._events: "queue.Queue[JobEvent]" = queue.Queue()
         self.cancel_event = threading.Event()
+        self.stage = ""  # the last progress stage reported ("queue" while it waits in line)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> "LoopJob":
@@ -63,6 +177,7 @@ class LoopJob:
         return not self._thread.is_alive()
 
     def _progress(self, stage: str, step: int, total: int, message: str = "") -> None:
+        self.stage = stage
         self._events.put(JobEvent("progress", stage=stage, step=int(step), total=int(total), message=message))
 
     def _run(self) -> None:
@@ -118,15 +233,16 @@ class JobRegistry:
             if self._jobs.get(session) is job:
                 del self._jobs[session]
 
-    def stop(self, session: str) -> bool:
-        """Cancel the session's running job; False when there was none."""
+    def stop(self, session: str) -> Optional[LoopJob]:
+        """Cancel the session's running job and return it (its ``stage`` says whether it was still waiting in
+        line); None when there was none."""
         with self._lock:
             job = self._jobs.get(session)
         if job is None or not job.running:
-            return False
+            return None
         job.cancel()
-        logger.info("stop requested for session %s", session[:8])
-        return True
+        logger.info("stop requested for session %s (stage %s)", session[:8], job.stage or "start")
+        return job
 
     def running(self) -> int:
         """How many worker threads are running now (all sessions)."""

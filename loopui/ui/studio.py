@@ -6,15 +6,14 @@ data, so it reads (and tests) without a browser. Heavy imports (torch, the engin
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
 import threading
 import time
-import typing
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,30 +21,48 @@ from typing import Any, Optional
 
 import numpy as np
 
-from loopui.engine.settings import LoopRequest, default_shift_skip, knob_info, latent_length
-from loopui.ui.jobs import JobRegistry, LoopJob, ProgressCallback
+from loopui.engine.settings import (
+    LoopRequest,
+    ResolvedRequest,
+    auto_rope_scale,
+    default_shift_skip,
+    knob_info,
+    latent_length,
+    request_from_values,
+    resolve_request,
+    size_text,
+)
+from loopui.ui.jobs import JobRegistry, LoopJob, ProgressCallback, WaitingLine
 
 logger = logging.getLogger(__name__)
 
 # Settings that make a generation take seconds on a CPU (a preview, not a finished loop).
 PREVIEW_SETTINGS: dict[str, int] = {"height": 64, "width": 96, "num_frames": 49, "num_inference_steps": 4}
 
-# Resolution presets: value -> (height, width); "native" means the model's own size (None, None).
+# Resolution presets: value (width x height, as sizes are written everywhere) -> (height, width) for the two
+# boxes; "native" means the model's own size (None, None).
 RESOLUTION_PRESETS: dict[str, tuple[Optional[int], Optional[int]]] = {
     "native": (None, None),
-    "64x96": (64, 96),
-    "256x384": (256, 384),
-    "320x480": (320, 480),
-    "480x720": (480, 720),
+    "96x64": (64, 96),
+    "384x256": (256, 384),
+    "480x320": (320, 480),
+    "720x480": (480, 720),
 }
 RESOLUTION_LABELS: dict[str, str] = {
     "native": "Model's native size",
-    "64x96": "Preview 64×96 (seconds on a CPU)",
-    "256x384": "Small 256×384",
-    "320x480": "Medium 320×480",
-    "480x720": "Full 480×720 (CogVideoX)",
+    "96x64": "Preview 96x64 (seconds on a CPU)",
+    "384x256": "Small 384x256",
+    "480x320": "Medium 480x320",
+    "720x480": "Full 720x480",
 }
 CUSTOM_RESOLUTION = "custom"
+
+# Public mode (a shared server, e.g. a Space): what one request may ask for at most.
+PUBLIC_LIMITS: dict[str, int] = {"num_inference_steps": 50, "num_frames": 97, "pixels": 480 * 720,
+                                 "prompt_chars": 2000}
+# Housekeeping of session outputs: files older than this, or beyond this total (oldest first), are deleted.
+DEFAULT_MAX_OUTPUT_AGE_S = 24 * 3600.0
+DEFAULT_MAX_OUTPUT_BYTES = 2 * 2**30
 
 OUTPUT_SUFFIXES = (".mp4", ".gif", ".webp")
 AUTO_SCHEDULER = "auto"  # dropdown value for "the model's own scheduler" (LoopRequest.scheduler = None)
@@ -68,19 +85,6 @@ REQUEST_FIELDS: tuple[str, ...] = (
 )
 # The knobs a gallery click restores (the reference image and painted mask are not restored).
 RESTORED_FIELDS: tuple[str, ...] = tuple(f for f in REQUEST_FIELDS if f not in ("image", "mask"))
-
-
-def _integer_fields() -> frozenset[str]:
-    hints = typing.get_type_hints(LoopRequest)
-    out = set()
-    for f in dataclasses.fields(LoopRequest):
-        hint = hints[f.name]
-        if hint is int or int in typing.get_args(hint):
-            out.add(f.name)
-    return frozenset(out)
-
-
-INTEGER_FIELDS = _integer_fields()
 
 
 # ZeroGPU: GPU seconds per denoising step at a model's native size and trained length (classifier-free guidance
@@ -219,7 +223,10 @@ class Studio:
 
     ``manager`` is a ``loopui.models.ModelManager`` (built lazily when None). ``demo`` switches the defaults to the
     tiny random model and preview settings. ``has_gpu`` None = ask torch. ``devices`` picks the GPUs: one job runs
-    on each at a time, each device with its own cached model and memory policy.
+    on each at a time, each device with its own cached model and memory policy. ``public`` (a shared server):
+    registry models only (no folders), requests capped by ``PUBLIC_LIMITS``. ``line`` is the waiting line in front of
+    the GPUs (as many places running at once as there are devices); session outputs older than
+    ``max_output_age_s`` or beyond ``max_output_bytes`` in total are deleted.
     """
 
     manager: Any = None
@@ -229,7 +236,11 @@ class Studio:
     output_root: Optional[Path] = None
     devices: Optional[Any] = None  # "cuda:0,cuda:1" or a list; None = every visible GPU (else the CPU)
     zero_gpu: bool = False  # a Hugging Face ZeroGPU Space: one "cuda" device, model loaded at start-up
+    public: bool = False
+    max_output_age_s: float = DEFAULT_MAX_OUTPUT_AGE_S
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     jobs: JobRegistry = field(default_factory=JobRegistry)
+    line: Optional[WaitingLine] = None  # built in __post_init__ with one running place per device
     pool: Any = field(default=None, repr=False)
     _saliency_cache: "OrderedDict[tuple, Any]" = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -245,7 +256,13 @@ class Studio:
         if self.model_id is None:
             self.model_id = DEMO_MODEL_ID if self.demo else DEFAULT_MODEL_ID
         self.model_id = resolve_model_id(str(self.model_id))
-        self.spec(self.model_id)  # a bad --model fails at start, with the registry's message
+        spec = self.spec(self.model_id)  # a bad --model fails at start, with the registry's message
+        if self.public and spec.local_path is not None:
+            raise ValueError(f"public mode serves registry models only, not the folder {self.model_id!r}: pass a "
+                             "model id (see `python -m loopui models`) or run without --public")
+        if self.max_output_age_s <= 0 or self.max_output_bytes <= 0:
+            raise ValueError(f"output limits must be positive, got age {self.max_output_age_s!r} s and size "
+                             f"{self.max_output_bytes!r} bytes")
         if self.has_gpu is None:
             self.has_gpu = cuda_available()
         if self.pool is None:
@@ -258,6 +275,8 @@ class Studio:
             else:
                 names = parse_devices(self.devices)
             self.pool = DevicePool(names)
+        if self.line is None:
+            self.line = WaitingLine(slots=self.pool.size)
         if self.output_root is None:
             self.output_root = Path(tempfile.gettempdir()) / SESSION_ROOT_NAME
         self.output_root = Path(self.output_root)
@@ -281,6 +300,18 @@ class Studio:
             choices.insert(0, (f"{self.model_id} (local)", self.model_id))
         return choices
 
+    def check_model(self, model_id: Any) -> Any:
+        """The spec of a model a request names; only the dropdown's models are served (never a path from a client)."""
+        from loopui.models import resolve_model_id
+
+        allowed = [value for _, value in self.model_choices()]
+        name = resolve_model_id(model_id.strip()) if isinstance(model_id, str) and model_id.strip() else None
+        if name is None:
+            name = self.model_id
+        if name not in allowed:
+            raise ValueError(f"model {model_id!r} is not served here; choose one of: {', '.join(allowed)}")
+        return self.spec(name)
+
     def model_text(self, model_id: str) -> str:
         """One line about a model for the page: description, trained cycle, RoPE."""
         spec = self.spec(model_id)
@@ -299,12 +330,13 @@ class Studio:
         return round(float(resolve_rope_scale(request, spec, length)), 2)
 
     def warm_up(self) -> threading.Thread:
-        """In a background thread: open the default mask model when its weights are on disk (so the first mask
-        preview is quick) and, on the demo model, build it (real models still load on the first Generate)."""
+        """In a background thread: tidy old outputs, open the default mask model when its weights are on disk (so
+        the first mask preview is quick) and, on the demo model, build it (real models load on the first Generate)."""
 
         def run() -> None:
             from loopui import saliency
 
+            self.sweep_outputs()
             try:
                 if saliency.weights_available(saliency.DEFAULT_MASK_MODEL):
                     saliency.compute_saliency(np.zeros((32, 32, 3), np.uint8), saliency.DEFAULT_MASK_MODEL)
@@ -350,7 +382,7 @@ class Studio:
 
     def default_resolution(self) -> str:
         """The resolution preset shown at start."""
-        return "64x96" if self.preview_defaults else "native"
+        return "96x64" if self.preview_defaults else "native"
 
     def banner(self) -> str:
         """Markdown shown at the top of the page (demo model, no GPU), empty when there is nothing to say."""
@@ -360,44 +392,78 @@ class Studio:
                          "abstract noise and exists to try the interface (sliders, progress, Stop, exports, "
                          "API) in seconds without a GPU or a download.")
         if not self.has_gpu:
-            lines.append("**No GPU found.** Generation runs on the CPU, which is very slow for real models: the "
-                         "page starts with preview settings (64×96, 49 frames, 4 steps). Press *Use preview "
-                         "settings* to get them back.")
+            preview = size_text(PREVIEW_SETTINGS["width"], PREVIEW_SETTINGS["height"])
+            lines.append(f"**No GPU found.** Generation runs on the CPU, which is very slow for real models: the "
+                         f"page starts with preview settings ({preview}, {PREVIEW_SETTINGS['num_frames']} frames, "
+                         f"{PREVIEW_SETTINGS['num_inference_steps']} steps). Press *Use preview settings* to get "
+                         f"them back.")
         return "\n\n".join(lines)
 
     # -- requests -------------------------------------------------------------------------------------------------
 
-    def build_request(self, values: dict, model_id: Optional[str] = None) -> LoopRequest:
-        """A validated ``LoopRequest`` from UI/API values; ``ValueError`` with a readable message otherwise."""
-        data = {}
-        for name in REQUEST_FIELDS:
-            if name not in values:
-                continue
-            value = values[name]
-            if isinstance(value, str) and name not in ("prompt", "negative_prompt"):
-                value = value.strip() or None
-            if name in ("height", "width") and value in (0, None):
-                value = None  # an empty box means the model's native size
-            if name == "scheduler" and value in (None, AUTO_SCHEDULER):
-                value = None
-            if name in INTEGER_FIELDS and value is not None:
-                value = _as_int(name, value)
-            data[name] = value
-        data.setdefault("prompt", "")
-        if data.get("prompt") is None:
-            data["prompt"] = ""
-        if data.get("negative_prompt") is None:
-            data["negative_prompt"] = ""
-        request = LoopRequest(**data).validate()
-        if not request.prompt.strip():
-            raise ValueError("prompt is empty: describe what the loop should show")
-        spec = self.spec(model_id or self.model_id)
-        if spec.image_to_video and request.image is None:
-            raise ValueError(f"{spec.model_id} animates a reference image: add an image first")
-        from loopui.engine.plan import plan_loop
+    def build_request(self, values: dict, model_id: Any = None) -> ResolvedRequest:
+        """A validated request with every automatic value filled in (``loopui.engine.settings.resolve_request``,
+        the same function the CLI uses), from page or API values; ``ValueError`` naming the parameter otherwise.
 
-        plan_loop(request, spec)  # every refusal the engine would make, before a model is loaded
+        Checked here, before anything is queued or loaded: the model is one this server offers, the numbers and
+        choices are in range, uploads are readable images, and in public mode the request is within its caps.
+        """
+        spec = self.check_model(model_id)
+        data = {name: values[name] for name in REQUEST_FIELDS if name in values}
+        if data.get("scheduler") == AUTO_SCHEDULER:
+            data["scheduler"] = None
+        resolved = resolve_request(request_from_values(data), spec)
+        request = resolved.request
+        if self.public:
+            self._check_public_limits(request)
+        for name in ("image", "mask"):
+            value = getattr(request, name)
+            if value is not None and not isinstance(value, np.ndarray):
+                _check_upload(name, value)
+        if spec.image_to_video and request.image is None:
+            raise ValueError(f"image: {spec.model_id} animates a reference image; add one first")
+        return resolved
+
+    def page_values(self, values: dict, model_id: str) -> dict:
+        """The page's values as a request: the RoPE slider shows the automatic scale rounded to its step, and while
+        it still shows it the page asks for "automatic", so it computes exactly what the API and the CLI compute."""
+        values = dict(values)
+        try:
+            auto = self.auto_rope_scale(model_id, int(values["num_frames"]), values["window_mode"])
+            shown = float(values["rope_scale"])
+        except (KeyError, TypeError, ValueError):
+            return values
+        if abs(shown - auto) < 1e-9:
+            values["rope_scale"] = None
+        return values
+
+    @staticmethod
+    def mask_settings(values: dict, image: Any) -> LoopRequest:
+        """The mask knobs of a ``/mask`` call, checked like a generation's (``ValueError`` naming the parameter), and
+        the image checked to be readable."""
+        from loopui.saliency import mask_model_info
+
+        request = request_from_values(values)
+        try:
+            mask_model_info(request.mask_model)
+        except ValueError as exc:
+            raise ValueError(f"mask_model: {exc}") from None
+        _check_upload("image", image)
         return request
+
+    @staticmethod
+    def _check_public_limits(request: LoopRequest) -> None:
+        limits = PUBLIC_LIMITS
+        for name in ("num_inference_steps", "num_frames"):
+            if getattr(request, name) > limits[name]:
+                raise ValueError(f"{name} must be <= {limits[name]} on this public server, got "
+                                 f"{getattr(request, name)}")
+        if request.height * request.width > limits["pixels"]:
+            raise ValueError(f"height x width must be at most {limits['pixels']} pixels on this public server "
+                             f"(720x480), got {size_text(request.width, request.height)}")
+        if len(request.prompt) + len(request.negative_prompt) > limits["prompt_chars"]:
+            raise ValueError(f"prompt must be at most {limits['prompt_chars']} characters on this public server, "
+                             f"got {len(request.prompt) + len(request.negative_prompt)}")
 
     # -- files ----------------------------------------------------------------------------------------------------
 
@@ -413,6 +479,11 @@ class Studio:
         path = Path(self.output_root) / _safe_name(session)
         shutil.rmtree(path, ignore_errors=True)
 
+    def sweep_outputs(self, now: Optional[float] = None) -> int:
+        """Housekeeping: delete session files older than ``max_output_age_s``, then the oldest ones until all
+        together fit in ``max_output_bytes``; empty session folders go too. Returns how many files were deleted."""
+        return sweep_folder(Path(self.output_root), self.max_output_age_s, self.max_output_bytes, now=now)
+
     def _next_index(self) -> int:
         with self._lock:
             self._counter += 1
@@ -421,8 +492,12 @@ class Studio:
     # -- generation -----------------------------------------------------------------------------------------------
 
     def start(self, session: str, model_id: str, request: LoopRequest) -> LoopJob:
-        """Start a generation in a worker thread: wait for a free device, load (cached) and render there, export,
-        seam strip. The device is held from the load to the last file, so no other job loads a model over it."""
+        """Start a generation in a worker thread: wait in line, then for a free device; load (cached) and render there,
+        export, seam strip. The device is held from the load to the last file, so no other job loads a model over it.
+
+        Raises ``LineFull`` (a ``ValueError``) at once when the line is full.
+        """
+        ticket = self.line.join()
         index = self._next_index()
         stem = self.session_dir(session) / f"loop-{index:03d}-seed{request.seed}"
         outputs = [stem.with_suffix(s) for s in OUTPUT_SUFFIXES]
@@ -448,16 +523,24 @@ class Studio:
                                      callback=report, cancel_event=cancel)
                 return self._outcome(index, render, stem, loaded, notes)
 
-            report("load", 0, 100, f"Loading {model_id}")
             try:
+                self.line.wait(ticket, cancel, lambda ahead, waiting: report("queue", ahead, waiting))
+                self.sweep_outputs()  # before this loop's files exist, so they are never the ones deleted
+                report("load", 0, 100, f"Loading {model_id}")
                 with self.pool.acquire(prefer=lambda device: self.manager.holds(model_id, device), cancel=cancel,
                                        on_wait=on_wait) as device:
                     return self.manager.run(model_id, work, device=device, progress=on_load, cancel=cancel,
                                             offload="none" if self.zero_gpu else None)
             except LoadCancelled as exc:
                 raise LoopInterrupted(str(exc)) from None
+            finally:
+                self.line.done(ticket)
 
-        return self.jobs.start(session, run)
+        try:
+            return self.jobs.start(session, run)
+        except BaseException:
+            self.line.done(ticket)
+            raise
 
     def preload(self) -> Any:
         """Load the start-up model now (ZeroGPU's pattern: weights go to the GPU at start-up, outside any GPU call,
@@ -496,7 +579,7 @@ class Studio:
         Image.fromarray(result.frames[0]).save(thumb)
         s = result.settings
         timings = result.timings
-        details = (f"{len(result.frames)} frames · {s.get('width')}×{s.get('height')} · L = "
+        details = (f"{len(result.frames)} frames · {size_text(s.get('width'), s.get('height'))} · L = "
                    f"{s.get('num_latent_frames')} latents · shift {s.get('shift_skip')} · RoPE scale "
                    f"{float(s.get('rope_scale', 1.0)):.2f} · {timings.get('total', 0.0):.1f} s (denoise "
                    f"{timings.get('denoise', 0.0):.1f} s, decode {timings.get('decode', 0.0):.1f} s)")
@@ -533,9 +616,12 @@ class Studio:
         from loopui.models import OutOfGPUMemory
 
         text = " ".join(str(exc).split()) or type(exc).__name__
-        if isinstance(exc, (ValueError, ModelLoadError, SaliencyUnavailable, ImageInputError, OutOfGPUMemory,
-                            NonFiniteOutput)):
-            return text[:1].upper() + text[1:] if isinstance(exc, (OutOfGPUMemory, NonFiniteOutput)) else text
+        if isinstance(exc, ModelLoadError):
+            return _load_error_text(exc, text)
+        if isinstance(exc, (ValueError, SaliencyUnavailable, ImageInputError)):
+            return text
+        if isinstance(exc, (OutOfGPUMemory, NonFiniteOutput)):
+            return text[:1].upper() + text[1:]
         return f"generation failed ({type(exc).__name__}): {text}"
 
     # -- masks ----------------------------------------------------------------------------------------------------
@@ -617,16 +703,73 @@ class Studio:
         return np.round(out * 255).astype(np.uint8)
 
 
-def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
+def _check_upload(name: str, path: Any) -> None:
+    """Refuse an upload that is not a readable image, with one line naming the parameter and the file's own name
+    (never the server's temp path)."""
+    from loopui.media import ImageInputError, open_image, read_mask
+
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    if not math.isfinite(number) or number != int(number):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(number)
+        (open_image if name == "image" else read_mask)(path)
+    except ImageInputError as exc:
+        text = " ".join(str(exc).split())
+        if isinstance(path, (str, os.PathLike)):
+            full = os.fspath(path)
+            text = text.replace(full, Path(full).name)
+        if "cannot identify image file" in text:
+            text = f"{Path(os.fspath(path)).name!r} is not an image file (or it is empty)"
+        elif "truncated" in text:
+            text = f"{Path(os.fspath(path)).name!r} is truncated (an incomplete upload?)"
+        raise ValueError(f"{name}: {text}") from None
+
+
+def _load_error_text(exc: BaseException, text: str) -> str:
+    """A model that could not be fetched or loaded, in whole sentences: the loader's own one-liner can be cut to a
+    length limit mid-word, so its reason is rebuilt from the first sentence of the underlying error."""
+    cause = exc.__cause__
+    head, _, rest = text.partition(": ")
+    advice = rest.partition(" -- ")[2]
+    if cause is None or not rest:
+        return text
+    reason = " ".join(str(cause).split()) or type(cause).__name__
+    reason = re.split(r"(?<=[a-z0-9)])\. |\s\(", reason, maxsplit=1)[0].rstrip(". ")
+    return f"{head}: {reason}." + (f" To fix: {advice}" if advice else "")
+
+
+def sweep_folder(root: Path, max_age_s: float, max_bytes: int, now: Optional[float] = None) -> int:
+    """Delete files under ``root`` older than ``max_age_s``, then the oldest until the rest fit in ``max_bytes``;
+    remove folders left empty. Returns the number of files deleted. Files that vanish meanwhile are skipped."""
+    now = time.time() if now is None else now
+    if not root.is_dir():
+        return 0
+    files = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file():
+                stat = path.stat()
+                files.append((stat.st_mtime, stat.st_size, path))
+        except OSError:
+            continue
+    files.sort()
+    removed = 0
+    total = sum(size for _, size, _ in files)
+    for mtime, size, path in files:
+        if now - mtime <= max_age_s and total <= max_bytes:
+            break
+        try:
+            path.unlink()
+        except OSError as exc:
+            logger.warning("could not delete old output %s: %s", path, exc)
+            continue
+        removed += 1
+        total -= size
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # only succeeds when empty; the exporter re-creates a session's folder when it writes
+        except OSError:
+            pass
+    if removed:
+        logger.info("housekeeping: deleted %d old output files under %s", removed, root)
+    return removed
 
 
 def preview_image(image_path: str, max_side: int = MASK_PREVIEW_MAX_SIDE) -> np.ndarray:

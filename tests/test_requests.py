@@ -1,0 +1,303 @@
+"""One request resolver for the page, the API and the CLI; the whole-number rule; housekeeping; public mode; the
+waiting line in front of the GPU. No server here (see test_bad_inputs.py for the API end to end)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from loopui.engine.settings import (
+    LoopRequest,
+    WHOLE_NUMBER_FIELDS,
+    nearest_frame_count,
+    request_from_values,
+    resolve_request,
+    whole_number,
+)
+from loopui.models import REGISTRY, spec_for
+
+FIVE_B = REGISTRY["THUDM/CogVideoX-5b"]
+TWO_B = REGISTRY["THUDM/CogVideoX-2b"]
+
+
+# -- the whole-number rule --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, expected", [(7, 7), (7.0, 7), ("7", 7), (" 7 ", 7), ("7.0", 7), (-3, -3)])
+def test_whole_numbers_are_accepted_in_any_spelling(value, expected):
+    assert whole_number("seed", value) == expected
+
+
+@pytest.mark.parametrize("value", [1.5, "1.5", "seven", True, float("nan"), float("inf"), None, [1]])
+def test_anything_else_is_refused_by_name_never_rounded(value):
+    with pytest.raises(ValueError, match=r"^seed must be a whole number"):
+        whole_number("seed", value)
+
+
+def test_the_rule_applies_to_every_integer_knob():
+    assert set(WHOLE_NUMBER_FIELDS) == {"num_frames", "height", "width", "num_inference_steps", "seed", "shift_skip",
+                                        "fps", "mask_grow", "mask_feather"}
+    for name in WHOLE_NUMBER_FIELDS:
+        with pytest.raises(ValueError, match=f"^{name} must be a whole number, got 2.5"):
+            request_from_values({"prompt": "x", name: 2.5})
+    # The CLI parses each of them with the same rule.
+    from loopui.cli import _KNOB_FLAGS, _whole
+
+    assert {field for _, field, kind in _KNOB_FLAGS if kind is _whole} == set(WHOLE_NUMBER_FIELDS)
+
+
+@pytest.mark.parametrize("frames, expected", [(49, 49), (50, 49), (51, 49), (52, 53), (5, 5), (6, 5), (97, 97),
+                                              (100, 101)])
+def test_frame_counts_move_to_the_nearest_4n_plus_1(frames, expected):
+    assert nearest_frame_count(frames, 4) == expected
+
+
+def test_a_frame_count_not_of_the_form_kn_plus_1_is_moved_with_a_note():
+    resolved = resolve_request(request_from_values({"prompt": "x", "num_frames": 50}), FIVE_B)
+    assert resolved.request.num_frames == 49 and resolved.num_latent_frames == 13
+    assert resolved.notes == ("num_frames 50 is not of the form 4n+1: using 49",)
+    assert resolve_request(LoopRequest(prompt="x", num_frames=49), FIVE_B).notes == ()
+
+
+# -- automatic values: one function for page, API and CLI -------------------------------------------------------
+
+@pytest.mark.parametrize("frames, shift, rope", [(49, 6, 1.0), (97, 12, 25 / 13), (21, 1, 1.0), (101, 11, 2.0)])
+def test_automatic_shift_and_rope_follow_the_cycle_length(frames, shift, rope):
+    resolved = resolve_request(LoopRequest(prompt="x", num_frames=frames), FIVE_B).request
+    assert resolved.shift_skip == shift and resolved.rope_scale == pytest.approx(rope)
+    assert (resolved.height, resolved.width) == (FIVE_B.native_height, FIVE_B.native_width)
+    # Window mode keeps the trained table; a model without rotary embeddings has nothing to scale.
+    assert resolve_request(LoopRequest(prompt="x", num_frames=frames, window_mode="window"),
+                           FIVE_B).request.rope_scale == 1.0
+    assert resolve_request(LoopRequest(prompt="x", num_frames=frames), TWO_B).request.rope_scale == 1.0
+
+
+def test_the_model_facts_come_from_the_spec_not_from_cogvideox_constants():
+    import dataclasses
+
+    eight = dataclasses.replace(FIVE_B, temporal_compression=8, trained_latent_frames=5, native_height=64,
+                                native_width=96)
+    resolved = resolve_request(LoopRequest(prompt="x", num_frames=50), eight)
+    assert resolved.request.num_frames == 49 and resolved.num_latent_frames == 7  # 8n+1 counts
+    assert resolved.request.rope_scale == pytest.approx(7 / 5)
+    assert (resolved.request.height, resolved.request.width) == (64, 96)
+
+
+def test_explicit_values_win_and_are_checked_against_the_cycle():
+    resolved = resolve_request(LoopRequest(prompt="x", num_frames=97, shift_skip=5, rope_scale=1.5), FIVE_B)
+    assert (resolved.request.shift_skip, resolved.request.rope_scale) == (5, 1.5)
+    with pytest.raises(ValueError, match=r"^shift_skip must be in \[0, 12\] for a cycle of 13 latents"):
+        resolve_request(LoopRequest(prompt="x", shift_skip=13), FIVE_B)
+    with pytest.raises(ValueError, match="^rope_scale must be 1 for this model"):
+        resolve_request(LoopRequest(prompt="x", rope_scale=2.0), TWO_B)
+    with pytest.raises(ValueError, match="^mask_model: unknown mask model 'sam'"):
+        resolve_request(LoopRequest(prompt="x", mask_model="sam"), FIVE_B)
+    with pytest.raises(ValueError, match="^prompt is empty"):
+        resolve_request(LoopRequest(prompt="  "), FIVE_B)
+
+
+def test_auto_is_spelled_none_empty_or_auto():
+    for spelling in (None, "", "auto", " AUTO "):
+        request = request_from_values({"prompt": "x", "num_frames": 97, "rope_scale": spelling,
+                                       "shift_skip": spelling, "height": spelling})
+        assert (request.rope_scale, request.shift_skip, request.height) == (None, None, None)
+    with pytest.raises(ValueError, match="^unknown setting 'steps'"):
+        request_from_values({"prompt": "x", "steps": 4})
+
+
+def test_page_api_and_cli_compute_the_same_loop(tmp_path):
+    """97 frames on CogVideoX-5b with shift and RoPE left automatic: shift 12 and RoPE 25/13 on every path."""
+    from loopui.cli import build_parser, build_request
+    from loopui.ui import Studio
+    from loopui.ui.blocks import _rope_update, _shift_update
+
+    studio = Studio(model_id="THUDM/CogVideoX-5b", has_gpu=True, output_root=tmp_path, manager=object())
+    base = {"prompt": "waves", "num_frames": 97, "window_mode": "full"}
+    api = studio.build_request({**base}, "THUDM/CogVideoX-5b").request
+    # The page sends what its sliders show after a loop-length change.
+    shown = {**base, "shift_skip": _shift_update(studio, "THUDM/CogVideoX-5b", 97)["value"],
+             "rope_scale": _rope_update(studio, "THUDM/CogVideoX-5b", 97, "full")["value"]}
+    page = studio.build_request(studio.page_values(shown, "THUDM/CogVideoX-5b"), "THUDM/CogVideoX-5b").request
+    args = build_parser().parse_args(["generate", "--prompt", "waves", "--frames", "97", "-o", "x.mp4"])
+    cli = build_request(args, spec_for(args.model)).request
+    for request in (api, page, cli):
+        assert request.shift_skip == 12 and request.rope_scale == pytest.approx(25 / 13)
+    assert shown["rope_scale"] == 1.92  # the slider's rounded value was not taken literally
+
+
+# -- housekeeping -----------------------------------------------------------------------------------------------
+
+def _file(path, size: int, age_s: float, now: float):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    os.utime(path, (now - age_s, now - age_s))
+    return path
+
+
+def test_sweep_deletes_old_files_then_the_oldest_beyond_the_size_cap(tmp_path):
+    from loopui.ui.studio import sweep_folder
+
+    now = time.time()
+    old = _file(tmp_path / "a" / "old.mp4", 10, 7200, now)
+    older_young = _file(tmp_path / "b" / "1.mp4", 400, 300, now)
+    young = _file(tmp_path / "b" / "2.mp4", 400, 200, now)
+    newest = _file(tmp_path / "c" / "3.mp4", 400, 100, now)
+    os.utime(tmp_path / "a", (now - 7200, now - 7200))
+    assert sweep_folder(tmp_path, max_age_s=3600, max_bytes=1000, now=now) == 2
+    assert not old.exists() and not older_young.exists()  # too old; then the oldest until 800 <= 1000
+    assert young.exists() and newest.exists()
+    assert not (tmp_path / "a").exists()  # an old, empty session folder goes too
+    assert sweep_folder(tmp_path, max_age_s=3600, max_bytes=1000, now=now) == 0
+
+
+def test_studio_sweeps_outputs_when_a_job_starts(tmp_path):
+    from loopui.ui import Studio
+
+    studio = Studio(demo=True, has_gpu=False, output_root=tmp_path, max_output_age_s=60, manager=object())
+    stale = _file(tmp_path / "gone-session" / "loop-001.mp4", 10, 3600, time.time())
+    studio.manager = _FailingManager()
+    job = studio.start("s", studio.model_id, LoopRequest(prompt="x"))
+    assert job.join(10)
+    assert not stale.exists()
+    with pytest.raises(ValueError, match="must be positive"):
+        Studio(demo=True, has_gpu=False, output_root=tmp_path, max_output_bytes=0, manager=object())
+
+
+class _FailingManager:
+    def get(self, *args, **kwargs):
+        raise RuntimeError("no model in this test")
+
+
+# -- public mode ------------------------------------------------------------------------------------------------
+
+def test_public_mode_caps_requests_and_refuses_folders(tmp_path, tiny_model_dir):
+    from loopui.ui import Studio
+    from loopui.ui.studio import PUBLIC_LIMITS
+
+    with pytest.raises(ValueError, match="public mode serves registry models only"):
+        Studio(model_id=str(tiny_model_dir), public=True, has_gpu=False, output_root=tmp_path, manager=object())
+    studio = Studio(demo=True, public=True, has_gpu=False, output_root=tmp_path, manager=object())
+    ok = {"prompt": "x", "num_frames": 49, "num_inference_steps": 50, "height": 480, "width": 720}
+    assert studio.build_request(ok).request.num_inference_steps == 50
+    for change, message in [({"num_inference_steps": 51}, "num_inference_steps must be <= 50 on this public"),
+                            ({"num_frames": 101}, "num_frames must be <= 97 on this public"),
+                            ({"height": 720, "width": 720}, r"height x width must be at most 345600 pixels"),
+                            ({"prompt": "x" * 2001}, "prompt must be at most 2000 characters")]:
+        with pytest.raises(ValueError, match=message):
+            studio.build_request({**ok, **change})
+    assert PUBLIC_LIMITS["pixels"] == 480 * 720
+    private = Studio(demo=True, has_gpu=False, output_root=tmp_path, manager=object())
+    assert private.build_request({**ok, "num_inference_steps": 200}).request.num_inference_steps == 200
+
+
+def test_public_mode_is_on_by_default_on_a_space(monkeypatch):
+    import app
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert app.parse_args([]).public is False and app.parse_args(["--public"]).public is True
+    monkeypatch.setenv("SPACE_ID", "someone/loopui")
+    assert app.parse_args([]).public is True and app.parse_args(["--no-public"]).public is False
+    monkeypatch.setenv("LOOPUI_KEEP_HOURS", "6")
+    args = app.parse_args(["--keep-gb", "0.5"])
+    assert (args.keep_hours, args.keep_gb) == (6.0, 0.5)
+
+
+def test_a_busy_port_is_one_line_naming_the_flag(capsys):
+    import socket
+
+    import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert app.main(["--demo", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"loopui: error: port {port} is busy: use --port (for example --port {port + 1})"]
+
+
+# -- the waiting line -------------------------------------------------------------------------------------------
+
+def test_line_is_first_come_first_served_and_reports_positions():
+    from loopui.ui.jobs import LeftLine, LineFull, WaitingLine
+
+    line = WaitingLine(slots=1, capacity=2)
+    first = line.join()
+    line.wait(first, threading.Event())  # a free slot: in at once
+    second, third = line.join(), line.join()
+    with pytest.raises(LineFull, match="busy: 2 loops are already waiting"):
+        line.join()
+    heard: list[tuple[int, int]] = []
+    order: list[str] = []
+    cancel_third = threading.Event()
+
+    def wait_second():
+        line.wait(second, threading.Event(), lambda ahead, waiting: heard.append((ahead, waiting)), poll=0.01)
+        order.append("second")
+
+    def wait_third():
+        try:
+            line.wait(third, cancel_third, poll=0.01)
+        except LeftLine:
+            order.append("third left")
+
+    threads = [threading.Thread(target=wait_second), threading.Thread(target=wait_third)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)
+    assert heard == [(1, 2)]  # one loop (the running one) ahead, two waiting
+    cancel_third.set()
+    threads[1].join(5)
+    assert order == ["third left"] and line.waiting == 1
+    line.done(first)
+    threads[0].join(5)
+    assert order == ["third left", "second"] and line.waiting == 0
+    line.done(second)
+    line.wait(line.join(), threading.Event())  # the slot was given back
+
+
+def test_progress_clock_reports_elapsed_and_what_is_left():
+    from loopui.ui.blocks import _progress_view
+    from loopui.ui.jobs import JobEvent, ProgressClock
+
+    now = [100.0]
+    clock = ProgressClock(clock=lambda: now[0])
+    _, line = _progress_view(JobEvent("progress", stage="queue", step=2, total=3), clock)
+    assert line.startswith("Queued: 2 loops ahead of yours (position 3)")
+    _progress_view(JobEvent("progress", stage="load", step=0, total=100, message="Loading"), clock)
+    now[0] = 110.0
+    _progress_view(JobEvent("progress", stage="denoise", step=1, total=21), clock)
+    now[0] = 112.0
+    (args, kwargs), _ = _progress_view(JobEvent("progress", stage="denoise", step=5, total=21), clock)
+    assert args == ((5, 21),)
+    assert kwargs["desc"] == "Denoising · 12 s elapsed · about 8 s left"  # 0.5 s a step, 16 steps to go
+
+
+# -- a mask the user gives always wins --------------------------------------------------------------------------
+
+def test_an_all_black_mask_with_background_freeze_makes_a_still_without_saliency_weights(tiny_pipe, monkeypatch,
+                                                                                           tmp_path):
+    """"Nothing moves" is a valid request: the all-black mask is used as given (it used to be replaced by the
+    computed mask, and without saliency weights the error asked for a mask although one was given)."""
+    import numpy as np
+    import torch
+
+    from loopui.engine import generate_loop
+    from saliency_fixtures import red_square_image, use_rembg_home
+
+    use_rembg_home(monkeypatch, tmp_path / "no-weights")  # no u2netp; a download attempt would fail
+    image = red_square_image((96, 64))
+    still = generate_loop(tiny_pipe, LoopRequest(prompt="x", height=32, width=48, num_inference_steps=2, seed=3,
+                                                 image=image, mask=np.zeros((32, 48), np.uint8),
+                                                 anchor_strength=0.0, background_freeze=1.0),
+                          output_type="latent")
+    latents = still.latents[0]  # (T, C, h, w)
+    for t in range(1, latents.shape[0]):
+        torch.testing.assert_close(latents[t], latents[0], rtol=0, atol=1e-5)
+    moving = generate_loop(tiny_pipe, LoopRequest(prompt="x", height=32, width=48, num_inference_steps=2, seed=3,
+                                                  image=image, mask=np.full((32, 48), 255, np.uint8),
+                                                  anchor_strength=0.0, background_freeze=1.0),
+                           output_type="latent")
+    assert not torch.allclose(moving.latents[0, 1], moving.latents[0, 0], atol=1e-3)
