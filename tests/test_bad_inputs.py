@@ -111,7 +111,7 @@ API_CASES = [
     ("negative shift", dict(shift_skip=-1), "shift_skip must be >= 0, got -1"),
     ("shift beyond the cycle", dict(num_frames=49, shift_skip=13), "shift_skip must be in [0, 12]"),
     ("too few frames", dict(num_frames=3), "num_frames must be >= 5"),
-    ("too many frames", dict(num_frames=1000), "num_frames must be <= 241"),
+    ("too many frames", dict(num_frames=1000), "num_frames must be <= 321"),
     ("fractional frames", dict(num_frames=20.5), "num_frames must be a whole number"),
     ("zero steps", dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
     ("fractional steps", dict(num_inference_steps=2.5), "num_inference_steps must be a whole number"),

@@ -91,8 +91,9 @@ def test_two_models_at_once_on_one_device_both_correct_and_the_running_one_not_e
     from loopui.ui.jobs import LoopJob
     from loopui.ui.studio import Studio
 
-    studio = Studio(manager=ModelManager(max_models=1, offload="model"), demo=True, has_gpu=True,
-                    devices="cuda:0", output_root=tmp_path / "out")
+    # The folder model is the start-up model, so the studio serves it (clients may not name other folders).
+    studio = Studio(manager=ModelManager(max_models=1, offload="model"), model_id=str(tiny_model_dir), demo=True,
+                    has_gpu=True, devices="cuda:0", output_root=tmp_path / "out")
     latents: dict[int, torch.Tensor] = {}
     running: set[int] = set()
     evicted_while_running: list[str] = []
@@ -114,8 +115,8 @@ def test_two_models_at_once_on_one_device_both_correct_and_the_running_one_not_e
     monkeypatch.setattr(loopui.engine, "render_loop", tracked_render)
     monkeypatch.setattr(manager_module, "_dispose", watched_dispose)
     model_a, model_b = str(tiny_model_dir), "demo"
-    request_a = studio.build_request(dict(QUICK, seed=11), model_id=model_a)
-    request_b = studio.build_request(dict(QUICK, seed=12), model_id=model_b)
+    request_a = studio.build_request(dict(QUICK, seed=11), model_id=model_a).request
+    request_b = studio.build_request(dict(QUICK, seed=12), model_id=model_b).request
 
     def finish(job) -> None:
         last = [e for e in job.events(heartbeat=0.01) if e is not None][-1]
@@ -274,7 +275,7 @@ def test_two_jobs_run_at_once_on_two_devices_each_with_its_own_pipeline_and_poli
     studio = Studio(manager=ModelManager(max_models=1), model_id=str(tiny_model_dir), has_gpu=True,
                     devices="cuda:0,cuda:1", output_root=tmp_path / "out")
     assert studio.pool.size == 2
-    requests = [studio.build_request(dict(QUICK, seed=seed)) for seed in (21, 22)]
+    requests = [studio.build_request(dict(QUICK, seed=seed)).request for seed in (21, 22)]
     ran_on, latents = {}, {}
     render = loopui.engine.render_loop
 
@@ -366,7 +367,7 @@ def _finish(job):
 
 def test_out_of_memory_mid_run_cleans_up_tells_the_user_and_retries_once_with_offload(oom_studio, fake_cuda):
     studio, injector, seen = oom_studio
-    request = studio.build_request(dict(QUICK, seed=5))
+    request = studio.build_request(dict(QUICK, seed=5)).request
     reference = generate_loop(studio.manager.get("demo", device="cuda:0").pipe, request, output_type="latent")
     assert studio.manager.loaded()[0].policy == "none"
     injector.calls, injector.fail_calls = 0, {2}  # the second denoising step of the next run
@@ -391,7 +392,7 @@ def test_out_of_memory_mid_run_cleans_up_tells_the_user_and_retries_once_with_of
 
 def test_out_of_memory_twice_gives_one_clear_message_and_the_app_keeps_serving(oom_studio, fake_cuda):
     studio, injector, seen = oom_studio
-    request = studio.build_request(dict(QUICK))
+    request = studio.build_request(dict(QUICK)).request
     injector.fail_calls = set(range(1, 1000))
     events = _finish(studio.start("s", "demo", request))
     assert events[-1].kind == "error"

@@ -50,8 +50,9 @@ def resolve_rope_scale(request: LoopRequest, spec: Any, length: int) -> float:
     """``rope_scale`` as used: explicit value, else ``L / L_trained`` for an over-long cycle in full mode, else 1."""
     if not spec.rotary:
         if request.rope_scale not in (None, 1, 1.0):
-            raise ValueError(f"rope_scale={request.rope_scale!r} needs a model with rotary position embeddings; "
-                             f"{spec.model_id or 'this model'} has none: use rope_scale 1 or the window mode")
+            raise ValueError(f"rope_scale must be 1 for this model ({spec.model_id or 'no rotary embeddings'}): it has "
+                             f"no rotary position embeddings to rescale (got {request.rope_scale!r}); use the window "
+                             f"mode for long loops")
         return 1.0
     if request.rope_scale is not None:
         return float(request.rope_scale)
@@ -73,15 +74,15 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
         if value % spec.size_multiple:
             raise ValueError(f"{label} must be a multiple of {spec.size_multiple} for {name}, got {value}")
     if spec.image_to_video and request.image is None:
-        raise ValueError(f"{name} animates a reference image: pass an image")
+        raise ValueError(f"image: {name} animates a reference image; add one first")
     length = latent_length(request.num_frames, spec.temporal_compression)
     skip, warnings = resolve_shift_skip(request, length)
     warnings += family.check_request(request, spec, length)
     rope_scale = resolve_rope_scale(request, spec, length)
     scheduler = request.scheduler or spec.scheduler
     if scheduler is not None and scheduler not in family.schedulers:
-        raise ValueError(f"scheduler {scheduler!r} does not fit {name} ({family.name}): use one of "
-                         f"{', '.join(family.schedulers)}")
+        raise ValueError(f"scheduler must be one of {', '.join(family.schedulers)} for {name} ({family.name}); "
+                         f"got {scheduler!r}")
     flow_shift = None
     if family.flow_matching:
         flow_shift = request.flow_shift
