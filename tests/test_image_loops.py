@@ -12,7 +12,8 @@ from loopui.engine.families import family_for
 from loopui.media import load_reference_image
 
 H, W = 64, 96  # latent grid 8 x 12
-BASE = dict(prompt="a flag waving in the wind", height=H, width=W, num_inference_steps=5, seed=11)
+BASE = dict(prompt="a flag waving in the wind", height=H, width=W, num_inference_steps=5, seed=11,
+            seam_polish="off")
 
 
 @pytest.fixture(scope="module")

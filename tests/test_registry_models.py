@@ -46,7 +46,8 @@ def _request(model_id: str, **kwargs) -> LoopRequest:
     height, width = _size(model_id)
     spec = REGISTRY[model_id]
     base = dict(prompt=PROMPT, height=height, width=width, num_inference_steps=2, seed=4,
-                num_frames=spec.trained_num_frames if spec.learned_positions else 17, guidance_scale=5.0)
+                num_frames=spec.trained_num_frames if spec.learned_positions else 17, guidance_scale=5.0,
+                seam_polish="off")
     if spec.image_to_video:
         base.update(image=_image(height, width), anchor_strength=0.0)
     base.update(kwargs)

@@ -199,7 +199,12 @@ def test_loop_result_reports_the_hidden_seam_where_the_instrument_puts_it(tiny_p
 
     with installed(tiny_pipe):
         result = generate_loop(tiny_pipe, LoopRequest(prompt="gp", num_frames=49, height=HEIGHT, width=WIDTH,
-                                                      guidance_scale=1.0, seed=0), output_type="latent")
+                                                      guidance_scale=1.0, seed=0, seam_polish="off"),
+                               output_type="latent")
+        polished = generate_loop(tiny_pipe, LoopRequest(prompt="gp", num_frames=49, height=HEIGHT, width=WIDTH,
+                                                        guidance_scale=1.0, seed=0), output_type="latent")
+    assert polished.settings["seam_polish"] == "fast"  # the default
+    assert polished.interior_ratio < 1.05 < result.interior_ratio
     metrics = loop_metrics(result.latents[0])
     assert result.seam_ratio == pytest.approx(metrics.seam_ratio) == pytest.approx(result.latent_seam_ratio)
     assert result.interior_ratio == pytest.approx(metrics.interior_ratio) and metrics.interior_ratio > 1.2

@@ -157,10 +157,10 @@ class LoopRequest:
     flow_shift: Optional[float] = _knob(None, "Flow-matching shift of the noise schedule (Wan only): higher spends "
                                               "more of the steps at high noise; empty = the model's recommendation "
                                               "(3 at 480p, 5 at 720p).", 0.5, 20.0, step=0.5)
-    seam_polish: str = _knob("off", "Removes the small seam a loop can leave inside the cycle (where the model last "
-                                    "saw it cut): the final steps blend several rotations of the cycle. Extra compute "
-                                    "at 50 steps: fast +2% (one extra model pass, recommended), balanced +12%, "
-                                    "strong +30%; off = the reference latent shift.",
+    seam_polish: str = _knob("fast", "Removes the small seam a loop can leave inside the cycle (where the model last "
+                                     "saw it cut): the final steps blend several rotations of the cycle. Extra "
+                                     "compute at 50 steps: fast +2% (one extra model pass, the default), balanced "
+                                     "+12%, strong +30%; off = the papers' exact latent-shift trajectory.",
                              choices=SEAM_POLISH_LEVELS)
     # Reference-image mode (all inert without an image).
     image: Any = field(default=None, metadata={"help": "Reference image (path, PIL image or HxWx3 array): the loop "
