@@ -200,11 +200,12 @@ def test_gif_loops_with_exact_timing(tmp_path: Path) -> None:
     path = export_video(frames, tmp_path / "deep" / "dir" / "out.gif", fps=8)
     assert path.is_file()
     n, durations, loop = frame_durations(path)
-    assert n == 6
+    # One palette for all frames: frames equal after quantisation are merged by the encoder, their time kept.
+    assert 4 <= n <= 6
     assert loop == 0
-    assert set(durations) <= {120, 130}  # 125 ms cannot be stored in 10 ms ticks ...
+    assert set(durations) <= {120, 130, 250, 260}  # 125 ms cannot be stored in 10 ms ticks ...
     assert sum(durations) == 750  # ... but the total stays exact
-    assert read_video(path).shape == (6, 16, 20, 3)
+    assert read_video(path).shape == (n, 16, 20, 3)
 
 
 def test_gif_too_fast_is_capped(tmp_path: Path) -> None:

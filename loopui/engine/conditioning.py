@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,11 @@ class ImageConditioning:
     num_steps: int
     prediction_type: str
     time_dim: int = 1
-    initial_noise: Optional[torch.Tensor] = None  # the pipeline-shaped starting noise
+    channel_dim: int = 2
+    initial_noise: Optional[torch.Tensor] = None  # the pipeline's own starting noise, read at its first step
+    pixel_motion: Optional[Any] = None  # (H, W) float32 pixel motion mask, 1 = may move (for the pixel freeze)
+    last_pull: Optional[torch.Tensor] = None  # weights of the latest after-step pull (for the solver's history)
+    reference_from_model: bool = False  # the reference was read off the I2V conditioning the model sees
 
     @property
     def init_steps(self) -> int:
@@ -55,12 +59,14 @@ class ImageConditioning:
     def active(self) -> bool:
         return self.anchor_strength > 0 or self.init_steps > 0 or self.background_freeze > 0
 
-    def initial_latents(self, noise: torch.Tensor, first_level: NoiseLevel) -> torch.Tensor:
-        """Starting latents: the pipeline's noise, or the reference noised with it to the first step's level."""
-        self.initial_noise = noise
-        if self.init_steps == 0:
-            return noise
-        return noised(self.reference.to(noise.device), noise, first_level)
+    def use_model_condition(self, condition: torch.Tensor, latent_start: int, latent_count: int) -> None:
+        """Anchor to the very latent an I2V model is conditioned on: its conditioning's first frame (CogVideoX-I2V
+        samples it from the VAE's distribution with the pipeline's generator, so it differs from the mode)."""
+        if self.reference_from_model:
+            return
+        first = condition.narrow(self.channel_dim, latent_start, latent_count).narrow(self.time_dim, 0, 1)[:1]
+        self.reference = first.detach().to(self.reference.device, self.reference.dtype).clone()
+        self.reference_from_model = True
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def override_prediction(self, step: int, noisy: torch.Tensor, level: NoiseLevel) -> Optional[torch.Tensor]:
@@ -72,22 +78,36 @@ class ImageConditioning:
 
     def after_step(self, step: int, latents: torch.Tensor, next_level: NoiseLevel) -> torch.Tensor:
         """Apply init / freeze / anchor pulls to the latents the scheduler just produced (level of step + 1)."""
+        self.last_pull = None
         if step < self.init_steps and self.initial_noise is not None:
             # Snap onto the exact noised reference (the oracle prediction got within float error of it).
             return noised(self.reference.to(latents.device), self.initial_noise.to(latents.device, latents.dtype),
                           next_level).to(latents.dtype)
         target = noised(self.reference.to(latents.device), self.noise.to(latents.device, latents.dtype), next_level)
         target = target.to(latents.dtype)  # one frame
+        keep = torch.ones_like(latents)  # 1 - the pull weight, composed over the pulls below
         if self.background_freeze > 0:
             still = 1.0 - (self.motion_mask if self.motion_mask is not None else torch.zeros_like(target))
-            weight = (self.background_freeze * still).to(latents.device, latents.dtype)
+            weight = (self.background_freeze * still).to(latents.device, latents.dtype).expand_as(latents)
             # lerp is exact at the ends (weight 1 gives the target bit-for-bit).
-            latents = torch.lerp(latents, target.expand_as(latents), weight.expand_as(latents))
+            latents = torch.lerp(latents, target.expand_as(latents), weight)
+            keep = keep * (1.0 - weight)
         if self.anchor_strength > 0:
             latents = latents.clone()
             first = latents.narrow(self.time_dim, 0, 1)
             first.copy_(torch.lerp(first, target.expand_as(first), self.anchor_strength))
+            keep.narrow(self.time_dim, 0, 1).mul_(1.0 - self.anchor_strength)
+        self.last_pull = 1.0 - keep
         return latents
+
+    def pull_history(self, history: torch.Tensor) -> torch.Tensor:
+        """A multistep solver's stored clean estimate, pulled toward the reference with the latest pull's weights:
+        the solver's next update then starts from latents and a history that agree."""
+        if self.last_pull is None:
+            return history
+        weight = self.last_pull.to(history.device, history.dtype)
+        return torch.lerp(history, self.reference.to(history.device, history.dtype).expand_as(history),
+                          weight.expand_as(history))
 
 
 def mask_to_latent_grid(mask, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -120,7 +120,7 @@ def _prepare_image_conditioning(pipe: Any, family: Family, request: LoopRequest,
         return image, None
     factor = pipe.vae_scale_factor_spatial
     latent_h, latent_w = plan.height // factor, plan.width // factor
-    motion = None
+    motion, mask = None, None
     if freeze > 0:
         mask = _motion_mask(image, request)
         motion = mask_to_latent_grid(mask, latent_h, latent_w, device=device, dtype=dtype)
@@ -130,7 +130,8 @@ def _prepare_image_conditioning(pipe: Any, family: Family, request: LoopRequest,
     return image, ImageConditioning(
         reference=reference, noise=noise, motion_mask=motion, anchor_strength=float(request.anchor_strength),
         init_strength=float(request.init_strength), background_freeze=freeze,
-        num_steps=request.num_inference_steps, prediction_type=prediction_type, time_dim=family.time_dim)
+        num_steps=request.num_inference_steps, prediction_type=prediction_type, time_dim=family.time_dim,
+        channel_dim=family.channel_dim, pixel_motion=mask)
 
 
 def _motion_mask(image, request: LoopRequest) -> np.ndarray:
@@ -150,19 +151,50 @@ def _motion_mask(image, request: LoopRequest) -> np.ndarray:
     return np.asarray(result.mask, dtype=np.float32)
 
 
-def _observe_clean_estimate(scheduler: Any, family: Family, state: StepState, prediction_type: str):
-    """Patch ``scheduler.step`` to record the clean estimate its model output implies (the step is unchanged)."""
+def _watch_scheduler(scheduler: Any, family: Family, state: StepState, prediction_type: str,
+                     conditioning: Optional[ImageConditioning], record_clean: bool):
+    """Patch ``scheduler.step`` for one call: read the pipeline's own starting noise at the first step (the init
+    strength builds on it, so every random draw stays in the stock pipeline's order), pull a multistep solver's
+    history as the image controls pulled the latents, and record the clean estimate an I2V image channel carries."""
     original = scheduler.step
     signature = inspect.signature(original)
 
     def step(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         output, sample = bound.arguments["model_output"], bound.arguments["sample"]
-        level = family.level(scheduler, state.step)
-        state.clean = clean_estimate(sample, output, level, prediction_type).detach()
-        return original(*args, **kwargs)
+        if conditioning is not None:
+            if conditioning.initial_noise is None and conditioning.init_steps > 0:
+                conditioning.initial_noise = sample.detach().clone()
+            family.pull_solver_history(scheduler, bound.arguments, conditioning)
+        if record_clean:
+            level = family.level(scheduler, state.step)
+            state.clean = clean_estimate(sample, output, level, prediction_type).detach()
+        return original(*bound.args, **bound.kwargs)
 
     return patch_attribute(scheduler, "step", step)
+
+
+def _keep_image_promises(frames: np.ndarray, still: np.ndarray, conditioning: ImageConditioning,
+                         frame_invariant: bool, ratio: int) -> tuple[np.ndarray, int]:
+    """Frame 0 is the image; a frozen background does not move.
+
+    Frame-invariant decoding plays the anchored latent as ``ratio`` frames, the one closest to the image among them
+    not necessarily the first: any rotation of a loop is the same loop, so the played loop is rotated to start on it.
+    The decoder mixes each latent's regions (its normalisation spans the frame), so a background frozen in latent
+    space still drifts by a few levels in pixels: with a freeze the decoded still is composited back through the
+    feathered mask (weight ``b * (1 - mask)``), exactly the still outside the mask at ``b = 1``.
+    """
+    shift = 0
+    if conditioning.anchor_strength > 0 and frame_invariant and len(frames) > 1:
+        errors = [float(np.mean((frames[k].astype(np.float32) - still.astype(np.float32)) ** 2))
+                  for k in range(min(ratio, len(frames)))]
+        shift = int(np.argmin(errors))
+        frames = np.roll(frames, -shift, axis=0)
+    if conditioning.background_freeze > 0 and conditioning.pixel_motion is not None:
+        weight = (conditioning.background_freeze * (1.0 - conditioning.pixel_motion))[None, :, :, None]
+        blended = frames.astype(np.float32) * (1.0 - weight) + still.astype(np.float32)[None] * weight
+        frames = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    return frames, shift
 
 
 @holds_pipeline_lock
@@ -209,18 +241,10 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         # 3. Reference image (encode + mask) when given
         image, conditioning = _prepare_image_conditioning(pipe, family, request, plan, device, dtype,
                                                           prediction_type)
-        latents, override = None, None
+        override, observe = None, None
         if conditioning is not None and conditioning.init_steps > 0:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            # Drawn exactly as prepare_latents would draw it (same generator, shape, device, dtype), then noised
-            # onto the reference; the generator moves on just as in a plain run.
-            shape = family.latent_shape(pipe, length, plan.height, plan.width)
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=family.noise_dtype(pipe))
-            sched.set_timesteps(steps, device=device)
-            latents = conditioning.initial_latents(noise, family.level(sched, 0))
-            # prepare_latents multiplies given latents by init_noise_sigma (1 for these schedulers) or not at all.
-            latents = latents / getattr(sched, "init_noise_sigma", 1.0)
+            # The skipped steps are not run through the model: an exact "oracle" prediction walks the scheduler from
+            # the pipeline's own noise (drawn in its own order) along the noised reference.
             override = lambda step, noisy, t: conditioning.override_prediction(  # noqa: E731
                 step, noisy, family.level(sched, step))
 
@@ -231,9 +255,12 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         if condition is not None:
             image_channel = ImageChannel(policy=request.image_channel, noisy_channels=family.latent_channels(pipe),
                                          latent_start=condition[0], latent_count=condition[1])
+            if conditioning is not None:
+                observe = lambda step, noisy, cond: conditioning.use_model_condition(  # noqa: E731
+                    cond, condition[0], condition[1])
         denoisers = [CycleDenoiser(module.forward, schedule, state, time_dim=family.time_dim,
                                    channel_dim=family.channel_dim, window=window, override=override,
-                                   clip_kwargs=family.clip_kwargs, image_channel=image_channel)
+                                   clip_kwargs=family.clip_kwargs, image_channel=image_channel, observe=observe)
                      for module in family.denoisers(pipe)]
 
         def on_step_end(pipeline, i: int, t, kwargs: dict) -> dict:
@@ -250,7 +277,7 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         call_kwargs = dict(
             prompt=request.prompt, negative_prompt=request.negative_prompt or None, height=plan.height,
             width=plan.width, num_frames=request.num_frames, num_inference_steps=steps,
-            guidance_scale=plan.guidance_scale, generator=generator, latents=latents, output_type="latent",
+            guidance_scale=plan.guidance_scale, generator=generator, output_type="latent",
             callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
             **family.call_kwargs(pipe, request, plan),
         )
@@ -260,16 +287,18 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
             for module, denoiser in zip(family.denoisers(pipe), denoisers):
                 hooks.enter_context(patch_attribute(module, "forward", denoiser))
             hooks.enter_context(family.rope_scaled(pipe, plan.rope_scale))
-            if image_channel is not None and image_channel.policy == "estimate":
-                hooks.enter_context(_observe_clean_estimate(sched, family, state, prediction_type))
+            record_clean = image_channel is not None and image_channel.policy == "estimate"
+            if conditioning is not None or record_clean:
+                hooks.enter_context(_watch_scheduler(sched, family, state, prediction_type, conditioning,
+                                                     record_clean))
             final = pipe(**call_kwargs).frames  # the family's latent layout
     t_denoise = time.perf_counter()
     if state.step < steps:  # only an interrupt leaves steps undone
         raise LoopInterrupted(f"stopped after {state.step} of {steps} steps")
     ensure_finite(final, "final latents", dtype)
 
-    # 5. Decode (frame-invariant by default)
-    frames = None
+    # 5. Decode (frame-invariant by default); an image loop starts on its image and keeps a still background still
+    frames, anchor_shift = None, 0
     if output_type == "np":
         if callback:
             callback("decode", 0, 1)
@@ -277,8 +306,15 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         with torch.no_grad(), vae_memory_defaults(pipe), \
                 cancel_checkpoint(getattr(pipe.vae, "decoder", pipe.vae), cancel_event, stop):
             video = decode_cycle(pipe, final, frame_invariant=request.frame_invariant_decoding, family=family)
+            still = None
+            if conditioning is not None and (conditioning.anchor_strength > 0 or conditioning.background_freeze > 0):
+                # The reference latent decoded on its own: the picture the anchored frame and the background hold.
+                still = video_to_uint8(pipe, family.decode(pipe, conditioning.reference))[0]
         ensure_finite(video, "decoded frames", pipe.vae.dtype)
         frames = video_to_uint8(pipe, video)
+        if still is not None:
+            frames, anchor_shift = _keep_image_promises(frames, still, conditioning, request.frame_invariant_decoding,
+                                                        pipe.vae_scale_factor_temporal)
         if callback:
             callback("decode", 1, 1)
     t_decode = time.perf_counter()
@@ -301,6 +337,7 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         scheduler_class=type(pipe.scheduler if scheduler is None else scheduler).__name__,
         scheduler=plan.scheduler, model=spec.model_id, family=family.name, pipeline=type(pipe).__name__,
         latent_layout="(B, T, C, H, W)" if family.time_dim == 1 else "(B, C, T, H, W)",
+        anchor_frame_shift=anchor_shift,
         model_calls=sum(d.model_calls for d in denoisers),
     )
     if not spec.image_to_video:

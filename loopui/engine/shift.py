@@ -189,6 +189,7 @@ class CycleDenoiser:
         clip_kwargs: Optional[Callable[[dict, torch.Tensor, int], dict]] = None,
         image_channel: Optional[ImageChannel] = None,
         channel_dim: int = 2,
+        observe: Optional[Callable[[int, torch.Tensor, Optional[torch.Tensor]], None]] = None,
     ) -> None:
         self.forward = forward
         self.schedule = schedule
@@ -200,6 +201,7 @@ class CycleDenoiser:
         self.override = override
         self.clip_kwargs = clip_kwargs or (lambda kwargs, frames, length: kwargs)
         self.image_channel = image_channel
+        self.observe = observe
         self.model_calls = 0
 
     def __call__(self, *args, **kwargs):
@@ -212,6 +214,8 @@ class CycleDenoiser:
         self.state.calls += 1
 
         noisy, condition = self._split(hidden_states)
+        if self.observe is not None:
+            self.observe(step, noisy, condition)
         prediction = self.override(step, noisy, timestep) if self.override is not None else None
         if prediction is None:
             prediction = self._predict(noisy, condition, kwargs, step)

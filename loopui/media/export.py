@@ -7,7 +7,8 @@
   even sizes are kept exactly. MP4 has no loop flag: the player loops it (``gr.Video(loop=True)``).
 - ``.gif`` and ``.webp``: loop forever (``loop=0``). GIF delays are stored in 10 ms ticks, so per-frame delays
   alternate (e.g. 120/130 ms at 8 fps) to keep the total length exact; browsers slow down delays under 20 ms, so
-  a GIF plays at most at 50 fps. The GIF encoder merges identical consecutive frames (timing is kept).
+  a GIF plays at most at 50 fps. The GIF encoder merges identical consecutive frames (timing is kept). GIFs share one
+  palette across frames, without dithering, so still pixels stay exactly still.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def export_video(frames: Any, path: str | os.PathLike[str], fps: float) -> Path:
             )
         elif suffix == ".gif":
             durations = _frame_durations_ms(num_frames, fps, tick_ms=10, min_ms=GIF_MIN_DELAY_MS)
-            iio.imwrite(partial, x, plugin="pillow", extension=".gif", duration=durations, loop=0)
+            _write_gif(partial, x, durations)
         else:
             durations = _frame_durations_ms(num_frames, fps, tick_ms=1, min_ms=1)
             iio.imwrite(
@@ -135,6 +136,21 @@ def export_video(frames: Any, path: str | os.PathLike[str], fps: float) -> Path:
         raise
     logger.info("wrote %d frames (%dx%d, %.3g fps) to %s", num_frames, x.shape[2], x.shape[1], fps, path)
     return path
+
+
+def _write_gif(path: Path, frames: np.ndarray, durations: list) -> None:
+    """An animated GIF with one palette for every frame and no dithering: a pixel that does not change in the video
+    does not change in the GIF (per-frame palettes and error diffusion make still regions shimmer), so a
+    cinemagraph's background stays exactly still and a loop does not flicker at the wrap."""
+    from PIL import Image
+
+    step = max(1, len(frames) // 16)
+    sample = np.concatenate(list(frames[::step]), axis=0)  # up to 16 frames stacked: the palette's source
+    palette = Image.fromarray(sample).quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                                 dither=Image.Dither.NONE)
+    images = [Image.fromarray(frame).quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0,
+                   optimize=False, disposal=1)
 
 
 class VideoInputError(ValueError):

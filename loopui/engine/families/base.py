@@ -110,6 +110,10 @@ class Family:
         """A reference image encoded like a first frame, as a one-frame latent in this family's layout."""
         raise NotImplementedError
 
+    def pull_solver_history(self, scheduler: Any, arguments: dict, conditioning: Any) -> None:
+        """Pull a multistep solver's stored clean estimate as the image controls pulled the latents (so the solver's
+        next update does not mix edited latents with an unedited history). ``arguments`` are the ``step`` call's."""
+
     # -- decoding ---------------------------------------------------------------------------------------------
     def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's own decoding of latents to a video ``(B, C, F, H, W)`` in [-1, 1]."""

@@ -121,6 +121,12 @@ class CogVideoXFamily(Family):
             return None
         return temporal_rope_dim(pipe.transformer.config.attention_head_dim)
 
+    def pull_solver_history(self, scheduler: Any, arguments: dict, conditioning: Any) -> None:
+        # CogVideoXDPMScheduler takes the previous step's clean estimate as an argument (the pipeline keeps it).
+        old = arguments.get("old_pred_original_sample")
+        if old is not None:
+            arguments["old_pred_original_sample"] = conditioning.pull_history(old)
+
     def condition_latent_channels(self, pipe: Any) -> Optional[tuple[int, int]]:
         if type(pipe).__name__ != "CogVideoXImageToVideoPipeline":
             return None

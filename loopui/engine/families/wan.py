@@ -113,6 +113,13 @@ class WanFamily(Family):
             for rope, cos, sin in saved:
                 rope.freqs_cos, rope.freqs_sin = cos, sin
 
+    def pull_solver_history(self, scheduler: Any, arguments: dict, conditioning: Any) -> None:
+        # UniPC keeps its clean-estimate history itself (flow prediction, predict_x0): the latest entry is the
+        # previous step's.
+        history = getattr(scheduler, "model_outputs", None)
+        if history and history[-1] is not None:
+            history[-1] = conditioning.pull_history(history[-1])
+
     def temporal_rope_dim(self, pipe: Any) -> Optional[int]:
         return int(self.denoisers(pipe)[0].rope.t_dim)
 
