@@ -105,19 +105,44 @@ def _with_flow_shift(request: LoopRequest, plan: LoopPlan) -> LoopRequest:
     return dataclasses.replace(request, flow_shift=plan.flow_shift)
 
 
-def _prepare_image_conditioning(pipe: Any, family: Family, request: LoopRequest, plan: LoopPlan, device: Any,
-                                dtype: torch.dtype, prediction_type: str):
-    """Load the reference image and motion mask; return (PIL image, ImageConditioning or None)."""
-    if request.image is None:
-        return None, None
+def _load_clip(request: LoopRequest, plan: LoopPlan) -> tuple[Optional[np.ndarray], list[str]]:
+    """The request's clip as the loop's frames (count, fps, size), and notes on how it was fitted."""
+    if request.video is None:
+        return None, []
+    from loopui.media import load_video, resample_clip
+
+    if isinstance(request.video, (str, bytes)) or hasattr(request.video, "__fspath__"):
+        frames, source_fps = load_video(request.video)
+    else:
+        frames, source_fps = np.asarray(request.video), None
+    return resample_clip(frames, source_fps if source_fps else float(plan.fps), request.num_frames, plan.fps,
+                         plan.width, plan.height)
+
+
+def _prepare_conditioning(pipe: Any, family: Family, request: LoopRequest, plan: LoopPlan, device: Any,
+                          dtype: torch.dtype, prediction_type: str):
+    """Load the reference image, the clip and the motion mask; return (PIL image or None, ImageConditioning or None,
+    notes)."""
+    from PIL import Image
+
+    clip, notes = _load_clip(request, plan)
+    if request.image is None and clip is None:
+        return None, None, notes
     from loopui.media import load_reference_image
 
-    image = load_reference_image(request.image, plan.width, plan.height)
+    image = (load_reference_image(request.image, plan.width, plan.height) if request.image is not None
+             else Image.fromarray(clip[0]))
+    anchor = float(request.anchor_strength) if clip is None else 0.0  # a clip's first frame may change too
     # Motion everywhere leaves no background to freeze: the freeze is inert then.
     freeze = float(request.background_freeze) if request.motion_region != "everything" else 0.0
-    wants = request.anchor_strength > 0 or request.init_strength < 1 or freeze > 0
+    hold = None
+    if clip is not None:
+        from .conditioning import wrap_hold
+
+        hold = wrap_hold(plan.num_latents, float(request.loop_region))
+    wants = (anchor > 0 or plan.init_strength < 1 or freeze > 0 or clip is not None)
     if not wants:
-        return image, None
+        return image, None, notes
     factor = pipe.vae_scale_factor_spatial
     latent_h, latent_w = plan.height // factor, plan.width // factor
     motion, mask = None, None
@@ -127,11 +152,18 @@ def _prepare_image_conditioning(pipe: Any, family: Family, request: LoopRequest,
     reference = family.encode_image(pipe, image, plan.height, plan.width, device, dtype)
     gen = torch.Generator("cpu").manual_seed((request.seed + 0x5EED) % 2**63)
     noise = torch.randn(reference.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-    return image, ImageConditioning(
-        reference=reference, noise=noise, motion_mask=motion, anchor_strength=float(request.anchor_strength),
-        init_strength=float(request.init_strength), background_freeze=freeze,
-        num_steps=request.num_inference_steps, prediction_type=prediction_type, time_dim=family.time_dim,
-        channel_dim=family.channel_dim, pixel_motion=mask)
+    clip_latents = clip_noise = None
+    if clip is not None:
+        clip_latents = family.encode_video(pipe, list(clip), plan.height, plan.width, device, dtype)
+        clip_noise = torch.randn(clip_latents.shape, generator=gen, dtype=torch.float32).to(device=device,
+                                                                                           dtype=dtype)
+    conditioning = ImageConditioning(
+        reference=reference, noise=noise, motion_mask=motion, anchor_strength=anchor,
+        init_strength=plan.init_strength, background_freeze=freeze, num_steps=request.num_inference_steps,
+        prediction_type=prediction_type, time_dim=family.time_dim, channel_dim=family.channel_dim,
+        clip=clip_latents, clip_noise=clip_noise, hold=hold, pixel_motion=mask,
+        reference_from_model=clip is not None)  # a clip's still is its own first frame, not the I2V condition
+    return image, conditioning, notes
 
 
 def _motion_mask(image, request: LoopRequest) -> np.ndarray:
@@ -239,8 +271,10 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         dtype = family.transformer_dtype(pipe)
         prediction_type = family.prediction_type(sched)
         # 3. Reference image (encode + mask) when given
-        image, conditioning = _prepare_image_conditioning(pipe, family, request, plan, device, dtype,
-                                                          prediction_type)
+        image, conditioning, clip_notes = _prepare_conditioning(pipe, family, request, plan, device, dtype,
+                                                                prediction_type)
+        for note in clip_notes:
+            logger.info("video: %s", note)
         override, observe = None, None
         if conditioning is not None and conditioning.init_steps > 0:
             # The skipped steps are not run through the model: an exact "oracle" prediction walks the scheduler from
@@ -337,7 +371,7 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         scheduler_class=type(pipe.scheduler if scheduler is None else scheduler).__name__,
         scheduler=plan.scheduler, model=spec.model_id, family=family.name, pipeline=type(pipe).__name__,
         latent_layout="(B, T, C, H, W)" if family.time_dim == 1 else "(B, C, T, H, W)",
-        anchor_frame_shift=anchor_shift,
+        anchor_frame_shift=anchor_shift, init_strength=plan.init_strength,
         model_calls=sum(d.model_calls for d in denoisers),
     )
     if not spec.image_to_video:
@@ -350,7 +384,7 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         worst_step=None if metrics is None else tuple(int(v) for v in metrics.worst_interior_step),
         settings=settings,
         timings={"denoise": t_denoise - t_start, "decode": t_decode - t_denoise, "total": t_decode - t_start},
-        warnings=list(plan.warnings),
+        warnings=list(plan.warnings) + [f"video: {note}" for note in clip_notes],
         latent_seam_ratio=None if latent_metrics is None else float(latent_metrics.seam_ratio),
         latent_interior_ratio=None if latent_metrics is None else float(latent_metrics.interior_ratio),
         scores=scores,

@@ -14,6 +14,10 @@ from typing import Any, Optional
 from .settings import LoopRequest, auto_rope_scale, default_shift_skip, latent_length
 
 
+# A clip's default starting noise: enough to let the ends meet, little enough to keep the clip's look and motion.
+CLIP_INIT_STRENGTH = 0.7
+
+
 @dataclass(frozen=True)
 class LoopPlan:
     """The resolved settings of one generation (what the sidecar records)."""
@@ -29,6 +33,7 @@ class LoopPlan:
     fps: int
     scheduler: Optional[str]  # a family scheduler name, None = the pipeline's own
     flow_shift: Optional[float]  # flow-matching families only
+    init_strength: float  # 1 = pure noise; the clip's default is lower (it is the point of giving one)
     num_output_frames: int
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
@@ -73,7 +78,7 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
     for label, value in (("height", height), ("width", width)):
         if value % spec.size_multiple:
             raise ValueError(f"{label} must be a multiple of {spec.size_multiple} for {name}, got {value}")
-    if spec.image_to_video and request.image is None:
+    if spec.image_to_video and request.image is None and request.video is None:
         raise ValueError(f"image: {name} animates a reference image; add one first")
     length = latent_length(request.num_frames, spec.temporal_compression)
     skip, warnings = resolve_shift_skip(request, length)
@@ -100,6 +105,8 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
         guidance_scale=guidance, guidance_scale_2=guidance_2,
         use_dynamic_cfg=dynamic and family.name == "cogvideox",
         fps=int(request.fps or spec.native_fps), scheduler=scheduler, flow_shift=flow_shift,
+        init_strength=float(request.init_strength if request.init_strength is not None
+                            else CLIP_INIT_STRENGTH if request.video is not None else 1.0),
         num_output_frames=decoded_frame_count(length, spec.temporal_compression, request.frame_invariant_decoding),
         warnings=tuple(warnings),
     )

@@ -167,6 +167,12 @@ class LoopRequest:
                                                        "starts and ends on it.", "json": False})
     mask: Any = field(default=None, metadata={"help": "Motion mask (path, PIL image or HxW array, white = may "
                                                       "move); wins over the computed saliency mask.", "json": False})
+    video: Any = field(default=None, metadata={"help": "A clip to turn into a seamless loop (path to MP4/GIF/WebP/... "
+                                                       "or an (F, H, W, 3) uint8 array): resampled to the loop's "
+                                                       "frames, fps and size, encoded, noised to init_strength and "
+                                                       "denoised so that it closes.", "json": False})
+    loop_region: float = _knob(1.0, "With a clip: the fraction of the cycle around the wrap that may change (1 = all "
+                                    "of it); the rest is held to the clip.", 0.05, 1.0, step=0.05)
     mask_model: str = _knob("u2netp", "Saliency model that finds the moving object (rembg model name).")
     mask_threshold: float = _knob(0.5, "Saliency cut-off: higher keeps only the most certain object pixels.",
                                   0.0, 1.0, step=0.05)
@@ -176,8 +182,9 @@ class LoopRequest:
                                          "inverted), or everywhere (no mask).", choices=MOTION_REGIONS)
     anchor_strength: float = _knob(1.0, "How firmly the reference image is held as the loop's first frame "
                                         "(0 = not at all, 1 = exactly).", 0.0, 1.0, step=0.05)
-    init_strength: float = _knob(1.0, "Starting noise: 1 = pure noise (most motion); lower values start from the "
-                                      "noised image (closer to it, less motion).", 0.0, 1.0, step=0.05)
+    init_strength: Optional[float] = _knob(None, "Starting noise: 1 = pure noise (most motion); lower values start "
+                                                 "from the noised image or clip (closer to it, less change); empty "
+                                                 "= 1 with an image, 0.7 with a clip.", 0.0, 1.0, step=0.05)
     background_freeze: float = _knob(0.0, "Hold everything outside the motion mask still (1 = a cinemagraph with a "
                                           "frozen background).", 0.0, 1.0, step=0.05)
     image_channel: str = _knob("estimate", "Image-to-video models only: what their image channel carries in each "

@@ -11,6 +11,8 @@ import logging
 import os
 import warnings
 
+from typing import Optional
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -225,3 +227,47 @@ def load_mask_image(
     mask = Image.fromarray(read_mask(src, max_pixels))  # mode F
     fitted = ImageOps.fit(mask, (width, height), method=Image.Resampling.BILINEAR, centering=(0.5, 0.5))
     return np.clip(np.asarray(fitted, dtype=np.float32), 0.0, 1.0)
+
+
+MAX_CLIP_FPS = 240.0
+MIN_CLIP_FRAMES = 4
+
+
+def resample_clip(frames: np.ndarray, source_fps: Optional[float], num_frames: int, fps: float, width: int,
+                  height: int) -> tuple[np.ndarray, list[str]]:
+    """A user's clip as ``num_frames`` frames at ``fps``, each covering ``width`` x ``height`` (centre crop).
+
+    Frames are taken at the loop's own frame times from the clip's start (nearest source frame), so motion keeps its
+    speed. A clip shorter than the loop is stretched over it (slower motion) and a note says so. Raises
+    ``ImageInputError`` for a clip of fewer than ``MIN_CLIP_FRAMES`` frames or an fps that is not a positive number
+    up to ``MAX_CLIP_FPS``. Returns ``(frames (num_frames, H, W, 3) uint8, notes)``.
+    """
+    _check_size(width, height)
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ImageInputError(f"video: expected uint8 frames (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    count = int(frames.shape[0])
+    if count < MIN_CLIP_FRAMES:
+        raise ImageInputError(f"video: the clip has {count} frame{'s' if count != 1 else ''}; a loop needs at least "
+                              f"{MIN_CLIP_FRAMES}")
+    notes = []
+    if source_fps is None:
+        source_fps = float(fps)
+        notes.append(f"the clip does not record its frame rate: read as {fps:g} fps")
+    if not (np.isfinite(source_fps) and 0 < source_fps <= MAX_CLIP_FPS):
+        raise ImageInputError(f"video: frame rate {source_fps!r} is not a usable fps (0 to {MAX_CLIP_FPS:g})")
+    duration = count / float(source_fps)
+    needed = num_frames / float(fps)
+    if duration + 1e-9 < needed:
+        times = np.linspace(0.0, duration, num_frames, endpoint=False)
+        notes.append(f"the clip lasts {duration:.2f} s, shorter than the loop's {needed:.2f} s: stretched over it "
+                     f"(slower motion); give a longer clip or fewer frames to keep its speed")
+    else:
+        times = np.arange(num_frames) / float(fps)
+        if duration > needed + 0.5 / fps:
+            notes.append(f"the loop uses the clip's first {needed:.2f} s of {duration:.2f} s")
+    index = np.clip(np.round(times * source_fps).astype(int), 0, count - 1)
+    out = np.stack([np.asarray(ImageOps.fit(Image.fromarray(frames[i]), (width, height),
+                                            method=Image.Resampling.LANCZOS, centering=(0.5, 0.5)))
+                    for i in index])
+    return out.astype(np.uint8), notes

@@ -105,10 +105,22 @@ class Family:
         """(start, count) of the latent image inside the I2V conditioning channels (None for T2V)."""
         return None
 
+    def encode_video(self, pipe: Any, frames: Any, height: int, width: int, device: Any,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """Frames (a list of PIL images or HxWx3 arrays, 1 + r·(L - 1) of them) encoded by the causal VAE into L
+        latents in this family's layout and scale (the distribution's mode)."""
+        raise NotImplementedError
+
     def encode_image(self, pipe: Any, image: Any, height: int, width: int, device: Any,
                      dtype: torch.dtype) -> torch.Tensor:
         """A reference image encoded like a first frame, as a one-frame latent in this family's layout."""
-        raise NotImplementedError
+        return self.encode_video(pipe, [image], height, width, device, dtype)
+
+    @staticmethod
+    def _pixels(pipe: Any, frames: Any, height: int, width: int) -> torch.Tensor:
+        """``(1, 3, F, H, W)`` in [-1, 1], each frame through the pipeline's own preprocessing."""
+        return torch.stack([pipe.video_processor.preprocess(frame, height=height, width=width)[0] for frame in frames],
+                           dim=1)[None]
 
     def pull_solver_history(self, scheduler: Any, arguments: dict, conditioning: Any) -> None:
         """Pull a multistep solver's stored clean estimate as the image controls pulled the latents (so the solver's

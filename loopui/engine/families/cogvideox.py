@@ -133,12 +133,11 @@ class CogVideoXFamily(Family):
         return 0, self.latent_channels(pipe)
 
     @torch.no_grad()
-    def encode_image(self, pipe: Any, image: Any, height: int, width: int, device: Any,
+    def encode_video(self, pipe: Any, frames: Any, height: int, width: int, device: Any,
                      dtype: torch.dtype) -> torch.Tensor:
-        pixels = pipe.video_processor.preprocess(image, height=height, width=width)  # (1, 3, H, W) in [-1, 1]
-        pixels = pixels.unsqueeze(2).to(device=device, dtype=pipe.vae.dtype)  # (1, 3, 1, H, W)
-        latent = pipe.vae.encode(pixels).latent_dist.mode()  # (1, C, 1, h, w)
-        latent = latent.permute(0, 2, 1, 3, 4) * pipe.vae_scaling_factor_image  # (1, 1, C, h, w)
+        pixels = self._pixels(pipe, frames, height, width).to(device=device, dtype=pipe.vae.dtype)  # (1, 3, F, H, W)
+        latent = pipe.vae.encode(pixels).latent_dist.mode()  # (1, C, L, h, w)
+        latent = latent.permute(0, 2, 1, 3, 4) * pipe.vae_scaling_factor_image  # (1, L, C, h, w)
         return latent.to(device=device, dtype=dtype)
 
     def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:

@@ -136,11 +136,10 @@ class WanFamily(Family):
         return mean, std
 
     @torch.no_grad()
-    def encode_image(self, pipe: Any, image: Any, height: int, width: int, device: Any,
+    def encode_video(self, pipe: Any, frames: Any, height: int, width: int, device: Any,
                      dtype: torch.dtype) -> torch.Tensor:
-        pixels = pipe.video_processor.preprocess(image, height=height, width=width)  # (1, 3, H, W) in [-1, 1]
-        pixels = pixels.unsqueeze(2).to(device=device, dtype=pipe.vae.dtype)  # (1, 3, 1, H, W)
-        latent = pipe.vae.encode(pixels).latent_dist.mode()  # (1, z, 1, h, w)
+        pixels = self._pixels(pipe, frames, height, width).to(device=device, dtype=pipe.vae.dtype)  # (1, 3, F, H, W)
+        latent = pipe.vae.encode(pixels).latent_dist.mode()  # (1, z, L, h, w)
         mean, std = self._normalisation(pipe, latent.device, latent.dtype)
         # As WanImageToVideoPipeline.prepare_latents normalises its condition: (z - mean) * (1 / std).
         latent = (latent - mean) * (1.0 / std)
