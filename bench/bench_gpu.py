@@ -277,10 +277,10 @@ class Bench:
             config = load_config(model_id)["text_encoder"]
             overrides = {"text_encoder": shrunk_overrides(component_class_name(config), config)} if self.smoke \
                 else None
-            self.reset_peak()
             encoder = build_true_size(model_id, components=("text_encoder",), device=self.device,
                                       dtype=torch.float32 if self.smoke else torch.bfloat16,
                                       config_overrides=overrides)["text_encoder"]
+            self.reset_peak()  # after the build: its float32 materialisation is not what an encode needs
             params = sum(p.numel() for p in encoder.parameters())
             length = int(load_config(model_id)["tokenizer"].get("model_max_length", 226))
             length = min(length, 512)
@@ -290,8 +290,9 @@ class Bench:
             with torch.no_grad():
                 encoder(input_ids=ids)
             self.sync()
-            out[model_id] = {"params_b": round(params / 1e9, 2), "encode_s": round(time.perf_counter() - start, 3),
-                             "peak_gib": self.peak_gib()}
+            weights = sum(p.numel() * p.element_size() for p in encoder.parameters()) / 2**30
+            out[model_id] = {"params_b": round(params / 1e9, 2), "weights_gib": round(weights, 2),
+                             "encode_s": round(time.perf_counter() - start, 3), "peak_gib": self.peak_gib()}
             del encoder
             self.free()
         return out
