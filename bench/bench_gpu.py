@@ -240,7 +240,10 @@ class Bench:
         height, width, _ = self.size(model_id, height, width, 81)
         pipe = self.build(model_id)
         out = {}
-        for latents in ((21, 42, 63) if not self.smoke else (4, 8)):
+        from loopui.models.registry import REGISTRY
+
+        trained = REGISTRY[model_id].trained_latent_frames
+        for latents in ((trained, 2 * trained, 3 * trained) if not self.smoke else (trained + 3,)):
             frames = (latents - 1) * 4 + 1
             for mode in ("full", "window"):
                 try:
