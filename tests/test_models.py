@@ -267,3 +267,54 @@ def test_gpu_lock_is_one_lock_per_device():
     manager = ModelManager()
     assert manager.gpu_lock() is manager.gpu_lock("cpu")
     assert manager.gpu_lock("meta") is not manager.gpu_lock("cpu")
+
+
+# -- Wan folders ----------------------------------------------------------------------------------------------------
+
+def _real_config_folder(root: Path, model_id: str) -> Path:
+    """A folder holding only the JSON files of ``model_id``'s real diffusers repo (model_index and component configs,
+    as stored in loopui/models/configs): what a downloaded copy looks like to spec_for, without weights."""
+    from loopui.models.faithful import load_config
+
+    stored = load_config(model_id)
+    root.mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps(stored["model_index"]))
+    for name in ("transformer", "transformer_2", "vae"):
+        if name in stored:
+            (root / name).mkdir()
+            (root / name / "config.json").write_text(json.dumps(stored[name]))
+    return root
+
+
+@pytest.mark.parametrize("model_id", ["Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+                                      "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+                                      "THUDM/CogVideoX-5b-I2V"])
+def test_a_downloaded_copy_of_a_registry_model_is_recognised(tmp_path, model_id):
+    spec = spec_for(_real_config_folder(tmp_path / "copy", model_id))
+    known = REGISTRY[model_id]
+    assert spec.local_path is not None and "Local copy of " + model_id in spec.description
+    for name in ("family", "image_to_video", "trained_latent_frames", "native_fps", "native_height", "native_width",
+                 "spatial_compression", "size_multiple", "experts", "flow_shift", "guidance_scale", "learned_positions",
+                 "fixed_size"):
+        assert getattr(spec, name) == getattr(known, name), name
+
+
+def test_an_unknown_wan_folder_gets_the_familys_facts(tmp_path):
+    from loopui.models.faithful import save_faithful_pipeline
+
+    folder = save_faithful_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", tmp_path / "tiny-wan")
+    spec = spec_for(folder)
+    assert (spec.family, spec.pipeline_class, spec.trained_latent_frames, spec.temporal_compression) == (
+        "wan", "WanPipeline", 21, 4)
+    assert spec.scheduler is None and spec.native_fps == 16  # unknown size: keep the pipeline's own scheduler
+    loaded = ModelManager().get(str(folder))
+    assert type(loaded.pipe).__name__ == "WanPipeline"
+
+
+def test_registry_lists_the_wan_family():
+    wan = [s for s in REGISTRY.values() if s.family == "wan"]
+    assert {s.model_id for s in wan} >= {"Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+                                         "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"}
+    small = REGISTRY["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"]
+    assert (small.native_width, small.native_height, small.native_num_frames, small.native_fps) == (832, 480, 81, 16)
+    assert small.vram_gb <= 20 and small.license == "Apache-2.0"
