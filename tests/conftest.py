@@ -65,3 +65,24 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def flag_image():
+    """A synthetic 64x96 reference: smooth colour ramps with a bright disc on the left."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:64, 0:96].astype(np.float32)
+    img = np.stack([xx / 96, yy / 64, 0.5 + 0.5 * np.sin(xx / 7.0)], axis=-1)
+    img[(yy - 32) ** 2 + (xx - 24) ** 2 < 15 ** 2] = [1.0, 0.9, 0.2]
+    return (img * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def left_half_mask():
+    """A 64x96 half-plane motion mask: the left half may move, the right half is background."""
+    import numpy as np
+
+    mask = np.zeros((64, 96), dtype=np.uint8)
+    mask[:, :48] = 255
+    return mask

@@ -208,3 +208,19 @@ def _preset(polish_module, level: str, polish) -> Iterator[None]:
         yield
     finally:
         presets[level] = previous
+
+
+def seed_means(pipe, trained_latents: int, seeds=(0, 1, 2)):
+    """``run(num_latents, level, shift_skip=None)`` -> (mean seam, mean interior, model calls, worst steps) over
+    ``seeds``; cycles longer than ``trained_latents`` run in window mode. Cached: tests share runs."""
+    import functools
+
+    @functools.lru_cache(maxsize=None)
+    def run(num_latents: int, level: str, shift_skip=None):
+        mode = "full" if num_latents <= trained_latents else "window"
+        ms = [measure(pipe, num_latents=num_latents, seed=s, shift_skip=shift_skip, seam_polish=level,
+                      window_mode=mode) for s in seeds]
+        return (sum(m.seam_ratio for m in ms) / len(ms), sum(m.interior_ratio for m in ms) / len(ms),
+                ms[0].model_calls, [m.worst_step for m in ms])
+
+    return run

@@ -17,20 +17,8 @@ BASE = dict(prompt="a flag waving in the wind", height=H, width=W, num_inference
 
 
 @pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    """A synthetic reference: smooth colour ramps with a bright disc on the left."""
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    img = np.stack([xx / W, yy / H, 0.5 + 0.5 * np.sin(xx / 7.0)], axis=-1)
-    img[(yy - 32) ** 2 + (xx - 24) ** 2 < 15 ** 2] = [1.0, 0.9, 0.2]
-    return (img * 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def left_half_mask() -> np.ndarray:
-    """Half-plane motion mask: the left half may move, the right half is background."""
-    mask = np.zeros((H, W), dtype=np.uint8)
-    mask[:, : W // 2] = 255
-    return mask
+def image(flag_image):
+    return flag_image
 
 
 def _reference_latent(pipe, image) -> torch.Tensor:

@@ -21,18 +21,8 @@ BASE = dict(prompt="a flag waving in the wind", height=H, width=W, num_inference
 
 
 @pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    img = np.stack([xx / W, yy / H, 0.5 + 0.5 * np.sin(xx / 7.0)], axis=-1)
-    img[(yy - 32) ** 2 + (xx - 24) ** 2 < 15 ** 2] = [1.0, 0.9, 0.2]
-    return (img * 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def left_half() -> np.ndarray:
-    mask = np.zeros((H, W), np.uint8)
-    mask[:, : W // 2] = 255
-    return mask
+def image(flag_image):
+    return flag_image
 
 
 def _decoded_reference(pipe, image) -> np.ndarray:
@@ -73,8 +63,8 @@ def test_text_only_loops_are_not_rotated(tiny_pipe):
 
 # -- a frozen background does not move -----------------------------------------------------------------------------
 
-def test_frozen_background_is_pixel_still_and_stays_so_in_the_files(tiny_pipe, image, left_half, tmp_path):
-    result = generate_loop(tiny_pipe, LoopRequest(**BASE, num_frames=25, image=image, mask=left_half, mask_feather=4,
+def test_frozen_background_is_pixel_still_and_stays_so_in_the_files(tiny_pipe, image, left_half_mask, tmp_path):
+    result = generate_loop(tiny_pipe, LoopRequest(**BASE, num_frames=25, image=image, mask=left_half_mask, mask_feather=4,
                                                   anchor_strength=0.0, background_freeze=1.0))
     frames = result.frames
     outside = frames[:, :, W // 2 + 8:]  # beyond the feathered edge

@@ -7,14 +7,13 @@ a hidden seam of ~1.33x where the final step cut the cycle; seam polish brings i
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 
-from instrument import (HEIGHT, LENGTH_SCALE, WIDTH, GaussianProcessDenoiser, installed, measure,
-                        posterior_mean_matrix, prior_covariance)
+from instrument import (HEIGHT, LENGTH_SCALE, WIDTH, GaussianProcessDenoiser, installed,
+                        posterior_mean_matrix, prior_covariance, seed_means)
 from loopui.engine import LoopRequest, generate_loop
 from loopui.engine.polish import SEAM_POLISH_PRESETS, polish_cost
 from loopui.engine.settings import SEAM_POLISH_LEVELS, knob_info
@@ -26,18 +25,8 @@ SMOOTH = 1.05  # the issue's target: as smooth as a non-looping generation
 
 @pytest.fixture(scope="module")
 def bench(tiny_pipe):
-    """``bench(num_latents, level, shift_skip=None)`` -> (seam, interior, model_calls, worst steps), means of 3
-    seeds; cycles longer than the trained 13 latents run in window mode. Cached: several tests share runs."""
-
-    @functools.lru_cache(maxsize=None)
-    def run(num_latents: int, level: str, shift_skip=None):
-        mode = "full" if num_latents <= 13 else "window"
-        ms = [measure(tiny_pipe, num_latents=num_latents, seed=s, shift_skip=shift_skip, seam_polish=level,
-                      window_mode=mode) for s in SEEDS]
-        return (sum(m.seam_ratio for m in ms) / len(ms), sum(m.interior_ratio for m in ms) / len(ms),
-                ms[0].model_calls, [m.worst_step for m in ms])
-
-    return run
+    """Means of 3 seeds of (seam, interior, model calls, worst steps); past 13 latents in window mode."""
+    return seed_means(tiny_pipe, 13, SEEDS)
 
 
 # -- the instrument itself --------------------------------------------------------------------------------------------

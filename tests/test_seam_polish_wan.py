@@ -4,12 +4,11 @@ seam polish removes that, in full and window mode. Means of seeds 0-2 at 50 step
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 
-from instrument import LENGTH_SCALE, measure
+from instrument import LENGTH_SCALE, seed_means
 from loopui.engine.polish import polish_cost
 from tiny_wan import build_tiny_wan
 
@@ -19,17 +18,7 @@ SMOOTH = 1.05
 
 @pytest.fixture(scope="module")
 def wan_bench():
-    pipe = build_tiny_wan()
-
-    @functools.lru_cache(maxsize=None)
-    def run(num_latents: int, level: str, shift_skip=None):
-        mode = "full" if num_latents <= 21 else "window"
-        ms = [measure(pipe, num_latents=num_latents, seed=s, shift_skip=shift_skip, seam_polish=level,
-                      window_mode=mode) for s in SEEDS]
-        return (sum(m.seam_ratio for m in ms) / len(ms), sum(m.interior_ratio for m in ms) / len(ms),
-                ms[0].model_calls, [m.worst_step for m in ms])
-
-    return run
+    return seed_means(build_tiny_wan(), 21, SEEDS)
 
 
 def test_flow_matching_plain_sampling_jumps_at_the_wrap(wan_bench):

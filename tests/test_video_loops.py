@@ -13,7 +13,7 @@ from instrument import installed
 from loopui.engine import LoopRequest, generate_loop
 from loopui.engine.conditioning import wrap_hold
 from loopui.engine.families import family_for
-from loopui.media import export_video, loop_metrics, resample_clip
+from loopui.media import loop_metrics, resample_clip
 
 from tiny_wan import build_tiny_wan
 
@@ -134,14 +134,11 @@ def test_long_clip_in_window_mode_with_polish_and_a_mask(tiny_pipe):
 
 @functools.lru_cache(maxsize=None)
 def _plain_clip(seed: int) -> torch.Tensor:
-    from loopui.models.demo import build_tiny_cogvideox
-
     pipe = _instrument_pipe()
     with installed(pipe):
         return generate_loop(pipe, LoopRequest(prompt="gp", num_frames=49, height=256, width=384, guidance_scale=1.0,
                                                seed=seed, shift_skip=0, seam_polish="off"),
                              output_type="latent").latents
-    del build_tiny_cogvideox
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,7 +154,6 @@ def clip_to_loop(seed: int, init_strength: float, loop_region: float = 1.0) -> d
     pipe = _instrument_pipe()
     plain = _plain_clip(seed)
     family = family_for(pipe)
-    original = family.encode_video
 
     def encode(_pipe, frames, *args, **kwargs):  # the clip's latents are the plain sample itself
         return plain.clone() if len(frames) > 1 else plain[:, :1].clone()

@@ -24,7 +24,6 @@ import numpy as np
 from loopui.engine.settings import (
     LoopRequest,
     ResolvedRequest,
-    auto_rope_scale,
     default_shift_skip,
     knob_info,
     latent_length,
