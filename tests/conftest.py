@@ -65,3 +65,13 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def faithful_wan_dir(tmp_path_factory) -> Path:
+    """Wan 2.1 T2V 1.3B's real configuration, shrunk in width and depth only (``loopui.models.faithful``), saved as
+    a loadable local diffusers folder."""
+    from loopui.models.faithful import save_faithful_pipeline
+
+    return save_faithful_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+                                  tmp_path_factory.mktemp("faithful-wan") / "model")
