@@ -305,3 +305,47 @@ def test_every_knob_follows_the_model_wan_and_cogvideox_5b_i2v(served_families, 
     assert (restored["fps"], restored["width"], restored["frames"], restored["resolution"]) == ("16", "48", "9",
                                                                                               "Custom")
     assert restored["schedulers"] == wan["schedulers"]
+
+
+def test_a_gpu_server_generates_at_the_native_size_from_empty_size_boxes(tmp_path):
+    """With a GPU the page starts at the model's native size: the width/height boxes are empty ("automatic"). The
+    browser used to send a box built empty as 0, so the first Generate failed with "Value 0 is less than minimum
+    value 16."."""
+    pytest.importorskip("gradio")
+    from loopui.ui import Studio, build_app, launch_options
+    from loopui.ui.browser import CHROMIUM_ARGS, VIEWPORT, chromium_executable
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    _require(sync_playwright is not None, "playwright is not installed (pip install playwright)")
+    chromium = chromium_executable()
+    _require(chromium is not None, "chromium not found at /usr/bin/chromium (apt-get install chromium)")
+
+    studio = Studio(model_id="demo", has_gpu=True, devices="cpu", output_root=tmp_path / "sessions")
+    assert studio.default_resolution() == "native"
+    demo = build_app(studio)
+    demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True, **launch_options())
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport=VIEWPORT)
+                page.goto(demo.local_url, wait_until="domcontentloaded")
+                page.locator("#loopui-generate").wait_for(state="visible", timeout=60000)
+                assert page.locator("#loopui-width input").input_value() == ""
+                page.locator("#loopui-prompt textarea").fill("waves")
+                steps = page.locator("#loopui-steps input[type=number]")
+                steps.fill("2")
+                steps.press("Enter")
+                page.locator("#loopui-generate").click()
+                page.wait_for_function("() => /Done|Failed/.test(document.querySelector('#loopui-status').innerText)"
+                                       " || document.querySelector('.toast-body')", timeout=60000)
+                status = page.locator("#loopui-status").inner_text()
+                toasts = page.locator(".toast-body").all_inner_texts()
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+    assert toasts == [] and status.startswith("Done. 52 frames · 96x64"), (status, toasts)

@@ -376,7 +376,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                                          interactive=rope0["interactive"], elem_id="loopui-rope")
                     with gr.Row():
                         num_inference_steps = _slider("num_inference_steps", "Steps",
-                                                      studio.default("num_inference_steps"))
+                                                      studio.default("num_inference_steps"), elem_id="loopui-steps")
                         guidance_scale = _slider("guidance_scale", "Guidance", view.guidance.value,
                                                  info=view.guidance.note, elem_id="loopui-guidance")
                     with gr.Row():
