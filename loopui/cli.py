@@ -2,8 +2,9 @@
 
 Every ``generate`` flag takes its default, range, choices and help from ``LoopRequest``'s field metadata, so the CLI,
 the UI and the Python API cannot drift apart. Where the user leaves a flag out, the model's recommendation applies
-(scheduler, guidance, dynamic CFG, native size). User mistakes end as one ``loopui: error: ...`` line and exit
-code 2; an interrupt exits 130.
+(scheduler, guidance, dynamic CFG, fps, flow shift, native size), resolved by the engine's ``plan_loop`` -- which
+also refuses, before the model loads, what the model's family cannot do. User mistakes end as one
+``loopui: error: ...`` line and exit code 2; an interrupt exits 130.
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ logger = logging.getLogger(__name__)
 PROG = "loopui"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-# Flags of knobs that may be left to the model's recommendation (registry): default None = "ask the model".
-_MODEL_RECOMMENDED = ("scheduler", "guidance_scale", "use_dynamic_cfg", "height", "width")
+# Flags of knobs left to the model's recommendation when not given (None = "ask the model": the engine's plan_loop
+# fills them from the registry, e.g. guidance 6 on CogVideoX, 5 on Wan, and two values on a two-expert Wan 2.2).
+_MODEL_RECOMMENDED = ("scheduler", "guidance_scale", "use_dynamic_cfg", "height", "width", "fps", "flow_shift")
 
 
-def _rope_scale(text: str) -> Optional[float]:
-    """``--rope-scale``: a number, or ``auto`` (None: L / L_trained for an over-long cycle, see resolve_request)."""
+def _number_or_auto(text: str) -> Optional[float]:
+    """A number, or ``auto`` (None: the automatic value, see resolve_request)."""
     if text.strip().lower() == "auto":
         return None
     try:
-        return real_number("rope_scale", text)
+        return real_number("value", text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
@@ -75,9 +77,10 @@ _KNOB_FLAGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("--shift-skip", "shift_skip", _whole),
     ("--shift-start", "shift_start", _number),
     ("--shift-end", "shift_end", _number),
-    ("--rope-scale", "rope_scale", _rope_scale),
+    ("--rope-scale", "rope_scale", _number_or_auto),
     ("--window", "window_mode", str),
     ("--scheduler", "scheduler", str),
+    ("--flow-shift", "flow_shift", _number_or_auto),
     ("--fps", "fps", _whole),
     ("--seam-polish", "seam_polish", str),
     ("--mask-model", "mask_model", str),
@@ -88,6 +91,7 @@ _KNOB_FLAGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("--anchor-strength", "anchor_strength", _number),
     ("--init-strength", "init_strength", _number),
     ("--background-freeze", "background_freeze", _number),
+    ("--image-channel", "image_channel", str),
 )
 
 # For error messages: "num_frames must be >= 5" is clearer as "... [--frames]" on the command line.
@@ -105,10 +109,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _knob_help(field: str, recommended: bool = False) -> str:
     info = knob_info(field)
-    parts = [info["help"]]
+    # A flag is left out rather than left empty: the knob's "empty = X" reads "default: X" here.
+    text = info["help"].replace("empty = ", "default: ")
+    parts = [text]
     if info.get("min") is not None and info.get("max") is not None:
         parts.append(f"Range {number_text(info['min'])}..{number_text(info['max'])}.")
-    if recommended:
+    if "default: " in text:
+        pass  # the help says it already
+    elif recommended:
         parts.append("Default: the model's recommendation.")
     elif info["default"] is not None and info["default"] != "":
         parts.append(f"Default: {info['default']}.")
@@ -126,8 +134,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         info = knob_info(field)
         recommended = field in _MODEL_RECOMMENDED
         default = None if recommended else info["default"]
-        metavar = "S|auto" if field == "rope_scale" else (None if info.get("choices") else
-                                                           flag.lstrip("-").upper().replace("-", "_"))
+        metavar = {"rope_scale": "S|auto", "flow_shift": "F|auto"}.get(field) or (
+            None if info.get("choices") else flag.lstrip("-").upper().replace("-", "_"))
         parser.add_argument(flag, dest=field, type=kind, default=default, choices=info.get("choices"),
                             metavar=metavar, help=_knob_help(field, recommended))
     parser.add_argument("--dynamic-cfg", dest="use_dynamic_cfg", action=argparse.BooleanOptionalAction,
@@ -230,8 +238,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def build_request(args: argparse.Namespace, spec: Any) -> ResolvedRequest:
-    """The request of parsed ``generate`` arguments, the model's recommendations filling the flags left out and
-    ``resolve_request`` (as for the page and the API) the automatic values."""
+    """The request of parsed ``generate`` arguments, checked and resolved by ``resolve_request`` (as for the page and
+    the API): flags left out stay "automatic", and the engine's plan fills them with the model's recommendations
+    (a guidance given here would set both experts of a two-expert model)."""
     values = {field: getattr(args, field) for _, field, _ in _KNOB_FLAGS}
     values.update(prompt=args.prompt, use_dynamic_cfg=args.use_dynamic_cfg, image=args.image, mask=args.mask,
                   frame_invariant_decoding=args.frame_invariant_decoding)
@@ -239,12 +248,6 @@ def build_request(args: argparse.Namespace, spec: Any) -> ResolvedRequest:
         if values["motion_region"] not in ("object", "background"):
             raise ValueError(f"--invert-mask contradicts --motion-region {values['motion_region']}")
         values["motion_region"] = "background"
-    recommended = {"scheduler": spec.scheduler, "guidance_scale": spec.guidance_scale,
-                   "use_dynamic_cfg": spec.use_dynamic_cfg, "height": spec.native_height,
-                   "width": spec.native_width}
-    for field in _MODEL_RECOMMENDED:
-        if values[field] is None:
-            values[field] = recommended[field]
     return resolve_request(request_from_values(values), spec)
 
 
@@ -486,20 +489,32 @@ def _run_models(names: Sequence[str]) -> int:
         specs = [spec_for(name) for name in names] if names else list_models()
     except ValueError as exc:
         return _fail(_one_line(exc))
-    rows = [("MODEL", "TASK", "ROPE", "LATENTS", "NATIVE", "DTYPE", "VRAM")]
+    rows = [("MODEL", "FAMILY", "TASK", "ROPE", "LATENTS", "NATIVE", "DTYPE", "VRAM / OFFLOAD", "LICENCE")]
     for spec in specs:
         name = spec.model_id + (" (default)" if spec.model_id == DEFAULT_MODEL_ID else "")
-        rows.append((name, "i2v" if spec.image_to_video else "t2v", "yes" if spec.rotary else "no",
+        family = spec.family + (f" ({spec.experts} experts)" if spec.experts > 1 else "")
+        rows.append((name, family, "i2v" if spec.image_to_video else "t2v", "yes" if spec.rotary else "no",
                      str(spec.trained_latent_frames),
-                     f"{size_text(spec.native_width, spec.native_height)}, {spec.native_num_frames} frames",
+                     f"{size_text(spec.native_width, spec.native_height)}, {spec.native_num_frames} frames @ "
+                     f"{spec.native_fps} fps",
                      spec.cuda_dtype,
-                     f"~{spec.vram_gb:g} GiB"))
+                     f"~{spec.vram_gb:g} / {spec.offload_vram_gb:g} GiB",
+                     _short_licence(spec.license)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     if not names:
-        print(f"\n'demo' is an alias of {spec_for('demo').model_id}. A local diffusers folder works as --model too.")
+        print("\nVRAM: GiB to hold the model on one GPU at its native size / peak with model CPU offload (rough).")
+        print(f"'demo' is an alias of {spec_for('demo').model_id}. A local diffusers folder works as --model too.")
+    notes = sorted({spec.license for spec in specs if spec.license and _short_licence(spec.license) != spec.license})
+    for licence in notes:
+        print(f"{_short_licence(licence)}: {licence}")
     return EXIT_OK
+
+
+def _short_licence(licence: str) -> str:
+    """A licence as a table cell: its name without the parenthesised terms ("CogVideoX license"), "-" if unknown."""
+    return licence.split(" (", 1)[0] if licence else "-"
 
 
 # -- score ----------------------------------------------------------------------------------------------------------

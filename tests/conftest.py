@@ -86,3 +86,13 @@ def left_half_mask():
     mask = np.zeros((64, 96), dtype=np.uint8)
     mask[:, :48] = 255
     return mask
+
+
+@pytest.fixture(scope="session")
+def faithful_wan_dir(tmp_path_factory) -> Path:
+    """Wan 2.1 T2V 1.3B's real configuration, shrunk in width and depth only (``loopui.models.faithful``), saved as
+    a loadable local diffusers folder."""
+    from loopui.models.faithful import save_faithful_pipeline
+
+    return save_faithful_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+                                  tmp_path_factory.mktemp("faithful-wan") / "model")

@@ -26,6 +26,7 @@ from saliency_fixtures import install_tiny_u2netp  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
 TINY = dict(prompt="a red ball", num_frames=5, num_inference_steps=1, height=16, width=16)
+WAN = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 BAD_INPUTS_TRIED: list[str] = []  # every distinct bad input of this module, for the count below
 
 
@@ -126,7 +127,21 @@ API_CASES = [
     ("shift start after end", dict(shift_start=0.8, shift_end=0.2), "shift_start must not exceed shift_end"),
     ("shift end above 1", dict(shift_end=1.5), "shift_end must be <= 1"),
     ("unknown window mode", dict(window_mode="sliding"), "window_mode must be one of full, window"),
-    ("unknown scheduler", dict(scheduler="euler"), "scheduler must be one of ddim, dpm"),
+    ("unknown scheduler", dict(scheduler="lms"), "scheduler must be one of ddim, dpm, unipc, euler; got 'lms'"),
+    ("a Wan scheduler on CogVideoX", dict(scheduler="euler"), "scheduler must be one of ddim, dpm for "),
+    ("a CogVideoX scheduler on Wan", dict(model=WAN, scheduler="ddim"), "scheduler must be one of unipc, euler for "),
+    ("flow shift on CogVideoX", dict(flow_shift=3), "flow_shift applies to flow-matching models (Wan) only"),
+    ("flow shift as words", dict(flow_shift="high"), "flow_shift must be a number"),
+    ("flow shift too small", dict(model=WAN, flow_shift=0), "flow_shift must be >= 0.5"),
+    ("dynamic CFG on Wan", dict(model=WAN, use_dynamic_cfg=True), "use_dynamic_cfg applies to CogVideoX only"),
+    ("unknown image channel", dict(image_channel="first"), "image_channel must be one of estimate, image, roll"),
+    ("Wan 2.2 5B at a size not a multiple of 32", dict(model="Wan-AI/Wan2.2-TI2V-5B-Diffusers", height=48),
+     "height must be a multiple of 32 for Wan-AI/Wan2.2-TI2V-5B-Diffusers, got 48"),
+    ("CogVideoX-5b-I2V at another size", dict(model="THUDM/CogVideoX-5b-I2V", image="good"),
+     "THUDM/CogVideoX-5b-I2V has learned positional embeddings and runs only at 720x480: leave height/width empty"),
+    ("CogVideoX-5b-I2V past its learned table in full mode",
+     dict(model="THUDM/CogVideoX-5b-I2V", image="good", num_frames=97, height=None, width=None),
+     "num_frames=97 (25 latents) in full mode would replace THUDM/CogVideoX-5b-I2V's learned positional"),
     ("unknown seam polish", dict(seam_polish="max"), "seam_polish must be one of off, fast"),
     ("unknown motion region", dict(motion_region="sky"), "motion_region must be one of object"),
     ("unknown mask model", dict(mask_model="sam"), "mask_model: unknown mask model 'sam'"),
@@ -334,6 +349,12 @@ CLI_CASES = [
     ("cli: shift beyond the cycle", ["--shift-skip", "13"], "shift_skip must be in [0, 12]"),
     ("cli: shift start after end", ["--shift-start", "0.8", "--shift-end", "0.2"], "shift_start must not exceed"),
     ("cli: height not a multiple of 16", ["--height", "50"], "height must be a multiple of 16, got 50 [--height]"),
+    ("cli: flow shift on CogVideoX", ["--flow-shift", "3"], "flow_shift applies to flow-matching models (Wan) only; "
+                                                             "CogVideoX uses DDIM/DPM: leave flow_shift empty "
+                                                             "[--flow-shift]"),
+    ("cli: flow shift as words", ["--flow-shift", "high"], "argument --flow-shift: expected a number or 'auto'"),
+    ("cli: a Wan scheduler on CogVideoX", ["--scheduler", "unipc"], "scheduler must be one of ddim, dpm for "),
+    ("cli: unknown image channel", ["--image-channel", "first"], "argument --image-channel: invalid choice"),
     ("cli: unknown mask model", ["--mask-model", "sam"], "mask_model: unknown mask model 'sam'"),
     ("cli: contradictory invert", ["--invert-mask", "--motion-region", "everything"], "--invert-mask contradicts"),
     ("cli: text as an image", ["--image", "{text}"], "--image: cannot read image file"),

@@ -161,3 +161,193 @@ def test_page_layout_keeps_generate_in_reach_and_labels_readable(served_demo):
     assert phone["video"]["y"] < 1.5 * PHONE_VIEWPORT["height"]
     desktop = reports["desktop"]
     assert desktop["generate"]["bottom"] <= VIEWPORT["height"] and desktop["video"]["y"] < VIEWPORT["height"]
+
+
+@pytest.fixture
+def served_families(tmp_path, faithful_wan_dir):
+    """The demo app whose manager serves Wan 2.1 T2V 1.3B from its config-faithful tiny folder; (studio, url)."""
+    pytest.importorskip("gradio")
+    from faithful_serving import FaithfulManager
+    from loopui.ui import Studio, build_app, launch_options
+
+    studio = Studio(demo=True, has_gpu=False, output_root=tmp_path / "sessions",
+                    manager=FaithfulManager({"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": faithful_wan_dir}))
+    demo = build_app(studio)
+    demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True, **launch_options())
+    try:
+        yield studio, demo.local_url
+    finally:
+        demo.close()
+
+
+def test_every_knob_follows_the_model_wan_and_cogvideox_5b_i2v(served_families, tmp_path):
+    """Choosing Wan 2.1 1.3B sets fps 16, guidance 5, the flow-matching schedulers, locks dynamic CFG and opens the
+    flow shift; a loop made on the page plays at 16 fps. Choosing CogVideoX-5b-I2V leaves only its native size (the
+    preview keeps it), locks width/height, starts the loop length at 49 and forces the window mode past it."""
+    from loopui.ui.browser import CHROMIUM_ARGS, VIEWPORT, chromium_executable
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    _require(sync_playwright is not None, "playwright is not installed (pip install playwright)")
+    chromium = chromium_executable()
+    _require(chromium is not None, "chromium not found at /usr/bin/chromium (apt-get install chromium)")
+
+    studio, url = served_families
+    seen: dict = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(url, wait_until="domcontentloaded")
+            page.locator("#loopui-generate").wait_for(state="visible", timeout=60000)
+            page.get_by_text("Advanced", exact=True).click()
+
+            def close_lists() -> None:
+                page.locator("#loopui-intro h1").click()  # a click elsewhere closes an open dropdown list
+
+            def option_list(elem: str):
+                field = page.locator(f"#{elem} input")
+                field.click()
+                listbox = page.locator(f"#{field.get_attribute('aria-controls')}")
+                listbox.wait_for(state="visible", timeout=5000)
+                return listbox
+
+            def options(elem: str) -> list[str]:
+                texts = option_list(elem).get_by_role("option").all_inner_texts()
+                close_lists()
+                page.locator(f"#{elem} ul[role=listbox]").wait_for(state="detached", timeout=5000)
+                return [t.replace("✓", "").strip() for t in texts]
+
+            def choose_model(label: str, note: str) -> None:
+                option_list("loopui-model").get_by_role("option", name=label).first.click()
+                page.wait_for_function(f"() => document.querySelector('#loopui-model-note').innerText"
+                                       f".includes({json.dumps(note)})", timeout=10000)
+
+            def number(elem: str) -> str:
+                return page.locator(f"#{elem} input[type=number]").input_value()
+
+            def set_number(elem: str, value: str, box: str = "input[type=number]") -> None:
+                field = page.locator(f"#{elem} {box}")
+                field.fill(value)
+                field.press("Enter")
+                page.wait_for_function(f"() => document.querySelector('#{elem} {box}').value === '{value}'")
+
+            choose_model("Wan-AI/Wan2.1-T2V-1.3B", "Wan 2.1 1.3B text-to-video")
+            seen["wan"] = dict(
+                fps=number("loopui-fps"), guidance=number("loopui-guidance"),
+                schedulers=options("loopui-scheduler"), resolutions=options("loopui-resolution"),
+                dynamic_disabled=page.locator("#loopui-dynamic-cfg input").is_disabled(),
+                flow_disabled=page.locator("#loopui-flow-shift input").is_disabled(),
+                note=page.locator("#loopui-model-note").inner_text())
+            # A small loop from the page itself (its values, its conversions): 9 frames at 48x32, 2 steps.
+            set_number("loopui-width", "48", "input")
+            set_number("loopui-height", "32", "input")
+            set_number("loopui-frames", "9")
+            page.locator("#loopui-prompt textarea").fill("waves at dusk")
+            page.locator("#loopui-generate").click()
+            page.wait_for_function("() => /Done|Failed/.test(document.querySelector('#loopui-status').innerText)",
+                                   timeout=120000)
+            seen["wan_status"] = page.locator("#loopui-status").inner_text()
+            seen["wan_sidecar"] = json.loads(next(Path(studio.output_root).rglob("*.json")).read_text())
+
+            choose_model("THUDM/CogVideoX-5b-I2V", "CogVideoX 5B image-to-video")
+            seen["i2v"] = dict(
+                resolutions=options("loopui-resolution"),
+                width_disabled=page.locator("#loopui-width input").is_disabled(),
+                frames_min=page.locator("#loopui-frames input[type=range]").get_attribute("min"),
+                frames=number("loopui-frames"), fps=number("loopui-fps"),
+                flow_disabled=page.locator("#loopui-flow-shift input").is_disabled())
+            set_number("loopui-frames", "97")
+            page.wait_for_function("() => document.querySelector('#loopui-window input').disabled", timeout=10000)
+            seen["i2v_97"] = dict(window=page.locator("#loopui-window input:checked").get_attribute("value"),
+                                  note=page.locator("#loopui-window").inner_text(),
+                                  rope_disabled=page.locator("#loopui-rope input[type=range]").is_disabled())
+            page.get_by_role("button", name="Use preview settings").click()
+            page.wait_for_function("() => document.querySelector('#loopui-frames input[type=number]').value === "
+                                   "'49'", timeout=10000)
+            seen["i2v_preview"] = page.locator("#loopui-resolution input").input_value()
+            # The gallery brings the Wan loop back: its model, with that model's knobs, and the loop's own values.
+            page.locator("#loopui-gallery .thumbnail-item").first.click()
+            page.wait_for_function("() => /Restored the settings of loop #1/.test("
+                                   "document.querySelector('#loopui-status').innerText)", timeout=10000)
+            seen["restored"] = dict(note=page.locator("#loopui-model-note").inner_text(), fps=number("loopui-fps"),
+                                    width=page.locator("#loopui-width input").input_value(),
+                                    frames=number("loopui-frames"),
+                                    resolution=page.locator("#loopui-resolution input").input_value(),
+                                    schedulers=options("loopui-scheduler"),
+                                    dynamic_disabled=page.locator("#loopui-dynamic-cfg input").is_disabled())
+        finally:
+            browser.close()
+
+    wan = seen["wan"]
+    assert (wan["fps"], wan["guidance"]) == ("16", "5")
+    assert wan["schedulers"] == ["Automatic: the model's own scheduler", "UniPC (flow matching)",
+                                 "Euler (flow matching)"]
+    assert wan["resolutions"][0] == "Model's native size (832x480)" and "Custom" in wan["resolutions"]
+    assert wan["dynamic_disabled"] and not wan["flow_disabled"]
+    assert "Apache-2.0" in wan["note"] and "14 GB with CPU offload" in wan["note"]
+    assert seen["wan_status"].startswith("Done. 12 frames · 48x32"), seen["wan_status"]
+    settings = seen["wan_sidecar"]["settings"]
+    assert (settings["family"], settings["fps"], settings["guidance_scale"], settings["flow_shift"]) == \
+        ("wan", 16, 5.0, 3.0)
+    assert settings["use_dynamic_cfg"] is False and settings["num_output_frames"] == 12
+    i2v = seen["i2v"]
+    assert i2v["resolutions"] == ["Model's native size (720x480)"]
+    assert i2v["width_disabled"] and i2v["flow_disabled"]
+    assert (i2v["frames_min"], i2v["frames"], i2v["fps"]) == ("49", "49", "8")
+    assert seen["i2v_97"]["window"] == "window" and "Forced to 'window'" in seen["i2v_97"]["note"]
+    assert seen["i2v_97"]["rope_disabled"]
+    assert seen["i2v_preview"] == "Model's native size (720x480)"  # the preview offers no size it refuses
+    restored = seen["restored"]
+    assert "Wan 2.1 1.3B" in restored["note"] and restored["dynamic_disabled"]
+    assert (restored["fps"], restored["width"], restored["frames"], restored["resolution"]) == ("16", "48", "9",
+                                                                                              "Custom")
+    assert restored["schedulers"] == wan["schedulers"]
+
+
+def test_a_gpu_server_generates_at_the_native_size_from_empty_size_boxes(tmp_path):
+    """With a GPU the page starts at the model's native size: the width/height boxes are empty ("automatic"). The
+    browser used to send a box built empty as 0, so the first Generate failed with "Value 0 is less than minimum
+    value 16."."""
+    pytest.importorskip("gradio")
+    from loopui.ui import Studio, build_app, launch_options
+    from loopui.ui.browser import CHROMIUM_ARGS, VIEWPORT, chromium_executable
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    _require(sync_playwright is not None, "playwright is not installed (pip install playwright)")
+    chromium = chromium_executable()
+    _require(chromium is not None, "chromium not found at /usr/bin/chromium (apt-get install chromium)")
+
+    studio = Studio(model_id="demo", has_gpu=True, devices="cpu", output_root=tmp_path / "sessions")
+    assert studio.default_resolution() == "native"
+    demo = build_app(studio)
+    demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True, **launch_options())
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport=VIEWPORT)
+                page.goto(demo.local_url, wait_until="domcontentloaded")
+                page.locator("#loopui-generate").wait_for(state="visible", timeout=60000)
+                # Empty once the page has loaded (the load event sets the boxes; before it they showed 0).
+                page.wait_for_function("() => document.querySelector('#loopui-width input').value === ''",
+                                       timeout=10000)
+                page.locator("#loopui-prompt textarea").fill("waves")
+                steps = page.locator("#loopui-steps input[type=number]")
+                steps.fill("2")
+                steps.press("Enter")
+                page.locator("#loopui-generate").click()
+                page.wait_for_function("() => /Done|Failed/.test(document.querySelector('#loopui-status').innerText)"
+                                       " || document.querySelector('.toast-body')", timeout=60000)
+                status = page.locator("#loopui-status").inner_text()
+                toasts = page.locator(".toast-body").all_inner_texts()
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+    assert toasts == [] and status.startswith("Done. 52 frames · 96x64"), (status, toasts)

@@ -73,14 +73,28 @@ def test_generate_writes_loop_sidecar_and_latents(tiny_model_dir, tmp_path, caps
 
 def test_model_recommendations_fill_unset_flags_only(tiny_model_dir, tmp_path):
     from loopui.cli import build_request
+    from loopui.engine.plan import plan_loop
     from loopui.models import REGISTRY, spec_for
 
     parser = build_parser()
     five = REGISTRY["THUDM/CogVideoX-5b"]
     args = parser.parse_args(["generate", "--prompt", "waves", "-o", "x.mp4", "--rope-scale", "auto"])
     request = build_request(args, spec_for(args.model)).request
-    assert (request.scheduler, request.use_dynamic_cfg, request.guidance_scale) == ("dpm", True, five.guidance_scale)
+    # Left out, they stay "automatic" in the request; the engine's plan gives the model's recommendations.
+    assert (request.scheduler, request.use_dynamic_cfg, request.guidance_scale, request.fps) == (None,) * 4
+    plan = plan_loop(request, five)
+    assert (plan.scheduler, plan.use_dynamic_cfg, plan.guidance_scale, plan.fps) == ("dpm", True, 6.0, 8)
     assert (request.height, request.width, request.rope_scale, request.shift_skip) == (480, 720, 1.0, 6)
+    # Wan 2.2 A14B: left out, the guidance is the model's pair (high-noise 4, low-noise 3); given, it sets both.
+    a14b = REGISTRY["Wan-AI/Wan2.2-T2V-A14B-Diffusers"]
+    args = parser.parse_args(["generate", "--model", a14b.model_id, "--prompt", "waves", "-o", "x.mp4"])
+    plan = plan_loop(build_request(args, a14b).request, a14b)
+    assert (plan.guidance_scale, plan.guidance_scale_2, plan.fps, plan.flow_shift) == (4.0, 3.0, 16, 12.0)
+    args = parser.parse_args(["generate", "--model", a14b.model_id, "--prompt", "waves", "-o", "x.mp4",
+                              "--guidance", "3.5", "--flow-shift", "8", "--fps", "12", "--scheduler", "euler"])
+    plan = plan_loop(build_request(args, a14b).request, a14b)
+    assert (plan.guidance_scale, plan.guidance_scale_2, plan.fps, plan.flow_shift, plan.scheduler) == \
+        (3.5, 3.5, 12, 8.0, "euler")
     args = parser.parse_args(["generate", "--model", "demo", "--prompt", "waves", "-o", "x.mp4", "--scheduler",
                               "ddim", "--no-dynamic-cfg", "--guidance", "3.5", "--height", "32", "--invert-mask",
                               "--rope-scale", "1.5"])
@@ -96,7 +110,12 @@ def test_generate_help_takes_defaults_and_choices_from_loop_request():
     assert actions["num_frames"].default == knob_info("num_frames")["default"]
     assert actions["seam_polish"].choices == knob_info("seam_polish")["choices"]
     assert actions["window_mode"].choices == knob_info("window_mode")["choices"]
-    assert knob_info("shift_skip")["help"].replace("%", "%%") in actions["shift_skip"].help
+    # The knob's own help, "empty = automatic" read as what a flag left out gets.
+    help_text = knob_info("shift_skip")["help"].replace("%", "%%").replace("empty = ", "default: ")
+    assert help_text in actions["shift_skip"].help and "empty" not in actions["guidance_scale"].help
+    assert actions["scheduler"].choices == ("ddim", "dpm", "unipc", "euler")
+    assert actions["image_channel"].choices == knob_info("image_channel")["choices"]
+    assert actions["flow_shift"].default is None and actions["fps"].default is None
 
 
 def test_no_frame_invariant_decoding_gives_the_requested_frame_count(tiny_model_dir, tmp_path, capsys):
@@ -190,7 +209,58 @@ def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "THUDM/CogVideoX-5b (default)" in out and "THUDM/CogVideoX-2b" in out and "i2v" in out
-    assert "loopui/tiny-random-cogvideox" in out and "720x480, 49 frames" in out
+    assert "loopui/tiny-random-cogvideox" in out and "720x480, 49 frames @ 8 fps" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if "/" in line.split(" ", 1)[0]}
+    # Family, licence, fps and VRAM on one GPU / with offload, for every family.
+    wan = rows["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"].split()
+    assert wan[1] == "wan" and "832x480, 81 frames @ 16 fps" in rows[wan[0]]
+    assert "~20 / 14 GiB" in rows[wan[0]] and wan[-1] == "Apache-2.0"
+    assert "1280x704, 121 frames @ 24 fps" in rows["Wan-AI/Wan2.2-TI2V-5B-Diffusers"]
+    assert "wan (2 experts)" in rows["Wan-AI/Wan2.2-T2V-A14B-Diffusers"]
+    assert rows["THUDM/CogVideoX-5b"].split()[2] == "cogvideox" and "~26 / 16 GiB" in rows["THUDM/CogVideoX-5b"]
+    assert rows["THUDM/CogVideoX-5b"].rstrip().endswith("CogVideoX license")
+    assert "CogVideoX license: CogVideoX license (research; commercial use needs registration)" in out
+
+
+def test_generate_on_a_faithful_wan_folder_writes_a_16_fps_loop(faithful_wan_dir, tmp_path, capsys):
+    """Wan 2.1 T2V 1.3B's real configuration (shrunk): 9 frames -> L = 3 latents -> a 4·L = 12-frame MP4 at the
+    model's 16 fps; --flow-shift reaches the scheduler and the sidecar."""
+    from loopui.media import load_video
+
+    out = tmp_path / "wan.mp4"
+    code = main(["generate", "--model", str(faithful_wan_dir), "--prompt", "a red ball bouncing", "--frames", "9",
+                 "--height", "32", "--width", "48", "--steps", "2", "--flow-shift", "4", "-q", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    frames, fps = load_video(out)
+    assert frames.shape == (12, 32, 48, 3) and fps == 16
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    settings = sidecar["settings"]
+    assert (settings["family"], settings["latent_layout"], settings["num_latent_frames"]) == \
+        ("wan", "(B, C, T, H, W)", 3)
+    assert (settings["fps"], settings["flow_shift"], settings["guidance_scale"], settings["use_dynamic_cfg"]) == \
+        (16, 4.0, 5.0, False)
+    assert settings["shift_skip"] == 1 and settings["image_channel"] is None  # inert without an image-to-video model
+    assert any(line.startswith(f"wrote {out} (12 frames, 48x32, 16 fps") for line in captured.out.splitlines())
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--dynamic-cfg"], "use_dynamic_cfg applies to CogVideoX only; Wan uses a constant guidance scale: turn "
+                        "dynamic CFG off [--dynamic-cfg]"),
+    (["--scheduler", "ddim"], "scheduler must be one of unipc, euler for "),
+    (["--height", "40"], "height must be a multiple of 16, got 40 [--height]"),
+    (["--flow-shift", "0"], "flow_shift must be >= 0.5, got 0.0 [--flow-shift]"),
+])
+def test_a_knob_wan_cannot_use_is_refused_before_loading(faithful_wan_dir, tmp_path, capsys, monkeypatch, argv,
+                                                         needle):
+    from loopui.models import ModelManager
+
+    monkeypatch.setattr(ModelManager, "get", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(ModelManager, "run", lambda *a, **k: pytest.fail("model loaded"))
+    code = main(["generate", "--model", str(faithful_wan_dir), "--prompt", "waves", "-o", str(tmp_path / "x.mp4"),
+                 *argv])
+    assert code == 2
+    assert _error_line(capsys).startswith(f"loopui: error: {needle}")
 
 
 def test_mask_subcommand_is_wired(tmp_path, capsys):

@@ -10,31 +10,30 @@ from __future__ import annotations
 import inspect
 import logging
 import random
-import re
 import time
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
 import gradio as gr
 import numpy as np
 
-from loopui.engine.settings import WHOLE_NUMBER_FIELDS, default_shift_skip, knob_info, latent_length
+from loopui.engine.settings import WHOLE_NUMBER_FIELDS, LoopRequest, default_shift_skip, knob_info, latent_length
 from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS
 from loopui.ui.jobs import LeftLine, ProgressClock
 from loopui.ui.spaces_compat import gpu_decorator
 from loopui.ui.studio import (
-    AUTO_SCHEDULER,
     CUSTOM_RESOLUTION,
+    IMAGE_CHANNEL_LABELS,
     MAX_HISTORY,
     PAINT_MOVE_COLOR,
     PAINT_STILL_COLOR,
-    PREVIEW_SETTINGS,
     REQUEST_FIELDS,
-    RESOLUTION_LABELS,
     RESOLUTION_PRESETS,
     RESTORED_FIELDS,
     HistoryEntry,
     Studio,
+    help_text,
     shift_note,
 )
 
@@ -56,6 +55,9 @@ STAGE_LABELS = {"queue": "Queued", "load": "Loading model", "encode": "Encoding 
                 "decode": "Decoding frames", "export": "Writing MP4 / GIF / WebP"}
 CSS = """
 #loopui-banner {border-left: 4px solid #f59e0b; padding: 6px 12px; background: rgba(245, 158, 11, 0.08);}
+/* A knob the model cannot use is locked, and looks it (its note says why). */
+#loopui-settings input:disabled, #loopui-settings textarea:disabled {opacity: 0.45; cursor: not-allowed;}
+#loopui-settings label:has(input:disabled) {opacity: 0.55; cursor: not-allowed;}
 #loopui-status {min-height: 1.6em;}
 /* A long choice (a model name) ends in an ellipsis before the dropdown's arrow instead of running under it. */
 #loopui-main input[role="combobox"] {text-overflow: ellipsis; overflow: hidden; white-space: nowrap; min-width: 0;
@@ -134,16 +136,20 @@ def _upload_error(param: str, payload: Any, exc: BaseException) -> str:
     return f"{param}: {name!r} cannot be read as an image ({reason[:200]})"
 
 
-def api_value(component: gr.components.Component, whole: bool = False) -> gr.components.Component:
+def api_value(component: gr.components.Component, whole: bool = False,
+              automatic: bool = False) -> gr.components.Component:
     """A hidden ``/generate`` input that hands the client's value to the app untouched.
 
     Gradio's Number rounds to its precision and answers out-of-range values with "Value -1 is less than minimum
     value 0." (no parameter name), its Checkbox takes any value; here ``LoopRequest``'s own checks answer, naming
-    the parameter, and a knob with an automatic value accepts null or "auto".
+    the parameter, and a knob with an automatic value (``automatic``) accepts null or "auto" and defaults to null.
     """
     component.preprocess = lambda payload: payload  # type: ignore[method-assign]
-    if isinstance(component, gr.Number):
-        kind = {"type": "integer" if whole else "number"}
+    if automatic:
+        component.value = None  # a Checkbox turns None into False when built; null is "the model's choice"
+    if isinstance(component, (gr.Number, gr.Checkbox)):
+        kind = {"type": "boolean"} if isinstance(component, gr.Checkbox) else {
+            "type": "integer" if whole else "number"}
         info = kind if component.value is not None else {"anyOf": [kind, {"type": "null"}]}
         component.api_info = lambda: info  # type: ignore[method-assign]
     return component
@@ -166,23 +172,17 @@ def launch_options(public: bool = False) -> dict[str, Any]:
     return options
 
 
-def _ui_help(name: str) -> str:
-    """A knob's help text for a slider or dropdown, which cannot be left empty (drops "empty = ..." clauses)."""
-    text = knob_info(name)["help"]
-    return re.sub(r"[;,]?\s*empty = (?:[^.;()]|\([^)]*\))*", "", text).replace(" ()", "").strip()
-
-
 def _slider(name: str, label: str, value: Any, **overrides: Any) -> gr.Slider:
     info = knob_info(name)
     kwargs = dict(minimum=info["min"], maximum=info["max"], step=info["step"], value=value, label=label,
-                  info=_ui_help(name))
+                  info=help_text(name))
     kwargs.update(overrides)
     return gr.Slider(**kwargs)
 
 
 def _dropdown(name: str, label: str, value: Any, choices: Optional[list] = None, **overrides: Any) -> gr.Dropdown:
     choices = choices if choices is not None else list(knob_info(name)["choices"])
-    return gr.Dropdown(choices=choices, value=value, label=label, info=_ui_help(name), **overrides)
+    return gr.Dropdown(choices=choices, value=value, label=label, info=help_text(name), **overrides)
 
 
 def _progress_view(event: Any, clock: ProgressClock) -> tuple[tuple[tuple, dict], str]:
@@ -210,15 +210,18 @@ def _session(request: Optional[gr.Request]) -> str:
 
 
 def _rope_update(studio: Studio, model_id: str, num_frames: int, window_mode: str, value: Optional[float] = None):
-    spec = studio.spec(model_id)
-    if not spec.rotary:
-        return gr.update(value=1.0, interactive=False,
-                         info="Off: this model has no rotary position embeddings, so there is nothing to rescale "
-                              "(use the window mode for long loops).")
-    auto = studio.auto_rope_scale(model_id, num_frames, window_mode)
-    note = (f" Automatic for this length: {auto:.2f}." if auto != 1.0
-            else " Automatic for this length: 1 (the cycle fits the trained length).")
-    return gr.update(value=auto if value is None else value, interactive=True, info=_ui_help("rope_scale") + note)
+    """The RoPE slider for this model and cycle: locked at 1 where the engine accepts no other scale, else the
+    automatic scale (or ``value``)."""
+    state = studio.rope_state(model_id, int(num_frames), window_mode)
+    if not state.interactive:
+        return gr.update(value=state.value, interactive=False, info=state.note)
+    return gr.update(value=state.value if value is None else value, interactive=True, info=state.note)
+
+
+def _window_update(studio: Studio, model_id: str, num_frames: int, window_mode: str) -> tuple[Any, str]:
+    """(the long-loop radio's update, the mode in effect): forced where the engine refuses the other mode."""
+    state = studio.window_state(model_id, int(num_frames), window_mode)
+    return gr.update(value=state.value, interactive=state.interactive, info=state.note), state.value
 
 
 def _shift_update(studio: Studio, model_id: str, num_frames: int, value: Optional[int] = None):
@@ -227,11 +230,70 @@ def _shift_update(studio: Studio, model_id: str, num_frames: int, value: Optiona
     return gr.update(maximum=max(length - 1, 1), value=k, interactive=length > 1)
 
 
+def _length_updates(studio: Studio, model_id: str, num_frames: int, window_mode: str) -> tuple[Any, Any, Any]:
+    """Shift, long-loop mode and RoPE scale after the loop length (or the model) changed."""
+    window, mode = _window_update(studio, model_id, num_frames, window_mode)
+    return _shift_update(studio, model_id, num_frames), window, _rope_update(studio, model_id, num_frames, mode)
+
+
+# The components that follow the model, in the order _model_updates returns them.
+FOLLOW_MODEL = ("model_md", "banner_md", "resolution", "height", "width", "num_frames", "shift_skip", "window_mode",
+                "rope_scale", "guidance_scale", "scheduler", "use_dynamic_cfg", "flow_shift", "image_channel", "fps")
+
+
+def _preset_for(height: Optional[float], width: Optional[float]) -> str:
+    """The resolution preset of a size (both empty: the model's native), else "Custom"."""
+    size = (int(height) if height else None, int(width) if width else None)
+    return next((key for key, hw in RESOLUTION_PRESETS.items() if hw == size), CUSTOM_RESOLUTION)
+
+
+def _size_box(view: Any, value: Optional[int]) -> Any:
+    return gr.update(value=value, step=view.size_step, interactive=view.size.interactive, info=view.size.note)
+
+
+def _model_updates(studio: Studio, model_id: str, preset: Optional[str] = None, height: Optional[float] = None,
+                   width: Optional[float] = None) -> dict[str, Any]:
+    """Every knob that follows the model, set to what ``model_id`` offers and recommends (see ``Studio.model_view``).
+
+    The resolution stays when the model accepts it (a preset it offers, or a custom size it plans), else it becomes
+    the model's default; the loop length becomes the model's."""
+    view = studio.model_view(model_id)
+    offered = [key for _, key in view.resolutions]
+    if preset == CUSTOM_RESOLUTION and not (height and width and studio.size_accepted(model_id, int(height),
+                                                                                       int(width))):
+        preset = None
+    if preset not in offered:
+        preset, (height, width) = view.resolution, RESOLUTION_PRESETS[view.resolution]
+    elif preset != CUSTOM_RESOLUTION:
+        height, width = RESOLUTION_PRESETS[preset]
+    frames = view.num_frames
+    shift, window, rope = _length_updates(studio, model_id, frames, knob_info("window_mode")["default"])
+    banner = studio.banner(model_id)
+    return dict(
+        model_md=view.text, banner_md=banner, resolution=gr.update(choices=view.resolutions, value=preset),
+        height=_size_box(view, height), width=_size_box(view, width),
+        num_frames=gr.update(minimum=view.frames[0], maximum=view.frames[1], step=view.frames[2], value=frames),
+        shift_skip=shift, window_mode=window, rope_scale=rope,
+        guidance_scale=gr.update(value=view.guidance.value, info=view.guidance.note),
+        scheduler=gr.update(choices=view.schedulers, value=view.scheduler),
+        use_dynamic_cfg=gr.update(value=view.dynamic_cfg.value, interactive=view.dynamic_cfg.interactive,
+                                  info=view.dynamic_cfg.note),
+        flow_shift=gr.update(value=view.flow_shift.value, interactive=view.flow_shift.interactive,
+                             info=view.flow_shift.note),
+        image_channel=gr.update(value=view.image_channel.value, interactive=view.image_channel.interactive,
+                                info=view.image_channel.note),
+        fps=gr.update(value=view.fps),
+    )
+
+
 def _api_inputs(studio: Studio) -> dict[str, gr.components.Component]:
     """Hidden twins of the page's knobs for the ``/generate`` and ``/mask`` API: defaults as the page starts, except
-    that knobs with an automatic value (shift, RoPE scale, size, scheduler) default to automatic -- so a client
-    that changes ``num_frames`` and leaves them out gets what the page and the CLI compute."""
-    automatic = {"shift_skip", "rope_scale", "height", "width", "scheduler"}
+    that knobs with an automatic value (shift, RoPE scale, size, and what follows the model: scheduler, guidance,
+    dynamic CFG, fps, flow shift) default to automatic -- so a client that changes ``num_frames`` or ``model`` and
+    leaves them out gets what the page and the CLI compute for that model."""
+    automatic = {"shift_skip", "rope_scale", "height", "width", "scheduler", "guidance_scale", "use_dynamic_cfg",
+                 "fps", "flow_shift"}
+    hints = typing.get_type_hints(LoopRequest)
     out: dict[str, gr.components.Component] = {}
     for name in REQUEST_FIELDS:
         if name in ("image", "mask"):
@@ -241,8 +303,8 @@ def _api_inputs(studio: Studio) -> dict[str, gr.components.Component]:
         value = None if name in automatic else studio.default(name)
         if name in ("prompt", "negative_prompt") or info.get("choices") or name == "mask_model":
             out[name] = gr.Textbox(label=name, value=value, visible=False)
-        elif isinstance(info["default"], bool):
-            out[name] = api_value(gr.Checkbox(label=name, value=value, visible=False))
+        elif bool in (hints[name], *typing.get_args(hints[name])):
+            out[name] = api_value(gr.Checkbox(label=name, value=bool(value), visible=False), automatic=value is None)
         else:
             out[name] = api_value(gr.Number(label=name, value=value, visible=False),
                                   whole=name in WHOLE_NUMBER_FIELDS)
@@ -254,6 +316,7 @@ def build_app(studio: Studio) -> gr.Blocks:
     """The studio page, queued (a bounded waiting line, one generation per device of the studio's pool at a time);
     launch it with ``.launch()``."""
     spec = studio.spec(studio.model_id)
+    view = studio.model_view(studio.model_id)
     frames0 = studio.default("num_frames")
 
     with gr.Blocks(title="loopui — seamless looping videos", delete_cache=(3600, 6 * 3600),
@@ -265,7 +328,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     elem_id="loopui-intro")
         banner_text = studio.banner()
         with gr.Row(visible=bool(banner_text), elem_id="loopui-banner"):
-            gr.Markdown(banner_text)
+            banner_md = gr.Markdown(banner_text)
             preview_btn = gr.Button("Use preview settings", size="sm", scale=0, min_width=180)
 
         # Two columns on a wide screen; on a phone (see CSS) the columns dissolve so that the prompt, Generate and
@@ -276,43 +339,46 @@ def build_app(studio: Studio) -> gr.Blocks:
                 with gr.Group(elem_id="loopui-prompt-box"):
                     prompt = gr.Textbox(label="Prompt", lines=3, value="", elem_id="loopui-prompt",
                                         placeholder="ocean waves rolling onto a beach at sunset",
-                                        info=_ui_help("prompt"))
+                                        info=help_text("prompt"))
                 with gr.Column(elem_id="loopui-settings"):
                     gr.Examples(examples=[[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts",
                                 cache_examples=False, api_visibility="private")
                     negative_prompt = gr.Textbox(label="Negative prompt", lines=1, value="",
-                                                 info=_ui_help("negative_prompt"))
+                                                 info=help_text("negative_prompt"))
                     with gr.Row():
                         model = gr.Dropdown(choices=studio.model_choices(), value=studio.model_id, label="Model",
-                                            elem_id="loopui-model",
+                                            elem_id="loopui-model", scale=3,
                                             info="Video model; it loads on the first Generate and then stays "
                                                  "loaded.")
                         resolution = gr.Dropdown(
-                            choices=[(label, key) for key, label in RESOLUTION_LABELS.items()]
-                            + [("Custom", CUSTOM_RESOLUTION)],
-                            value=studio.default_resolution(), label="Resolution (width x height)",
+                            choices=view.resolutions, value=studio.default_resolution(),
+                            label="Resolution (width x height)", scale=2,
                             elem_id="loopui-resolution",
                             info="Smaller is much faster; the model's native size looks best.")
-                    model_md = gr.Markdown(studio.model_text(studio.model_id))
+                    model_md = gr.Markdown(view.text, elem_id="loopui-model-note")
                     with gr.Row():
                         preset_h, preset_w = RESOLUTION_PRESETS[studio.default_resolution()]
                         width = gr.Number(label="Width", value=preset_w, minimum=knob_info("width")["min"],
-                                          maximum=knob_info("width")["max"], step=knob_info("width")["step"],
-                                          info=knob_info("width")["help"])
+                                          maximum=knob_info("width")["max"], step=view.size_step,
+                                          info=view.size.note, interactive=view.size.interactive,
+                                          elem_id="loopui-width")
                         height = gr.Number(label="Height", value=preset_h, minimum=knob_info("height")["min"],
-                                           maximum=knob_info("height")["max"], step=knob_info("height")["step"],
-                                           info=knob_info("height")["help"])
-                    num_frames = _slider("num_frames", "Loop length (frames)", frames0)
+                                           maximum=knob_info("height")["max"], step=view.size_step,
+                                           info=view.size.note, interactive=view.size.interactive,
+                                           elem_id="loopui-height")
+                    num_frames = _slider("num_frames", "Loop length (frames)", frames0, minimum=view.frames[0],
+                                         maximum=view.frames[1], step=view.frames[2], elem_id="loopui-frames")
                     shift_skip = _slider("shift_skip", "Shift step k", studio.default("shift_skip"))
                     shift_md = gr.Markdown(shift_note(frames0, studio.default("shift_skip"),
                                                       spec.temporal_compression))
                     rope0 = _rope_update(studio, studio.model_id, frames0, studio.default("window_mode"))
                     rope_scale = _slider("rope_scale", "RoPE scale", rope0["value"], info=rope0["info"],
-                                         interactive=rope0["interactive"])
+                                         interactive=rope0["interactive"], elem_id="loopui-rope")
                     with gr.Row():
                         num_inference_steps = _slider("num_inference_steps", "Steps",
-                                                      studio.default("num_inference_steps"))
-                        guidance_scale = _slider("guidance_scale", "Guidance", studio.default("guidance_scale"))
+                                                      studio.default("num_inference_steps"), elem_id="loopui-steps")
+                        guidance_scale = _slider("guidance_scale", "Guidance", view.guidance.value,
+                                                 info=view.guidance.note, elem_id="loopui-guidance")
                     with gr.Row():
                         seed_info = knob_info("seed")
                         # No precision: a fractional seed reaches the one whole-number rule (refused, by name)
@@ -343,13 +409,18 @@ def build_app(studio: Studio) -> gr.Blocks:
                         with gr.Group(visible=False) as image_controls:
                             motion_region = gr.Radio(choices=list(knob_info("motion_region")["choices"]),
                                                      value=studio.default("motion_region"), label="Motion region",
-                                                     info=_ui_help("motion_region"))
+                                                     info=help_text("motion_region"))
                             anchor_strength = _slider("anchor_strength", "Anchor strength",
                                                       studio.default("anchor_strength"))
                             init_strength = _slider("init_strength", "Init strength",
                                                     studio.default("init_strength"))
                             background_freeze = _slider("background_freeze", "Background freeze",
                                                         studio.default("background_freeze"))
+                            image_channel = gr.Radio(
+                                choices=[(IMAGE_CHANNEL_LABELS[c], c) for c in knob_info("image_channel")["choices"]],
+                                value=view.image_channel.value, label="Image channel (image-to-video models)",
+                                info=view.image_channel.note, interactive=view.image_channel.interactive,
+                                elem_id="loopui-image-channel")
                             with gr.Accordion("Mask settings", open=False):
                                 mask_model = _dropdown("mask_model", "Mask model", studio.default("mask_model"),
                                                        choices=[(MASK_MODEL_INFO[m].label, m) for m in MASK_MODELS])
@@ -360,23 +431,32 @@ def build_app(studio: Studio) -> gr.Blocks:
                                                        studio.default("mask_feather"))
 
                     with gr.Accordion("Advanced", open=False):
-                        scheduler = _dropdown("scheduler", "Scheduler", studio.default("scheduler"),
-                                              choices=[("Pipeline's own", AUTO_SCHEDULER), ("DDIM", "ddim"),
-                                                       ("DPM (trailing)", "dpm")])
                         with gr.Row():
-                            use_dynamic_cfg = gr.Checkbox(value=studio.default("use_dynamic_cfg"),
-                                                          label="Dynamic CFG", info=_ui_help("use_dynamic_cfg"))
+                            scheduler = _dropdown("scheduler", "Scheduler", view.scheduler, choices=view.schedulers,
+                                                  elem_id="loopui-scheduler")
+                            flow_info = knob_info("flow_shift")
+                            flow_shift = gr.Number(label="Flow shift (empty = automatic)", value=view.flow_shift.value,
+                                                   minimum=flow_info["min"], maximum=flow_info["max"],
+                                                   step=flow_info["step"], info=view.flow_shift.note,
+                                                   interactive=view.flow_shift.interactive,
+                                                   elem_id="loopui-flow-shift")
+                        with gr.Row():
+                            use_dynamic_cfg = gr.Checkbox(value=view.dynamic_cfg.value, label="Dynamic CFG",
+                                                          info=view.dynamic_cfg.note,
+                                                          interactive=view.dynamic_cfg.interactive,
+                                                          elem_id="loopui-dynamic-cfg")
                             frame_invariant_decoding = gr.Checkbox(value=studio.default("frame_invariant_decoding"),
                                                                    label="Frame-invariant decoding",
-                                                                   info=_ui_help("frame_invariant_decoding"))
+                                                                   info=help_text("frame_invariant_decoding"))
                         with gr.Row():
                             shift_start = _slider("shift_start", "Shift start", studio.default("shift_start"))
                             shift_end = _slider("shift_end", "Shift end", studio.default("shift_end"))
+                        window0 = studio.window_state(studio.model_id, frames0, knob_info("window_mode")["default"])
                         window_mode = gr.Radio(choices=list(knob_info("window_mode")["choices"]),
-                                               value=studio.default("window_mode"), label="Long-loop mode",
-                                               info=_ui_help("window_mode"))
+                                               value=window0.value, label="Long-loop mode", info=window0.note,
+                                               interactive=window0.interactive, elem_id="loopui-window")
                         with gr.Row():
-                            fps = _slider("fps", "FPS", studio.default("fps"))
+                            fps = _slider("fps", "FPS", view.fps, elem_id="loopui-fps")
                             seam_polish = _dropdown("seam_polish", "Seam polish", studio.default("seam_polish"))
 
             # ---------------------------------------------------------------- outputs
@@ -409,9 +489,10 @@ def build_app(studio: Studio) -> gr.Blocks:
             prompt=prompt, negative_prompt=negative_prompt, image=image, mask=mask, shift_skip=shift_skip,
             rope_scale=rope_scale, num_frames=num_frames, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, seed=seed, height=height, width=width, scheduler=scheduler,
-            use_dynamic_cfg=use_dynamic_cfg, frame_invariant_decoding=frame_invariant_decoding,
+            flow_shift=flow_shift, use_dynamic_cfg=use_dynamic_cfg, frame_invariant_decoding=frame_invariant_decoding,
             shift_start=shift_start, shift_end=shift_end, window_mode=window_mode, fps=fps, seam_polish=seam_polish,
             anchor_strength=anchor_strength, init_strength=init_strength, background_freeze=background_freeze,
+            image_channel=image_channel,
             motion_region=motion_region, mask_model=mask_model, mask_threshold=mask_threshold, mask_grow=mask_grow,
             mask_feather=mask_feather,
         )
@@ -424,13 +505,15 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         @gpu_decorator(duration=gpu_duration)
         def generate(prompt: str, negative_prompt: str, num_frames: float, num_inference_steps: float,
-                     guidance_scale: float, seed: float, use_dynamic_cfg: bool, frame_invariant_decoding: bool,
-                     shift_start: float, shift_end: float, window_mode: str, fps: float, seam_polish: str,
-                     anchor_strength: float, init_strength: float, background_freeze: float, motion_region: str,
-                     mask_model: str, mask_threshold: float, mask_grow: float, mask_feather: float,
-                     model: Optional[str], history: list, origin: str, shift_skip: Optional[float] = None,
+                     seed: float, frame_invariant_decoding: bool, shift_start: float, shift_end: float,
+                     window_mode: str, seam_polish: str, anchor_strength: float, init_strength: float,
+                     background_freeze: float, image_channel: str, motion_region: str, mask_model: str,
+                     mask_threshold: float, mask_grow: float, mask_feather: float, model: Optional[str],
+                     history: list, origin: str, shift_skip: Optional[float] = None,
                      rope_scale: Optional[float] = None, height: Optional[float] = None, width: Optional[float] = None,
-                     scheduler: Optional[str] = None, image: Optional[str] = None, mask: Optional[str] = None,
+                     scheduler: Optional[str] = None, guidance_scale: Optional[float] = None,
+                     use_dynamic_cfg: Optional[bool] = None, fps: Optional[float] = None,
+                     flow_shift: Optional[float] = None, image: Optional[str] = None, mask: Optional[str] = None,
                      request: gr.Request = None, progress: gr.Progress = gr.Progress()):
             """Generate a seamless loop; returns the looping MP4 first, then the seam note, the seam strip, the
             files (MP4, GIF, WebP, settings JSON) and a status line. Knobs left out (or null / "auto") get the
@@ -582,11 +665,11 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         # ---------------------------------------------------------------- knobs that depend on each other
         def on_frames(model_id: str, frames: float, window: str):
-            upd = _shift_update(studio, model_id, int(frames))
-            return upd, _rope_update(studio, model_id, int(frames), window)
+            return _length_updates(studio, model_id, int(frames), window)
 
-        num_frames.input(on_frames, inputs=[model, num_frames, window_mode], outputs=[shift_skip, rope_scale],
-                         api_visibility="private", trigger_mode="always_last", queue=False)
+        num_frames.input(on_frames, inputs=[model, num_frames, window_mode],
+                         outputs=[shift_skip, window_mode, rope_scale], api_visibility="private",
+                         trigger_mode="always_last", queue=False)
         window_mode.input(lambda m, f, w: _rope_update(studio, m, int(f), w), inputs=[model, num_frames, window_mode],
                           outputs=[rope_scale], api_visibility="private", queue=False)
 
@@ -596,18 +679,21 @@ def build_app(studio: Studio) -> gr.Blocks:
         gr.on([shift_skip.change, num_frames.change], on_shift, inputs=[model, num_frames, shift_skip],
               outputs=[shift_md], api_visibility="private", trigger_mode="always_last", queue=False)
 
-        def on_model(model_id: str, frames: float, window: str):
+        # Every knob follows the model: its fps, guidance, schedulers, sizes, loop lengths, and what it cannot do.
+        following = {**knobs, "model_md": model_md, "banner_md": banner_md, "resolution": resolution}
+        follow_outputs = [following[name] for name in FOLLOW_MODEL]
+
+        def on_model(model_id: str, h: Optional[float], w: Optional[float]):
+            # The size boxes, not the resolution dropdown, say what is shown: a dropdown input is checked against the
+            # choices of the model it last showed, which a second quick model change has already replaced.
             try:
-                spec = studio.spec(model_id)
+                updates = _model_updates(studio, model_id, _preset_for(h, w), h, w)
             except ValueError as exc:
                 raise gr.Error(str(exc), print_exception=False) from None
-            return (_rope_update(studio, model_id, int(frames), window), _shift_update(studio, model_id, int(frames)),
-                    spec.scheduler or AUTO_SCHEDULER, spec.guidance_scale, spec.use_dynamic_cfg,
-                    studio.model_text(model_id))
+            return [updates[name] for name in FOLLOW_MODEL]
 
-        model.input(on_model, inputs=[model, num_frames, window_mode],
-                    outputs=[rope_scale, shift_skip, scheduler, guidance_scale, use_dynamic_cfg, model_md],
-                    api_visibility="private", queue=False)
+        model.input(on_model, inputs=[model, height, width], outputs=follow_outputs, api_visibility="private",
+                    queue=False)
 
         def on_resolution(preset: str):
             if preset not in RESOLUTION_PRESETS:
@@ -617,49 +703,67 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         resolution.input(on_resolution, inputs=[resolution], outputs=[height, width], api_visibility="private",
                          queue=False)
-        gr.on([height.input, width.input], lambda: CUSTOM_RESOLUTION, outputs=[resolution], api_visibility="private",
-              queue=False)
+        def on_size(model_id: str, h: Optional[float], w: Optional[float]):
+            # The preset these boxes now show, else "Custom" where the model offers it (never a choice the model's list
+            # lacks: the boxes of a fixed-size model are locked, and an update racing a model change must not fail).
+            offered = [key for _, key in studio.model_view(model_id).resolutions]
+            preset = _preset_for(h, w)
+            return preset if preset in offered else gr.skip()
+
+        gr.on([height.input, width.input], on_size, inputs=[model, height, width], outputs=[resolution],
+              api_visibility="private", queue=False)
         dice.click(lambda: random.randint(0, 2**31 - 1), outputs=[seed], api_visibility="private", queue=False)
 
-        def use_preview(model_id: str):
-            frames = PREVIEW_SETTINGS["num_frames"]
-            return ("96x64", PREVIEW_SETTINGS["height"], PREVIEW_SETTINGS["width"], frames,
-                    PREVIEW_SETTINGS["num_inference_steps"], _shift_update(studio, model_id, frames))
+        def use_preview(model_id: str, window: str):
+            # The model's own preview: a size and a length it accepts (CogVideoX-5b-I2V runs only at 720x480).
+            preview = studio.model_view(model_id).preview
+            frames = preview["num_frames"]
+            return (preview["resolution"], preview["height"], preview["width"], frames,
+                    preview["num_inference_steps"], *_length_updates(studio, model_id, frames, window))
 
-        preview_btn.click(use_preview, inputs=[model],
-                          outputs=[resolution, height, width, num_frames, num_inference_steps, shift_skip],
+        preview_btn.click(use_preview, inputs=[model, window_mode],
+                          outputs=[resolution, height, width, num_frames, num_inference_steps, shift_skip,
+                                   window_mode, rope_scale],
                           api_visibility="private", queue=False)
 
         # ---------------------------------------------------------------- gallery restore
-        restored = [knobs[name] for name in RESTORED_FIELDS]
+        others = [name for name in RESTORED_FIELDS if name not in FOLLOW_MODEL]
 
         def restore(entries: list, evt: gr.SelectData):
             if not entries or evt.index is None or not 0 <= int(evt.index) < len(entries):
                 raise gr.Error("that loop is no longer in this session's history", print_exception=False)
             entry: HistoryEntry = entries[int(evt.index)]
             values = dict(entry.values)
-            out: list[Any] = []
-            for name in RESTORED_FIELDS:
-                value = values.get(name)
-                if name == "shift_skip":
-                    out.append(_shift_update(studio, entry.model, int(values["num_frames"]), value))
-                elif name == "rope_scale":
-                    out.append(_rope_update(studio, entry.model, int(values["num_frames"]),
-                                            values.get("window_mode") or "full", value))
-                else:
-                    out.append(value)
-            preset = next((k for k, hw in RESOLUTION_PRESETS.items()
-                           if hw == (values.get("height"), values.get("width"))), CUSTOM_RESOLUTION)
+            preset = _preset_for(values.get("height"), values.get("width"))
+            # The loop's model first (its choices, locks and notes), then the loop's own values over it; a value the
+            # page sent as "automatic" (None) shows the model's.
+            updates = _model_updates(studio, entry.model, preset, values.get("height"), values.get("width"))
+            frames = int(values["num_frames"])
+            window, mode = _window_update(studio, entry.model, frames, values.get("window_mode") or "full")
+            updates.update(shift_skip=_shift_update(studio, entry.model, frames, values.get("shift_skip")),
+                           window_mode=window,
+                           rope_scale=_rope_update(studio, entry.model, frames, mode, values.get("rope_scale")))
+            for name in ("num_frames", "guidance_scale", "scheduler", "use_dynamic_cfg", "flow_shift",
+                         "image_channel", "fps"):
+                if values.get(name) is not None or name == "flow_shift":
+                    updates[name] = {**updates[name], "value": values.get(name)}
             note = " (it used a reference image, which is not restored)" if entry.used_image else ""
-            return (entry.model, preset, studio.model_text(entry.model), *out, entry.video, entry.strip,
-                    entry.files, f"Restored the settings of loop #{entry.index}{note}.")
+            return (entry.model, *[updates[name] for name in FOLLOW_MODEL], *[values.get(name) for name in others],
+                    entry.video, entry.strip, entry.files, f"Restored the settings of loop #{entry.index}{note}.")
 
         gallery.select(restore, inputs=[history],
-                       outputs=[model, resolution, model_md, *restored, video, strip, files, status],
+                       outputs=[model, *follow_outputs, *[knobs[name] for name in others], video, strip, files,
+                                status],
                        api_visibility="private", queue=False)
 
-        demo.load(lambda: _shift_update(studio, studio.model_id, frames0, studio.default("shift_skip")),
-                  outputs=[shift_skip], api_visibility="private", queue=False)
+        def on_load():
+            # A gr.Number built empty (native size, automatic flow shift) is sent as 0 by the browser until the server
+            # sets it: set the empty boxes once, so "empty = automatic" reaches the app as None, not as a refused 0.
+            h, w = RESOLUTION_PRESETS[studio.default_resolution()]
+            return (_shift_update(studio, studio.model_id, frames0, studio.default("shift_skip")), h, w,
+                    view.flow_shift.value)
+
+        demo.load(on_load, outputs=[shift_skip, height, width, flow_shift], api_visibility="private", queue=False)
 
         def cleanup(request: gr.Request) -> None:
             studio.drop_session(_session(request))

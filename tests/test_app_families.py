@@ -1,0 +1,235 @@
+"""The page and the API across model families: every knob follows the model, and only what the model can do is offered.
+
+The knob tests read ``Studio.model_view`` (what the page shows) and check it against ``build_request`` (what a
+Generate would do) for every registry model, so the page cannot offer a size, length or scheduler that the engine
+refuses. The API half serves the demo app with Wan 2.1 T2V 1.3B loaded from a config-faithful tiny folder.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from loopui.engine.plan import plan_loop
+from loopui.models import REGISTRY, list_models
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = str(ROOT / "assets" / "balloon.png")
+WAN = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+I2V = "THUDM/CogVideoX-5b-I2V"
+MODELS = [spec.model_id for spec in list_models()]
+
+
+def _studio(tmp_path, has_gpu: bool = True, public: bool = False):
+    from loopui.ui import Studio
+
+    return Studio(has_gpu=has_gpu, public=public, output_root=tmp_path, manager=object())
+
+
+def _page_request(studio, model_id: str, **values):
+    """What a Generate with these page values would send to the engine (after the page's own conversions)."""
+    spec = studio.spec(model_id)
+    data = {"prompt": "waves", "image": IMAGE if spec.image_to_video else None, **values}
+    return studio.build_request(studio.page_values(data, model_id), model_id)
+
+
+# -- what the page offers ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("has_gpu", [True, False], ids=["gpu", "no-gpu"])
+def test_everything_the_page_offers_is_accepted_for_every_model(tmp_path, has_gpu):
+    """Every resolution preset, the preview settings, the loop lengths at both ends of the slider and every scheduler
+    the page offers for a model are accepted by the engine; the page starts at values it accepts too."""
+    from loopui.ui.studio import CUSTOM_RESOLUTION, RESOLUTION_PRESETS
+
+    studio = _studio(tmp_path, has_gpu=has_gpu)
+    for model_id in MODELS:
+        view = studio.model_view(model_id)
+        start = dict(num_frames=view.num_frames, guidance_scale=view.guidance.value, fps=view.fps,
+                     scheduler=view.scheduler, use_dynamic_cfg=view.dynamic_cfg.value, flow_shift=None,
+                     image_channel=view.image_channel.value)
+        _page_request(studio, model_id, **start)
+        for _, preset in view.resolutions:
+            if preset != CUSTOM_RESOLUTION:
+                height, width = RESOLUTION_PRESETS[preset]
+                _page_request(studio, model_id, height=height, width=width)
+        preview = view.preview
+        _page_request(studio, model_id, height=preview["height"], width=preview["width"],
+                      num_frames=preview["num_frames"], num_inference_steps=preview["num_inference_steps"])
+        low, high, step = view.frames
+        assert step == studio.spec(model_id).temporal_compression
+        for frames in (low, high):
+            window = studio.window_state(model_id, frames, "full").value
+            _page_request(studio, model_id, num_frames=frames, window_mode=window)
+        for _, name in view.schedulers:
+            _page_request(studio, model_id, scheduler=name)
+
+
+def test_knobs_follow_each_family(tmp_path):
+    studio = _studio(tmp_path)
+    cog, wan, wan22, a14b = (studio.model_view(m) for m in ("THUDM/CogVideoX-5b", WAN, "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+                                                            "Wan-AI/Wan2.2-T2V-A14B-Diffusers"))
+    # Default fps and trained frames: 8 / 49 CogVideoX, 16 / 81 Wan 2.1, 24 / 121 Wan 2.2 5B.
+    assert [(v.fps, v.num_frames) for v in (cog, wan, wan22)] == [(8, 49), (16, 81), (24, 121)]
+    assert [(v.guidance.value, v.scheduler) for v in (cog, wan)] == [(6.0, "dpm"), (5.0, "auto")]
+    # Schedulers of the family only, plus automatic.
+    assert [value for _, value in cog.schedulers] == ["auto", "ddim", "dpm"]
+    assert [value for _, value in wan.schedulers] == ["auto", "unipc", "euler"]
+    # Dynamic CFG is CogVideoX's; flow shift is flow matching's. Locked knobs carry the engine's reason.
+    assert cog.dynamic_cfg.interactive and cog.dynamic_cfg.value is True
+    assert not wan.dynamic_cfg.interactive and wan.dynamic_cfg.value is False
+    assert "use_dynamic_cfg applies to CogVideoX only" in wan.dynamic_cfg.note
+    assert not cog.flow_shift.interactive and "flow_shift applies to flow-matching models" in cog.flow_shift.note
+    assert wan.flow_shift.interactive and wan.flow_shift.value is None and "automatic: 3" in wan.flow_shift.note
+    # Wan 2.1 14B: the automatic shift depends on the size (3 at 480p, 5 at 720p).
+    assert "3 at 832x480, 5 at 1280x720" in studio.model_view("Wan-AI/Wan2.1-T2V-14B-Diffusers").flow_shift.note
+    # The second expert's guidance is said where it differs.
+    assert a14b.guidance.value == 4.0 and "low-noise expert 3" in a14b.guidance.note
+    # Wan 2.2 5B: 16x VAE, sizes in multiples of 32 -- 720x480 is not offered.
+    assert wan22.size_step == 32 and "720x480" not in [key for _, key in wan22.resolutions]
+    assert "multiple of 32" in wan22.size.note
+    # The image channel belongs to image-to-video models.
+    assert studio.model_view(I2V).image_channel.interactive
+    assert studio.model_view("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers").image_channel.interactive
+    assert not wan.image_channel.interactive and "Off: only image-to-video models" in wan.image_channel.note
+    # The model note: licence and VRAM with and without offload.
+    assert "Licence: Apache-2.0. VRAM: about 20 GB on one GPU, 14 GB with CPU offload." in wan.text
+    assert "Licence: CogVideoX license (research" in cog.text
+
+
+def test_cogvideox_5b_i2v_offers_only_its_native_size_and_forces_windows_past_its_table(tmp_path):
+    for has_gpu in (True, False):
+        studio = _studio(tmp_path, has_gpu=has_gpu)
+        view = studio.model_view(I2V)
+        assert view.resolutions == [("Model's native size (720x480)", "native")]  # no preview sizes, no custom
+        assert not view.size.interactive and "runs only at 720x480" in view.size.note
+        assert view.preview["resolution"] == "native" and view.preview["height"] is None  # preview = native size
+        assert view.frames[0] == 49 and view.num_frames == 49  # its learned table needs 13 latents
+        assert "(720x480, 49 frames, 4 steps)" in studio.banner(I2V) or has_gpu
+    free = studio.window_state(I2V, 49, "full")
+    assert free.interactive and free.value == "full"
+    forced = studio.window_state(I2V, 97, "full")
+    assert not forced.interactive and forced.value == "window" and "learned positional embeddings" in forced.note
+    # In window mode its learned table takes no RoPE scale: the slider is locked with the engine's reason.
+    rope = studio.rope_state(I2V, 97, "window")
+    assert not rope.interactive and rope.value == 1.0 and "(got" not in rope.note
+    assert studio.rope_state("THUDM/CogVideoX-5b", 97, "full").value == pytest.approx(1.92)
+
+
+def test_public_mode_offers_only_what_the_caps_allow(tmp_path):
+    from loopui.ui.studio import PUBLIC_LIMITS, RESOLUTION_PRESETS
+
+    studio = _studio(tmp_path, public=True)
+    view = studio.model_view("Wan-AI/Wan2.1-T2V-14B-Diffusers")  # native 1280x720: over the public pixel cap
+    offered = [key for _, key in view.resolutions if key in RESOLUTION_PRESETS]
+    assert "native" not in offered and view.resolution == "720x480"
+    assert view.frames[1] <= PUBLIC_LIMITS["num_frames"]
+    assert studio.model_view("Wan-AI/Wan2.2-TI2V-5B-Diffusers").num_frames == 97  # 121 is over the cap
+    _page_request(studio, "Wan-AI/Wan2.1-T2V-14B-Diffusers", num_frames=view.num_frames,
+                  height=RESOLUTION_PRESETS[view.resolution][0], width=RESOLUTION_PRESETS[view.resolution][1])
+
+
+def test_the_guidance_slider_at_the_models_value_keeps_both_experts_recommendations(tmp_path):
+    """Wan 2.2 A14B recommends 4 (high-noise expert) and 3 (low-noise): the slider shows 4, and while it does the
+    page asks for the pair; moved, its value drives both experts. (The page used to send 4 for both.)"""
+    studio = _studio(tmp_path)
+    a14b = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    spec = REGISTRY[a14b]
+    shown = studio.model_view(a14b).guidance.value
+    plan = plan_loop(_page_request(studio, a14b, guidance_scale=shown).request, spec)
+    assert (plan.guidance_scale, plan.guidance_scale_2) == (4.0, 3.0)
+    plan = plan_loop(_page_request(studio, a14b, guidance_scale=3.5).request, spec)
+    assert (plan.guidance_scale, plan.guidance_scale_2) == (3.5, 3.5)
+
+
+def test_a_model_change_updates_every_knob_and_keeps_what_still_fits(tmp_path):
+    pytest.importorskip("gradio")
+    from loopui.ui.blocks import FOLLOW_MODEL, _model_updates
+
+    studio = _studio(tmp_path, has_gpu=False)
+    to_wan = _model_updates(studio, WAN, "96x64", 64, 96)
+    assert set(to_wan) == set(FOLLOW_MODEL)
+    assert to_wan["resolution"]["value"] == "96x64" and to_wan["fps"]["value"] == 16
+    assert [v for _, v in to_wan["scheduler"]["choices"]] == ["auto", "unipc", "euler"]
+    assert to_wan["use_dynamic_cfg"] == {"value": False, "interactive": False,
+                                         "info": studio.model_view(WAN).dynamic_cfg.note, "__type__": "update"}
+    assert to_wan["flow_shift"]["interactive"] is True and to_wan["image_channel"]["interactive"] is False
+    # A custom size the model accepts stays; one it refuses falls back to the model's own start.
+    assert _model_updates(studio, WAN, "custom", 128, 128)["resolution"]["value"] == "custom"
+    to_i2v = _model_updates(studio, I2V, "custom", 128, 128)
+    assert to_i2v["resolution"]["value"] == "native" and to_i2v["height"]["value"] is None
+    assert to_i2v["height"]["interactive"] is False and to_i2v["num_frames"]["minimum"] == 49
+    to_wan22 = _model_updates(studio, "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "custom", 48, 80)
+    assert to_wan22["resolution"]["value"] == "96x64" and to_wan22["width"]["step"] == 32
+
+
+# -- the API on a faithful Wan ----------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def wan_app(tmp_path_factory, faithful_wan_dir):
+    """(studio, client): the demo app whose manager loads Wan 2.1 T2V 1.3B from its faithful tiny folder."""
+    pytest.importorskip("gradio_client")
+    from gradio_client import Client
+
+    from faithful_serving import FaithfulManager
+    from loopui.ui import Studio, build_app, launch_options
+
+    studio = Studio(demo=True, has_gpu=False, output_root=tmp_path_factory.mktemp("sessions"),
+                    manager=FaithfulManager({WAN: faithful_wan_dir}))
+    demo = build_app(studio)
+    demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True, **launch_options())
+    try:
+        yield studio, Client(demo.local_url, verbose=False, download_files=False)
+    finally:
+        demo.close()
+
+
+def _settings(files) -> dict:
+    path = next(Path(f["path"] if isinstance(f, dict) else f) for f in files if str(f).endswith(".json")
+                or (isinstance(f, dict) and f["path"].endswith(".json")))
+    return json.loads(path.read_text())["settings"]
+
+
+def test_api_lists_the_new_knobs_with_automatic_defaults(wan_app):
+    _, client = wan_app
+    parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
+    by_name = {p["parameter_name"]: p for p in parameters}
+    for name in ("flow_shift", "guidance_scale", "use_dynamic_cfg", "fps"):
+        assert by_name[name]["parameter_has_default"] and by_name[name]["parameter_default"] is None, name
+    assert by_name["image_channel"]["parameter_default"] == "estimate"
+
+
+def test_api_generates_a_wan_loop_with_the_wan_recommendations(wan_app):
+    """Knobs left out follow the named model: on Wan guidance 5, fps 16, no dynamic CFG and the automatic flow
+    shift (the API used to send the start-up model's guidance 6 and fps 8 to every model)."""
+    from loopui.media import load_video
+
+    studio, client = wan_app
+    small = dict(prompt="waves", num_frames=9, height=32, width=48, num_inference_steps=2)
+    video, _, _, files, status = client.predict(model=WAN, api_name="/generate", **small)
+    assert status.startswith("Done."), status
+    frames, fps = load_video(Path(video["path"] if isinstance(video, dict) else video))
+    assert frames.shape == (12, 32, 48, 3) and fps == 16  # L = 3 latents -> 4·L frames
+    settings = _settings(files)
+    assert (settings["model"], settings["family"], settings["guidance_scale"], settings["fps"]) == (WAN, "wan", 5, 16)
+    assert (settings["use_dynamic_cfg"], settings["flow_shift"], settings["image_channel"]) == (False, 3.0, None)
+    # Explicit values win, "auto" is automatic; the loaded model is reused.
+    *_, files, _ = client.predict(model=WAN, flow_shift=5, scheduler="euler", guidance_scale="auto",
+                                  api_name="/generate", **small)
+    settings = _settings(files)
+    assert (settings["flow_shift"], settings["scheduler"], settings["guidance_scale"]) == (5.0, "euler", 5.0)
+    assert settings["scheduler_class"] == "FlowMatchEulerDiscreteScheduler"
+    assert studio.manager.load_count == 1
+    # The same call without a model: the demo CogVideoX and its own recommendations.
+    *_, files, _ = client.predict(api_name="/generate", **small)
+    settings = _settings(files)
+    assert (settings["family"], settings["guidance_scale"], settings["fps"], settings["flow_shift"]) == \
+        ("cogvideox", 6.0, 8, None)
