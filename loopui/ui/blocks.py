@@ -292,7 +292,7 @@ def _api_inputs(studio: Studio) -> dict[str, gr.components.Component]:
     dynamic CFG, fps, flow shift) default to automatic -- so a client that changes ``num_frames`` or ``model`` and
     leaves them out gets what the page and the CLI compute for that model."""
     automatic = {"shift_skip", "rope_scale", "height", "width", "scheduler", "guidance_scale", "use_dynamic_cfg",
-                 "fps", "flow_shift"}
+                 "fps", "flow_shift", "init_strength"}
     hints = typing.get_type_hints(LoopRequest)
     out: dict[str, gr.components.Component] = {}
     for name in REQUEST_FIELDS:
@@ -506,14 +506,15 @@ def build_app(studio: Studio) -> gr.Blocks:
         @gpu_decorator(duration=gpu_duration)
         def generate(prompt: str, negative_prompt: str, num_frames: float, num_inference_steps: float,
                      seed: float, frame_invariant_decoding: bool, shift_start: float, shift_end: float,
-                     window_mode: str, seam_polish: str, anchor_strength: float, init_strength: float,
+                     window_mode: str, seam_polish: str, anchor_strength: float,
                      background_freeze: float, image_channel: str, motion_region: str, mask_model: str,
                      mask_threshold: float, mask_grow: float, mask_feather: float, model: Optional[str],
                      history: list, origin: str, shift_skip: Optional[float] = None,
                      rope_scale: Optional[float] = None, height: Optional[float] = None, width: Optional[float] = None,
                      scheduler: Optional[str] = None, guidance_scale: Optional[float] = None,
                      use_dynamic_cfg: Optional[bool] = None, fps: Optional[float] = None,
-                     flow_shift: Optional[float] = None, image: Optional[str] = None, mask: Optional[str] = None,
+                     flow_shift: Optional[float] = None, init_strength: Optional[float] = None,
+                     image: Optional[str] = None, mask: Optional[str] = None,
                      request: gr.Request = None, progress: gr.Progress = gr.Progress()):
             """Generate a seamless loop; returns the looping MP4 first, then the seam note, the seam strip, the
             files (MP4, GIF, WebP, settings JSON) and a status line. Knobs left out (or null / "auto") get the

@@ -617,6 +617,8 @@ class Studio:
                     "image_channel": view.image_channel.value}
         if name in followed:
             return followed[name]
+        if name == "init_strength":
+            return 1.0  # the page starts without a clip: pure noise (a clip's own default is the engine's)
         return knob_info(name)["default"]
 
     def default_resolution(self, model_id: Optional[str] = None) -> str:
