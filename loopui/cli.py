@@ -90,6 +90,7 @@ _KNOB_FLAGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("--motion-region", "motion_region", str),
     ("--anchor-strength", "anchor_strength", _number),
     ("--init-strength", "init_strength", _number),
+    ("--loop-region", "loop_region", _number),
     ("--background-freeze", "background_freeze", _number),
     ("--image-channel", "image_channel", str),
 )
@@ -97,7 +98,7 @@ _KNOB_FLAGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
 # For error messages: "num_frames must be >= 5" is clearer as "... [--frames]" on the command line.
 _FIELD_FLAGS = {field: flag for flag, field, _ in _KNOB_FLAGS} | {
     "prompt": "--prompt", "use_dynamic_cfg": "--dynamic-cfg", "image": "--image", "mask": "--mask",
-    "frame_invariant_decoding": "--no-frame-invariant-decoding"}
+    "video": "--video", "frame_invariant_decoding": "--no-frame-invariant-decoding"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,6 +148,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                              "context from the end of the cycle, so the loop has no odd first frame.")
     parser.add_argument("--image", default=None, metavar="PATH", help=_knob_help("image"))
     parser.add_argument("--mask", default=None, metavar="PATH", help=_knob_help("mask"))
+    parser.add_argument("--video", default=None, metavar="PATH", help=_knob_help("video"))
     parser.add_argument("--invert-mask", action="store_true",
                         help="Animate the background instead of the object (same as --motion-region background).")
     parser.add_argument("--output", "-o", action="append", required=True, metavar="PATH",
@@ -243,7 +245,7 @@ def build_request(args: argparse.Namespace, spec: Any) -> ResolvedRequest:
     (a guidance given here would set both experts of a two-expert model)."""
     values = {field: getattr(args, field) for _, field, _ in _KNOB_FLAGS}
     values.update(prompt=args.prompt, use_dynamic_cfg=args.use_dynamic_cfg, image=args.image, mask=args.mask,
-                  frame_invariant_decoding=args.frame_invariant_decoding)
+                  video=args.video, frame_invariant_decoding=args.frame_invariant_decoding)
     if args.invert_mask:
         if values["motion_region"] not in ("object", "background"):
             raise ValueError(f"--invert-mask contradicts --motion-region {values['motion_region']}")
@@ -253,10 +255,10 @@ def build_request(args: argparse.Namespace, spec: Any) -> ResolvedRequest:
 
 def _check_inputs(request: Any, spec: Any) -> None:
     """Fail before the (slow) model load on mistakes the engine would only find after it."""
-    from loopui.media import ImageInputError, load_mask_image, load_reference_image
+    from loopui.media import ImageInputError, VideoInputError, load_mask_image, load_reference_image
 
-    if spec.image_to_video and request.image is None:
-        raise ValueError(f"{spec.model_id} animates a reference image: pass --image PATH")
+    if spec.image_to_video and request.image is None and request.video is None:
+        raise ValueError(f"{spec.model_id} animates a reference image: pass --image PATH (or --video PATH)")
     for flag, value, load in (("--image", request.image, load_reference_image),
                               ("--mask", request.mask, load_mask_image)):
         if value is not None:
@@ -264,6 +266,15 @@ def _check_inputs(request: Any, spec: Any) -> None:
                 load(value, request.width, request.height)
             except ImageInputError as exc:
                 raise ValueError(f"{flag}: {_one_line(exc)}") from None
+    if request.video is not None:
+        from loopui.engine import load_clip
+
+        # Read and fitted exactly as the engine will (the plan's frame count, fps and size): a clip that is
+        # unreadable, too short, too large or has an unusable frame rate fails here, not after the model loaded.
+        try:
+            load_clip(request, spec)
+        except (VideoInputError, ImageInputError) as exc:
+            raise ValueError(f"--video: {_one_line(exc).removeprefix('video: ')}") from None
 
 
 def check_output_paths(outputs: Sequence[str], save_latents: Optional[str] = None) -> list[Path]:

@@ -96,3 +96,34 @@ def faithful_wan_dir(tmp_path_factory) -> Path:
 
     return save_faithful_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
                                   tmp_path_factory.mktemp("faithful-wan") / "model")
+
+
+@pytest.fixture(scope="session")
+def clip_files(tmp_path_factory) -> dict[str, Path]:
+    """Clips written by imageio-ffmpeg directly, as another program would (not our exporter): ``good`` (a bright bar
+    sliding over a gradient, 30 frames of 60x40 at 12 fps: it does not loop), and bad ones -- ``text`` (not a
+    video), ``empty``, ``truncated`` (cut before the index MP4 keeps at its end), ``short`` (3 frames) and ``fast``
+    (300 fps)."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    yy, xx = np.mgrid[0:40, 0:60].astype(np.float32)
+    frames = []
+    for t in range(30):
+        frame = np.stack([xx / 60, yy / 40, np.full_like(xx, 0.3)], -1)
+        frame[:, (t * 2) % 60:(t * 2) % 60 + 6] = [1.0, 1.0, 0.8]
+        frames.append((frame * 255).astype(np.uint8))
+    frames = np.stack(frames)
+    folder = tmp_path_factory.mktemp("clips")
+    out = {name: folder / f"{stem}.mp4" for name, stem in (("good", "bar"), ("text", "notes"), ("empty", "empty"),
+                                                           ("truncated", "cut"), ("short", "short"),
+                                                           ("fast", "fast"))}
+    options = dict(plugin="FFMPEG", codec="libx264", macro_block_size=2)
+    iio.imwrite(out["good"], frames, fps=12, **options)
+    iio.imwrite(out["short"], frames[:3], fps=12, **options)
+    iio.imwrite(out["fast"], frames[:10], fps=300, **options)
+    out["text"].write_text("this is not a video")
+    out["empty"].write_bytes(b"")
+    data = out["good"].read_bytes()
+    out["truncated"].write_bytes(data[: len(data) // 2])
+    return out

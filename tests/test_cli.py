@@ -266,3 +266,68 @@ def test_a_knob_wan_cannot_use_is_refused_before_loading(faithful_wan_dir, tmp_p
 def test_mask_subcommand_is_wired(tmp_path, capsys):
     assert main(["mask", str(tmp_path / "nope.png"), "--output", str(tmp_path / "m.png")]) == 2
     assert "nope.png" in _error_line(capsys)
+
+
+# -- a clip to loop -------------------------------------------------------------------------------------------------
+
+def test_generate_loops_a_clip_written_by_another_program(clip_files, tmp_path, capsys):
+    """--video: 17 frames -> L = 5 latents -> a 4·L = 20-frame MP4; the sidecar names the clip, the loop region and
+    the clip's automatic init strength (0.7: --init-strength left out)."""
+    from loopui.media import read_video
+
+    out = tmp_path / "clip-loop.mp4"
+    code = main(["generate", "--model", "demo", "--prompt", "a bar sliding", "--video", str(clip_files["good"]),
+                 "--loop-region", "0.5", "--frames", "17", "--height", "32", "--width", "48", "--steps", "2",
+                 "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert read_video(out).shape == (20, 32, 48, 3)
+    settings = json.loads(out.with_suffix(".json").read_text())["settings"]
+    assert (settings["video"], settings["loop_region"], settings["init_strength"]) == \
+        (str(clip_files["good"]), 0.5, 0.7)
+    # The clip is 2.5 s; the loop (17 frames at the demo model's 8 fps) takes its first 2.12 s, and says so.
+    assert "loopui: warning: video: the loop uses the clip's first 2.12 s of 2.50 s" in captured.err
+
+
+def test_init_strength_left_out_stays_automatic_with_a_clip(clip_files):
+    from loopui.cli import build_request
+    from loopui.engine.plan import CLIP_INIT_STRENGTH, plan_loop
+    from loopui.models import spec_for
+
+    parser = build_parser()
+    base = ["generate", "--model", "demo", "--prompt", "waves", "-o", "x.mp4"]
+    spec = spec_for("demo")
+    automatic = build_request(parser.parse_args(base + ["--video", str(clip_files["good"])]), spec).request
+    assert automatic.init_strength is None and plan_loop(automatic, spec).init_strength == CLIP_INIT_STRENGTH
+    assert plan_loop(build_request(parser.parse_args(base), spec).request, spec).init_strength == 1.0
+    given = build_request(parser.parse_args(base + ["--video", str(clip_files["good"]), "--init-strength", "0.4"]),
+                          spec).request
+    assert plan_loop(given, spec).init_strength == 0.4
+
+
+@pytest.mark.parametrize("clip, needle", [
+    ("text", "--video: cannot read video file '{path}'"),
+    ("empty", "--video: cannot read video file '{path}'"),
+    ("truncated", "--video: cannot read video file '{path}'"),
+    ("missing", "--video: video file '{path}' not found"),
+    ("folder", "--video: video file '{path}' is not a file"),
+    ("short", "--video: the clip has 3 frames; a loop needs at least 4"),
+    ("fast", "--video: frame rate 300.0 is not a usable fps (0 to 240)"),
+    ("huge", "--video: video file '{path}' is over "),
+])
+def test_a_bad_clip_exits_2_with_one_line_before_loading(clip_files, tmp_path, capsys, monkeypatch, clip, needle):
+    from loopui.media import export
+    from loopui.models import ModelManager
+
+    monkeypatch.setattr(ModelManager, "get", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(ModelManager, "run", lambda *a, **k: pytest.fail("model loaded"))
+    path = {"missing": tmp_path / "missing.mp4", "folder": tmp_path, "huge": clip_files["good"]}.get(clip) or \
+        clip_files[clip]
+    if clip == "huge":  # the decoded-size cap (2 GiB), lowered so that a small clip is over it
+        monkeypatch.setattr(export.load_video, "__defaults__", (100_000,))
+    out = tmp_path / "x.mp4"
+    code = main(["generate", "--model", "demo", "--prompt", "waves", "--video", str(path), "--frames", "17",
+                 "--height", "32", "--width", "48", "-o", str(out)])
+    assert code == 2
+    assert _error_line(capsys).startswith(f"loopui: error: {needle.format(path=path)}")
+    assert not out.exists()

@@ -12,7 +12,8 @@ from typing import Any
 from .settings import LoopRequest, default_shift_skip, knob_info, latent_length
 
 _LAZY = {
-    "LoopInterrupted": ".loop", "LoopResult": ".loop", "generate_loop": ".loop", "pipeline_spec": ".loop",
+    "LoopInterrupted": ".loop", "LoopResult": ".loop", "generate_loop": ".loop", "load_clip": ".loop",
+    "pipeline_spec": ".loop",
     "LoopPlan": ".plan", "plan_loop": ".plan", "SEAM_POLISH_PRESETS": ".polish", "RenderResult": ".render",
     "render_loop": ".render",
     "NonFiniteOutput": ".guards", "PipelineBusy": ".locks",

@@ -119,6 +119,13 @@ def _load_clip(request: LoopRequest, plan: LoopPlan) -> tuple[Optional[np.ndarra
                          plan.width, plan.height)
 
 
+def load_clip(request: LoopRequest, spec: Any) -> tuple[Optional[np.ndarray], list[str]]:
+    """The request's clip exactly as ``generate_loop`` will use it on a model ``spec`` (the plan's frame count, fps
+    and size), and notes on how it was fitted; ``(None, [])`` without a clip. Lets the CLI and the page refuse a bad
+    clip (``VideoInputError`` / ``ImageInputError``, both ``ValueError``) before a model is loaded."""
+    return _load_clip(request, plan_loop(request, spec))
+
+
 def _prepare_conditioning(pipe: Any, family: Family, request: LoopRequest, plan: LoopPlan, device: Any,
                           dtype: torch.dtype, prediction_type: str):
     """Load the reference image, the clip and the motion mask; return (PIL image or None, ImageConditioning or None,
