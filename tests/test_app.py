@@ -74,11 +74,11 @@ def test_api_lists_generate_and_mask_with_request_field_names(app):
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert set(endpoints) == {"/generate", "/mask"}  # internal events (sliders, gallery, stop) stay out
     names = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
-    for name in ("prompt", "negative_prompt", "image", "mask", "shift_skip", "rope_scale", "num_frames",
-                 "num_inference_steps", "guidance_scale", "seed", "anchor_strength", "motion_region"):
+    for name in ("prompt", "negative_prompt", "image", "mask", "video", "shift_skip", "rope_scale", "num_frames",
+                 "num_inference_steps", "guidance_scale", "seed", "anchor_strength", "loop_region", "motion_region"):
         assert name in names
     optional = {p["parameter_name"] for p in endpoints["/generate"]["parameters"] if p["parameter_has_default"]}
-    assert {"image", "mask", "prompt"} <= optional
+    assert {"image", "mask", "video", "prompt", "init_strength", "loop_region"} <= optional
     assert endpoints["/generate"]["returns"][0]["component"] == "Video"
 
 
@@ -103,6 +103,45 @@ def test_generate_returns_a_looping_mp4_and_reuses_the_model(app):
     frames2 = read_back(video2)
     assert frames2.shape == frames.shape
     assert not np.array_equal(frames, frames2)
+
+
+def test_generate_loops_an_uploaded_clip(app, clip_files):
+    """``video=handle_file(path)``: the clip (written by imageio, not our exporter) comes back as a looping MP4 of
+    4·L frames; ``loop_region`` reaches the engine and ``init_strength`` left out is the clip's 0.7."""
+    _, client = app
+    video, seam, strip, files, status = client.predict(
+        prompt="a bar sliding", video=handle_file(str(clip_files["good"])), loop_region=0.5, num_frames=17,
+        height=32, width=48, num_inference_steps=2, api_name="/generate")
+    assert read_back(video).shape == (20, 32, 48, 3)  # 17 frames -> L = 5 latents -> 20 frames
+    assert "Done." in status and "⚠ video: the loop uses the clip's first 2.12 s of 2.50 s" in status
+    sidecar = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+    settings = sidecar["settings"]
+    assert Path(settings["video"]).name == "bar.mp4"
+    assert (settings["loop_region"], settings["init_strength"]) == (0.5, 0.7)
+
+
+def test_an_image_to_video_model_takes_a_clip_instead_of_an_image(app, clip_files):
+    """The engine conditions an I2V model on the clip's first frame when no image is given: the page and the API
+    must not refuse such a request for "needs an image" (checked up to the plan: nothing is loaded)."""
+    from loopui.engine.plan import CLIP_INIT_STRENGTH, plan_loop
+
+    studio, _ = app
+    model = "THUDM/CogVideoX-5b-I2V"
+    resolved = studio.build_request({"prompt": "a bar", "video": str(clip_files["good"])}, model_id=model)
+    assert plan_loop(resolved.request, studio.spec(model)).init_strength == CLIP_INIT_STRENGTH
+    with pytest.raises(ValueError, match=f"^image: {model} animates a reference image"):
+        studio.build_request({"prompt": "a bar"}, model_id=model)
+    assert "or a clip" in studio.model_text(model)
+
+
+def test_a_knob_note_loses_its_automatic_clause_but_keeps_the_rest():
+    """The page drops "empty = ..." (a slider always holds a value); a decimal in it ("0.7") used to end the cut
+    early and leave ".7 with a clip." in Init strength's note."""
+    from loopui.ui.studio import help_text
+
+    assert help_text("init_strength").endswith("lower values start from the noised image or clip (closer to it, "
+                                               "less change).")
+    assert "empty" not in help_text("flow_shift") and help_text("flow_shift").endswith("at high noise.")
 
 
 def test_mask_endpoint_finds_the_object_and_inverts_for_background(app):

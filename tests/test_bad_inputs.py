@@ -37,8 +37,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    """Bad uploads made in code: empty, text, truncated, too many pixels; and a good small image."""
+def files(tmp_path_factory, clip_files) -> dict[str, Path]:
+    """Bad uploads made in code: empty, text, truncated, too many pixels; and a good small image. The clips
+    (``clip_*``) are conftest's: a good one and bad ones, written by imageio-ffmpeg."""
     folder = tmp_path_factory.mktemp("uploads")
     good = folder / "good.png"
     Image.fromarray(np.full((32, 48, 3), 200, np.uint8)).save(good)
@@ -49,6 +50,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out["text"].write_text("this is not an image")
     out["truncated"].write_bytes(data[: len(data) // 2])
     Image.new("1", (9000, 8000)).save(out["huge"])  # 72 megapixels in a few kB: over the 64 MP cap
+    out.update({f"clip_{name}": path for name, path in clip_files.items()})
     return out
 
 
@@ -165,6 +167,15 @@ API_CASES = [
     ("a bare path instead of an upload", dict(image="/etc/passwd"), "image: expected an uploaded image file"),
     ("text as a mask", dict(image="good", mask="text"), "mask: 'notes.png' is not an image file"),
     ("empty mask file", dict(image="good", mask="empty"), "mask: 'empty.png' is not an image file"),
+    ("text as a video", dict(video="clip_text"), "video: 'notes.mp4' is not a video file (or it is truncated)"),
+    ("empty video file", dict(video="clip_empty"), "video: 'empty.mp4' is empty"),
+    ("truncated video", dict(video="clip_truncated"), "video: 'cut.mp4' is not a video file (or it is truncated)"),
+    ("a 3-frame video", dict(video="clip_short"), "video: the clip has 3 frames; a loop needs at least 4"),
+    ("a still image as the video", dict(video="good"), "video: the clip has 1 frame; a loop needs at least 4"),
+    ("a 300 fps video", dict(video="clip_fast"), "video: frame rate 300.0 is not a usable fps (0 to 240)"),
+    ("a bare path instead of a video upload", dict(video="/etc/passwd"), "video: expected an uploaded video file"),
+    ("loop region zero", dict(video="clip_good", loop_region=0), "loop_region must be >= 0.05, got 0"),
+    ("loop region as words", dict(loop_region="half"), "loop_region must be a number"),
 ]
 
 
@@ -200,8 +211,12 @@ def test_mask_endpoint_bad_input_is_one_line(client, files, case, change, answer
     assert client.predict(image=handle_file(str(ASSETS / "balloon.png")), api_name="/mask")
 
 
-def test_public_caps_are_answered_by_name(served, client):
+def test_public_caps_are_answered_by_name(served, client, files, monkeypatch):
+    from loopui.ui import studio as studio_module
+
     studio, _ = served
+    # The clip cap (50 MB) lowered below the small test clip, so no 50 MB file is needed to reach it.
+    monkeypatch.setitem(studio_module.PUBLIC_LIMITS, "video_bytes", files["clip_good"].stat().st_size - 1)
     studio.public = True
     try:
         for case, change, answer in [
@@ -209,6 +224,8 @@ def test_public_caps_are_answered_by_name(served, client):
             ("public: too many frames", dict(num_frames=101), "num_frames must be <= 97 on this public server"),
             ("public: too large", dict(height=1024, width=1024), "height x width must be at most 345600"),
             ("public: too long a prompt", dict(prompt="waves " * 400), "prompt must be at most 2000 characters"),
+            ("public: a clip over the size cap", dict(video=handle_file(str(files["clip_good"]))),
+             "video: 'bar.mp4' is "),
         ]:
             BAD_INPUTS_TRIED.append(case)
             with pytest.raises(AppError) as info:

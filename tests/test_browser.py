@@ -351,3 +351,59 @@ def test_a_gpu_server_generates_at_the_native_size_from_empty_size_boxes(tmp_pat
     finally:
         demo.close()
     assert toasts == [] and status.startswith("Done. 52 frames · 96x64"), (status, toasts)
+
+
+def test_a_clip_uploaded_in_the_page_becomes_a_loop(served_demo, clip_files):
+    """The clip upload (a stock gr.Video, the file as given) reaches the engine from a real browser: adding it sets
+    Init strength to the engine's clip default, unlocks Loop region and locks Anchor strength (inert with a clip);
+    Generate makes a loop of the clip; removing the clip puts the knobs back (seen with an image added)."""
+    from loopui.engine.plan import CLIP_INIT_STRENGTH
+    from loopui.ui.browser import CHROMIUM_ARGS, VIEWPORT, chromium_executable
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    _require(sync_playwright is not None, "playwright is not installed (pip install playwright)")
+    chromium = chromium_executable()
+    _require(chromium is not None, "chromium not found at /usr/bin/chromium (apt-get install chromium)")
+
+    studio, url = served_demo
+    region = "#loopui-loop-region input[type=range]"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(url, wait_until="domcontentloaded")
+            page.locator("#loopui-generate").wait_for(state="visible", timeout=60000)
+            before = {"region_disabled": page.locator(region).is_disabled(),
+                      "anchor_visible": page.get_by_text("Anchor strength", exact=True).first.is_visible()}
+            page.locator("#loopui-prompt textarea").fill("a bar sliding")
+            page.locator("#loopui-clip input[type=file]").set_input_files(str(clip_files["good"]))
+            page.wait_for_function(f"() => !document.querySelector('{region}').disabled", timeout=30000)
+            init = page.locator("#loopui-init input[type=number]").input_value()
+            anchor_disabled = page.locator("#loopui-anchor input[type=range]").is_disabled()
+            region_box = page.locator("#loopui-loop-region input[type=number]")
+            region_box.fill("0.5")
+            region_box.press("Enter")
+            page.locator("#loopui-generate").click()
+            page.wait_for_function("() => /Done|Failed/.test(document.querySelector('#loopui-status').innerText)"
+                                   " || document.querySelector('.toast-body')", timeout=90000)
+            status = page.locator("#loopui-status").inner_text()
+            sidecar = json.loads(next(Path(studio.output_root).rglob("*.json")).read_text())
+            page.locator("#loopui-clip button[aria-label=Clear]").click()
+            page.wait_for_function(f"() => document.querySelector('{region}').disabled", timeout=10000)
+            # Without a clip or an image the image controls hide; an image brings them back, at the page's start.
+            page.locator("#loopui-image input[type=file]").set_input_files(str(ASSETS / "balloon.png"))
+            init_after = page.locator("#loopui-init input[type=number]").input_value(timeout=30000)
+            anchor_after = page.locator("#loopui-anchor input[type=range]").is_disabled()
+        finally:
+            browser.close()
+
+    assert before == {"region_disabled": True, "anchor_visible": False}
+    assert float(init) == CLIP_INIT_STRENGTH and anchor_disabled
+    assert status.startswith("Done. 52 frames · 96x64") and "video: the clip lasts 2.50 s" in status, status
+    settings = sidecar["settings"]
+    assert Path(settings["video"]).name == "bar.mp4"
+    assert (settings["loop_region"], settings["init_strength"]) == (0.5, CLIP_INIT_STRENGTH)
+    assert float(init_after) == 1.0 and not anchor_after

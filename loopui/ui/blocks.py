@@ -13,11 +13,12 @@ import random
 import time
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import gradio as gr
 import numpy as np
 
+from loopui.engine.plan import CLIP_INIT_STRENGTH
 from loopui.engine.settings import WHOLE_NUMBER_FIELDS, LoopRequest, default_shift_skip, knob_info, latent_length
 from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS
 from loopui.ui.jobs import LeftLine, ProgressClock
@@ -47,6 +48,11 @@ EXAMPLE_PROMPTS = (
     "a koi fish swimming in circles in a clear pond, top-down view",
     "northern lights rippling over a frozen lake, stars, slow motion",
 )
+CLIP_NOTE = ("A clip that almost loops (a flag, waves, a walk): it is fitted to the loop's frames, fps and size, "
+             f"re-noised to *Init strength* ({CLIP_INIT_STRENGTH:g} for a clip) and closed by the latent shift. An "
+             "image-to-video model without an image uses its first frame.")
+CLIP_ANCHOR_NOTE = "Inert with a clip: the clip's first frame may change too (lower Init strength keeps it closer)."
+NO_CLIP_NOTE = "Only with a clip: add one to choose how much of the cycle around the wrap may change."
 QUEUE_MAX_SIZE = 16  # Gradio's queue bound for the page's other events (generations wait in the studio's line)
 # The generator yields at least this often: a cancelled event can only close it between yields.
 HEARTBEAT_SECONDS = 0.5
@@ -92,7 +98,28 @@ def uploaded_image(param: str, **kwargs: Any) -> gr.Image:
     Gradio's own preprocessing error is several hundred characters listing internal component names and the
     server's temp paths (or a pydantic dump when a client sends a bare string); this one says which input and why.
     """
-    component = gr.Image(type="filepath", **kwargs)
+    from gradio.data_classes import ImageData
+
+    return _one_line_upload(gr.Image(type="filepath", **kwargs), param, ImageData, "image",
+                            lambda payload, exc: _upload_error(param, payload, exc))
+
+
+def uploaded_video(param: str, **kwargs: Any) -> gr.Video:
+    """A ``gr.Video`` upload (the file as given: no conversion) whose malformed payloads end as one line naming
+    ``param``; what the file holds is checked by the studio (``Studio.build_request``), as the engine will read it."""
+    from gradio.data_classes import FileData
+
+    def error(payload: Any, exc: BaseException) -> str:
+        return f"{param}: {_payload_name(payload)!r} cannot be used as a video ({type(exc).__name__})"
+
+    return _one_line_upload(gr.Video(sources=["upload"], include_audio=True, **kwargs), param, FileData, "video",
+                            error)
+
+
+def _one_line_upload(component: Any, param: str, data_model: type, kind: str,
+                     error: Callable[[Any, BaseException], str]) -> Any:
+    """``component`` with its preprocessing failures as ``error(payload, exc)`` and its payload validation failure
+    (not a file at all) as one line naming ``param``, instead of Gradio's own errors."""
     stock = component.preprocess
 
     def preprocess(payload: Any) -> Any:
@@ -101,33 +128,30 @@ def uploaded_image(param: str, **kwargs: Any) -> gr.Image:
         except gr.Error:
             raise
         except Exception as exc:  # PIL's UnidentifiedImageError, DecompressionBombError, OSError on a bad file
-            raise gr.Error(_upload_error(param, payload, exc), print_exception=False) from None
+            raise gr.Error(error(payload, exc), print_exception=False) from None
 
-    component.preprocess = preprocess  # type: ignore[method-assign]
-    component.data_model = _checked_image_data(param)
-    return component
-
-
-def _checked_image_data(param: str) -> type:
-    """Gradio's ``ImageData`` model, whose validation failure (not a file at all) is one line naming the input."""
-    from gradio.data_classes import ImageData
-
-    class CheckedImageData(ImageData):
-        model_config = {"title": "ImageData"}
+    class Checked(data_model):  # type: ignore[misc, valid-type]
+        model_config = {"title": data_model.__name__}
 
         @classmethod
         def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
             try:
                 return super().model_validate(obj, *args, **kwargs)
             except ValueError:  # pydantic's ValidationError
-                raise gr.Error(f"{param}: expected an uploaded image file (gradio_client.handle_file(path)), got "
+                raise gr.Error(f"{param}: expected an uploaded {kind} file (gradio_client.handle_file(path)), got "
                                f"{type(obj).__name__} {str(obj)[:60]!r}", print_exception=False) from None
 
-    return CheckedImageData
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    component.data_model = Checked
+    return component
+
+
+def _payload_name(payload: Any) -> str:
+    return Path(str(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "upload")).name
 
 
 def _upload_error(param: str, payload: Any, exc: BaseException) -> str:
-    name = Path(str(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "upload")).name
+    name = _payload_name(payload)
     if "DecompressionBomb" in type(exc).__name__:
         return f"{param}: {name!r} has too many pixels to decode safely; use a smaller image"
     if "cannot identify image file" in str(exc) or "UnidentifiedImage" in type(exc).__name__:
@@ -155,7 +179,9 @@ def api_value(component: gr.components.Component, whole: bool = False,
     return component
 
 
-PUBLIC_MAX_UPLOAD = "20mb"  # public mode: larger uploads are refused by Gradio before they reach the app
+# Public mode: larger uploads are refused by Gradio before they reach the app. Above the studio's own per-input
+# caps (PUBLIC_LIMITS: 20 MB for an image, 50 MB for a clip), which answer with a line naming the input.
+PUBLIC_MAX_UPLOAD = "64mb"
 
 
 def launch_options(public: bool = False) -> dict[str, Any]:
@@ -299,6 +325,9 @@ def _api_inputs(studio: Studio) -> dict[str, gr.components.Component]:
         if name in ("image", "mask"):
             out[name] = uploaded_image(name, label=name, visible=False)
             continue
+        if name == "video":
+            out[name] = uploaded_video(name, label=name, visible=False)
+            continue
         info = knob_info(name)
         value = None if name in automatic else studio.default(name)
         if name in ("prompt", "negative_prompt") or info.get("choices") or name == "mask_model":
@@ -388,7 +417,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                                          elem_id="loopui-seed")
                         dice = gr.Button("Random seed", scale=1, min_width=120)
 
-                    with gr.Accordion("Reference image (optional)", open=True):
+                    with gr.Accordion("Reference image or clip (optional)", open=True):
                         with gr.Row():
                             image = uploaded_image("image", label="Reference image",
                                                    sources=["upload", "clipboard", "webcam"], height=300,
@@ -406,14 +435,22 @@ def build_app(studio: Studio) -> gr.Blocks:
                             gr.Examples(examples=[[p] for p in image_examples], inputs=[image],
                                         label="Example images (made by scripts/make_assets.py)",
                                         cache_examples=False, api_visibility="private")
+                        with gr.Row(elem_id="loopui-clip-row"):
+                            clip = uploaded_video("video", label="Your clip (optional)", height=220, scale=1,
+                                                  elem_id="loopui-clip")
+                            with gr.Column(scale=1):
+                                gr.Markdown(CLIP_NOTE, elem_id="loopui-clip-note")
+                                loop_region = _slider("loop_region", "Loop region", studio.default("loop_region"),
+                                                      interactive=False, info=NO_CLIP_NOTE,
+                                                      elem_id="loopui-loop-region")
                         with gr.Group(visible=False) as image_controls:
                             motion_region = gr.Radio(choices=list(knob_info("motion_region")["choices"]),
                                                      value=studio.default("motion_region"), label="Motion region",
                                                      info=help_text("motion_region"))
                             anchor_strength = _slider("anchor_strength", "Anchor strength",
-                                                      studio.default("anchor_strength"))
+                                                      studio.default("anchor_strength"), elem_id="loopui-anchor")
                             init_strength = _slider("init_strength", "Init strength",
-                                                    studio.default("init_strength"))
+                                                    studio.default("init_strength"), elem_id="loopui-init")
                             background_freeze = _slider("background_freeze", "Background freeze",
                                                         studio.default("background_freeze"))
                             image_channel = gr.Radio(
@@ -492,7 +529,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             flow_shift=flow_shift, use_dynamic_cfg=use_dynamic_cfg, frame_invariant_decoding=frame_invariant_decoding,
             shift_start=shift_start, shift_end=shift_end, window_mode=window_mode, fps=fps, seam_polish=seam_polish,
             anchor_strength=anchor_strength, init_strength=init_strength, background_freeze=background_freeze,
-            image_channel=image_channel,
+            image_channel=image_channel, video=clip, loop_region=loop_region,
             motion_region=motion_region, mask_model=mask_model, mask_threshold=mask_threshold, mask_grow=mask_grow,
             mask_feather=mask_feather,
         )
@@ -506,7 +543,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         @gpu_decorator(duration=gpu_duration)
         def generate(prompt: str, negative_prompt: str, num_frames: float, num_inference_steps: float,
                      seed: float, frame_invariant_decoding: bool, shift_start: float, shift_end: float,
-                     window_mode: str, seam_polish: str, anchor_strength: float,
+                     window_mode: str, seam_polish: str, anchor_strength: float, loop_region: float,
                      background_freeze: float, image_channel: str, motion_region: str, mask_model: str,
                      mask_threshold: float, mask_grow: float, mask_feather: float, model: Optional[str],
                      history: list, origin: str, shift_skip: Optional[float] = None,
@@ -514,11 +551,12 @@ def build_app(studio: Studio) -> gr.Blocks:
                      scheduler: Optional[str] = None, guidance_scale: Optional[float] = None,
                      use_dynamic_cfg: Optional[bool] = None, fps: Optional[float] = None,
                      flow_shift: Optional[float] = None, init_strength: Optional[float] = None,
-                     image: Optional[str] = None, mask: Optional[str] = None,
+                     image: Optional[str] = None, mask: Optional[str] = None, video: Optional[str] = None,
                      request: gr.Request = None, progress: gr.Progress = gr.Progress()):
-            """Generate a seamless loop; returns the looping MP4 first, then the seam note, the seam strip, the
-            files (MP4, GIF, WebP, settings JSON) and a status line. Knobs left out (or null / "auto") get the
-            automatic values the page and the CLI use."""
+            """Generate a seamless loop from a prompt (optionally a reference image, or a clip to turn into a loop:
+            ``video``); returns the looping MP4 first, then the seam note, the seam strip, the files (MP4, GIF, WebP,
+            settings JSON) and a status line. Knobs left out (or null / "auto") get the automatic values the page
+            and the CLI use (init strength: 1, or 0.7 with a clip)."""
             arguments = dict(locals())
             values = {name: value for name, value in arguments.items() if name in REQUEST_FIELDS}
             skip = gr.skip()
@@ -621,9 +659,10 @@ def build_app(studio: Studio) -> gr.Blocks:
         # ---------------------------------------------------------------- masks
         mask_settings = [mask_model, mask_threshold, mask_grow, mask_feather, motion_region]
 
-        def show_mask(image_path: Optional[str], mask_model: str, threshold: float, grow: float, feather: float,
-                      motion_region: str, editor: Optional[dict] = None):
-            visible = gr.update(visible=bool(image_path))
+        def show_mask(image_path: Optional[str], clip_path: Optional[str], mask_model: str, threshold: float,
+                      grow: float, feather: float, motion_region: str, editor: Optional[dict] = None):
+            # The image controls serve a clip too (init strength, background freeze, the mask from its first frame).
+            visible = gr.update(visible=bool(image_path or clip_path))
             try:
                 preview = studio.mask_preview(image_path, mask_model, threshold, grow, feather, motion_region)
             except ValueError as exc:
@@ -634,9 +673,10 @@ def build_app(studio: Studio) -> gr.Blocks:
             value = {"background": preview.overlay, "layers": list(layers or []), "composite": None}
             return value, preview.note, visible
 
-        image.change(show_mask, inputs=[image, *mask_settings], outputs=[mask_editor, mask_note, image_controls],
-                     api_visibility="private", trigger_mode="always_last", show_progress_on=[mask_editor])
-        gr.on([c.change for c in mask_settings], show_mask, inputs=[image, *mask_settings, mask_editor],
+        image.change(show_mask, inputs=[image, clip, *mask_settings],
+                     outputs=[mask_editor, mask_note, image_controls], api_visibility="private",
+                     trigger_mode="always_last", show_progress_on=[mask_editor])
+        gr.on([c.change for c in mask_settings], show_mask, inputs=[image, clip, *mask_settings, mask_editor],
               outputs=[mask_editor, mask_note, image_controls], api_visibility="private", trigger_mode="always_last",
               show_progress_on=[mask_editor])
 
@@ -663,6 +703,21 @@ def build_app(studio: Studio) -> gr.Blocks:
         api_mask_inputs = [api[name] for name in ("image", "mask_model", "mask_threshold", "mask_grow",
                                                     "mask_feather", "motion_region")]
         api_mask_trigger.click(mask_endpoint, inputs=api_mask_inputs, outputs=[api_mask], api_name="mask")
+
+        # ---------------------------------------------------------------- a clip to loop
+        def on_clip(clip_path: Optional[str], image_path: Optional[str]):
+            # With a clip: its own starting noise (the engine's default), the loop region, and no anchor (a clip's
+            # first frame may change too); without one, back to the page's start.
+            given = bool(clip_path)
+            return (gr.update(visible=bool(given or image_path)),
+                    gr.update(value=CLIP_INIT_STRENGTH if given else studio.default("init_strength")),
+                    gr.update(interactive=given, info=help_text("loop_region") if given else NO_CLIP_NOTE),
+                    gr.update(interactive=not given,
+                              info=CLIP_ANCHOR_NOTE if given else help_text("anchor_strength")))
+
+        clip.change(on_clip, inputs=[clip, image], outputs=[image_controls, init_strength, loop_region,
+                                                             anchor_strength],
+                    api_visibility="private", queue=False)
 
         # ---------------------------------------------------------------- knobs that depend on each other
         def on_frames(model_id: str, frames: float, window: str):
@@ -748,7 +803,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                          "image_channel", "fps"):
                 if values.get(name) is not None or name == "flow_shift":
                     updates[name] = {**updates[name], "value": values.get(name)}
-            note = " (it used a reference image, which is not restored)" if entry.used_image else ""
+            used = [what for what, flag in (("a reference image", entry.used_image), ("a clip", entry.used_video))
+                    if flag]
+            note = f" (it used {' and '.join(used)}, which {'is' if len(used) == 1 else 'are'} not restored)" \
+                if used else ""
             return (entry.model, *[updates[name] for name in FOLLOW_MODEL], *[values.get(name) for name in others],
                     entry.video, entry.strip, entry.files, f"Restored the settings of loop #{entry.index}{note}.")
 

@@ -66,9 +66,12 @@ IMAGE_CHANNEL_LABELS: dict[str, str] = {
     "roll": "roll: the image rides with its frame around the cycle",
 }
 
-# Public mode (a shared server, e.g. a Space): what one request may ask for at most.
+# Public mode (a shared server, e.g. a Space): what one request may ask for at most. Uploads are capped per input
+# by file size (a clip is larger than an image); the decoded size has the engine's own caps (64 megapixels per
+# image, 2 GiB per clip).
 PUBLIC_LIMITS: dict[str, int] = {"num_inference_steps": 50, "num_frames": 97, "pixels": 480 * 720,
-                                 "prompt_chars": 2000}
+                                 "prompt_chars": 2000, "image_bytes": 20 * 10**6,
+                                 "video_bytes": 50 * 10**6}
 # Housekeeping of session outputs: files older than this, or beyond this total (oldest first), are deleted.
 DEFAULT_MAX_OUTPUT_AGE_S = 24 * 3600.0
 DEFAULT_MAX_OUTPUT_BYTES = 2 * 2**30
@@ -87,14 +90,14 @@ PAINT_STILL_COLOR = "rgb(40, 40, 40)"
 
 # The /generate parameters that are LoopRequest fields, in the order the UI and the API list them.
 REQUEST_FIELDS: tuple[str, ...] = (
-    "prompt", "negative_prompt", "image", "mask", "shift_skip", "rope_scale", "num_frames", "num_inference_steps",
+    "prompt", "negative_prompt", "image", "mask", "video", "shift_skip", "rope_scale", "num_frames", "num_inference_steps",
     "guidance_scale", "seed", "height", "width", "scheduler", "flow_shift", "use_dynamic_cfg",
     "frame_invariant_decoding", "shift_start", "shift_end", "window_mode", "fps", "seam_polish", "anchor_strength",
-    "init_strength", "background_freeze", "image_channel", "motion_region", "mask_model", "mask_threshold",
+    "init_strength", "loop_region", "background_freeze", "image_channel", "motion_region", "mask_model", "mask_threshold",
     "mask_grow", "mask_feather",
 )
-# The knobs a gallery click restores (the reference image and painted mask are not restored).
-RESTORED_FIELDS: tuple[str, ...] = tuple(f for f in REQUEST_FIELDS if f not in ("image", "mask"))
+# The knobs a gallery click restores (the reference image, the painted mask and the clip are not restored).
+RESTORED_FIELDS: tuple[str, ...] = tuple(f for f in REQUEST_FIELDS if f not in ("image", "mask", "video"))
 
 
 # ZeroGPU: GPU seconds per denoising step at a model's native size and trained length (classifier-free guidance
@@ -226,7 +229,8 @@ def help_text(name: str) -> str:
     """A knob's help text without its "empty = ..." clauses (a slider or a dropdown always holds a value; where
     the page says what "automatic" means, it says it for the model at hand)."""
     text = knob_info(name)["help"]
-    return re.sub(r"[;,]?\s*empty = (?:[^.;()]|\([^)]*\))*", "", text).replace(" ()", "").strip()
+    # The clause ends at a full stop or a semicolon; a decimal point ("0.7") is part of it.
+    return re.sub(r"[;,]?\s*empty = (?:[^.;()]|\.(?=\d)|\([^)]*\))*", "", text).replace(" ()", "").strip()
 
 
 def _plain_reason(exc: BaseException) -> str:
@@ -275,6 +279,7 @@ class HistoryEntry:
     thumb: str
     caption: str
     used_image: bool = False
+    used_video: bool = False
 
 
 @dataclass
@@ -391,7 +396,7 @@ class Studio:
         parts = [f"{description} Trained on {spec.native_num_frames} frames = {spec.trained_latent_frames} latents; "
                  f"{rope}."]
         if spec.image_to_video:
-            parts.append("Needs a reference image.")
+            parts.append("Needs a reference image (or a clip: its first frame is used).")
         if spec.fixed_size:
             parts.append(f"Runs only at {size_text(spec.native_width, spec.native_height)} (learned positional "
                          f"embeddings).")
@@ -649,7 +654,8 @@ class Studio:
         the same function the CLI uses), from page or API values; ``ValueError`` naming the parameter otherwise.
 
         Checked here, before anything is queued or loaded: the model is one this server offers, the numbers and
-        choices are in range, uploads are readable images, and in public mode the request is within its caps.
+        choices are in range, uploads are readable images, a clip is a video the engine can fit to the loop (read
+        and resampled as the engine will), and in public mode the request and its uploads are within their caps.
         """
         spec = self.check_model(model_id)
         data = {name: values[name] for name in REQUEST_FIELDS if name in values}
@@ -659,11 +665,16 @@ class Studio:
         request = resolved.request
         if self.public:
             self._check_public_limits(request)
-        for name in ("image", "mask"):
+        for name in ("image", "mask", "video"):
             value = getattr(request, name)
             if value is not None and not isinstance(value, np.ndarray):
-                _check_upload(name, value)
-        if spec.image_to_video and request.image is None:
+                cap = PUBLIC_LIMITS["video_bytes" if name == "video" else "image_bytes"] if self.public else None
+                _check_file_size(name, value, cap)
+                if name == "video":
+                    _check_clip(request, spec)
+                else:
+                    _check_upload(name, value)
+        if spec.image_to_video and request.image is None and request.video is None:
             raise ValueError(f"image: {spec.model_id} animates a reference image; add one first")
         return resolved
 
@@ -853,7 +864,8 @@ class Studio:
         return HistoryEntry(index=outcome.index, model=model_id, values=kept, video=str(outcome.video),
                             files=[str(f) for f in outcome.files], strip=str(outcome.strip),
                             thumb=str(outcome.thumb), caption=caption,
-                            used_image=values.get("image") is not None)
+                            used_image=values.get("image") is not None,
+                            used_video=values.get("video") is not None)
 
     @staticmethod
     def error_text(exc: BaseException) -> str:
@@ -951,6 +963,48 @@ class Studio:
         out = base.copy()
         out[painted] = is_object[painted].astype(np.float32)
         return np.round(out * 255).astype(np.uint8)
+
+
+def _upload_name(path: Any) -> str:
+    """An upload's own file name (never the server's temp path)."""
+    return Path(os.fspath(path)).name if isinstance(path, (str, os.PathLike)) else "upload"
+
+
+def _check_file_size(name: str, path: Any, max_bytes: Optional[int]) -> None:
+    """Refuse an upload over ``max_bytes`` (public mode), naming the parameter."""
+    if max_bytes is None or not isinstance(path, (str, os.PathLike)):
+        return
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return  # a missing file is answered by the readers, in their words
+    if size > max_bytes:
+        raise ValueError(f"{name}: {_upload_name(path)!r} is {size / 10**6:.3g} MB; this public server takes "
+                         f"{'clips' if name == 'video' else 'images'} up to {max_bytes / 10**6:.3g} MB")
+
+
+def _check_clip(request: LoopRequest, spec: Any) -> None:
+    """Refuse a clip the engine could not use -- not a video, truncated, too short, too large once decoded, an
+    unusable frame rate -- by reading and fitting it as the engine will (``loopui.engine.load_clip``), with one line
+    naming ``video`` and the file's own name."""
+    from loopui.engine import load_clip
+    from loopui.media import ImageInputError, VideoInputError
+
+    path = request.video
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"video: {_upload_name(path)!r} is empty")
+    try:
+        load_clip(request, spec)
+    except (VideoInputError, ImageInputError) as exc:
+        name = _upload_name(path)
+        text = " ".join(str(exc).split()).removeprefix("video: ")
+        if isinstance(path, (str, os.PathLike)):
+            text = text.replace(f"video file {os.fspath(path)!r}", repr(name)).replace(os.fspath(path), name)
+        if "Could not load meta information" in text:  # ffmpeg's answer to text, a picture or a cut-off MP4
+            text = f"{name!r} is not a video file (or it is truncated)"
+        elif "truncated" in text:
+            text = f"{name!r} is truncated (an incomplete upload?)"
+        raise ValueError(f"video: {text}") from None
 
 
 def _check_upload(name: str, path: Any) -> None:
