@@ -206,8 +206,8 @@ def test_public_caps_are_answered_by_name(served, client):
     try:
         for case, change, answer in [
             ("public: too many steps", dict(num_inference_steps=51), "num_inference_steps must be <= 50 on this"),
-            ("public: too many frames", dict(num_frames=101), "num_frames must be <= 97 on this public server"),
-            ("public: too large", dict(height=1024, width=1024), "height x width must be at most 345600"),
+            ("public: too many frames", dict(num_frames=125), "num_frames must be <= 121 on this public server"),
+            ("public: too large", dict(height=1024, width=1024), "height x width must be at most 399360"),
             ("public: too long a prompt", dict(prompt="waves " * 400), "prompt must be at most 2000 characters"),
         ]:
             BAD_INPUTS_TRIED.append(case)
