@@ -140,10 +140,10 @@ API_CASES = [
     ("Wan 2.2 5B at a size not a multiple of 32", dict(model="Wan-AI/Wan2.2-TI2V-5B-Diffusers", height=48),
      "height must be a multiple of 32 for Wan-AI/Wan2.2-TI2V-5B-Diffusers, got 48"),
     ("CogVideoX-5b-I2V at another size", dict(model="THUDM/CogVideoX-5b-I2V", image="good"),
-     "THUDM/CogVideoX-5b-I2V has learned positional embeddings and runs only at 720x480: leave height/width empty"),
+     "height/width: THUDM/CogVideoX-5b-I2V has learned positional embeddings and runs only at 720x480"),
     ("CogVideoX-5b-I2V past its learned table in full mode",
      dict(model="THUDM/CogVideoX-5b-I2V", image="good", num_frames=97, height=None, width=None),
-     "num_frames=97 (25 latents) in full mode would replace THUDM/CogVideoX-5b-I2V's learned positional"),
+     "window_mode: num_frames=97 (25 latents) in full mode would replace THUDM/CogVideoX-5b-I2V's learned"),
     ("unknown seam polish", dict(seam_polish="max"), "seam_polish must be one of off, fast"),
     ("unknown motion region", dict(motion_region="sky"), "motion_region must be one of object"),
     ("unknown mask model", dict(mask_model="sam"), "mask_model: unknown mask model 'sam'"),
@@ -221,8 +221,8 @@ def test_public_caps_are_answered_by_name(served, client, files, monkeypatch):
     try:
         for case, change, answer in [
             ("public: too many steps", dict(num_inference_steps=51), "num_inference_steps must be <= 50 on this"),
-            ("public: too many frames", dict(num_frames=101), "num_frames must be <= 97 on this public server"),
-            ("public: too large", dict(height=1024, width=1024), "height x width must be at most 345600"),
+            ("public: too many frames", dict(num_frames=125), "num_frames must be <= 121 on this public server"),
+            ("public: too large", dict(height=1024, width=1024), "height x width must be at most 399360"),
             ("public: too long a prompt", dict(prompt="waves " * 400), "prompt must be at most 2000 characters"),
             ("public: a clip over the size cap", dict(video=handle_file(str(files["clip_good"]))),
              "video: 'bar.mp4' is "),

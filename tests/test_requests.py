@@ -182,12 +182,12 @@ def test_public_mode_caps_requests_and_refuses_folders(tmp_path, tiny_model_dir)
     ok = {"prompt": "x", "num_frames": 49, "num_inference_steps": 50, "height": 480, "width": 720}
     assert studio.build_request(ok).request.num_inference_steps == 50
     for change, message in [({"num_inference_steps": 51}, "num_inference_steps must be <= 50 on this public"),
-                            ({"num_frames": 101}, "num_frames must be <= 97 on this public"),
-                            ({"height": 720, "width": 720}, r"height x width must be at most 345600 pixels"),
+                            ({"num_frames": 125}, "num_frames must be <= 121 on this public"),
+                            ({"height": 720, "width": 720}, r"height x width must be at most 399360 pixels"),
                             ({"prompt": "x" * 2001}, "prompt must be at most 2000 characters")]:
         with pytest.raises(ValueError, match=message):
             studio.build_request({**ok, **change})
-    assert PUBLIC_LIMITS["pixels"] == 480 * 720
+    assert PUBLIC_LIMITS["pixels"] == 480 * 832  # Wan 2.1 1.3B's native size fits
     private = Studio(demo=True, has_gpu=False, output_root=tmp_path, manager=object())
     assert private.build_request({**ok, "num_inference_steps": 200}).request.num_inference_steps == 200
 

@@ -66,12 +66,12 @@ IMAGE_CHANNEL_LABELS: dict[str, str] = {
     "roll": "roll: the image rides with its frame around the cycle",
 }
 
-# Public mode (a shared server, e.g. a Space): what one request may ask for at most. Uploads are capped per input
-# by file size (a clip is larger than an image); the decoded size has the engine's own caps (64 megapixels per
-# image, 2 GiB per clip).
-PUBLIC_LIMITS: dict[str, int] = {"num_inference_steps": 50, "num_frames": 97, "pixels": 480 * 720,
-                                 "prompt_chars": 2000, "image_bytes": 20 * 10**6,
-                                 "video_bytes": 50 * 10**6}
+# Public mode (a shared server, e.g. a Space): what one request may ask for at most.
+# Wan 2.1 1.3B's native 832x480 at 81 frames and Wan 2.2 5B's 121 frames fit; 720p and longer cycles do not.
+# Uploads are capped per input by file size (a clip is larger than an image); the decoded size has the engine's own
+# caps (64 megapixels per image, 2 GiB per clip).
+PUBLIC_LIMITS: dict[str, int] = {"num_inference_steps": 50, "num_frames": 121, "pixels": 480 * 832,
+                                 "prompt_chars": 2000, "image_bytes": 20 * 10**6, "video_bytes": 50 * 10**6}
 # Housekeeping of session outputs: files older than this, or beyond this total (oldest first), are deleted.
 DEFAULT_MAX_OUTPUT_AGE_S = 24 * 3600.0
 DEFAULT_MAX_OUTPUT_BYTES = 2 * 2**30
@@ -721,7 +721,7 @@ class Studio:
                                  f"{getattr(request, name)}")
         if request.height * request.width > limits["pixels"]:
             raise ValueError(f"height x width must be at most {limits['pixels']} pixels on this public server "
-                             f"(720x480), got {size_text(request.width, request.height)}")
+                             f"(832x480), got {size_text(request.width, request.height)}")
         if len(request.prompt) + len(request.negative_prompt) > limits["prompt_chars"]:
             raise ValueError(f"prompt must be at most {limits['prompt_chars']} characters on this public server, "
                              f"got {len(request.prompt) + len(request.negative_prompt)}")

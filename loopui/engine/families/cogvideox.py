@@ -149,18 +149,18 @@ def _check_learned_positions(request: Any, spec: Any, length: int) -> None:
     height = request.height or spec.native_height
     width = request.width or spec.native_width
     if (height, width) != (spec.native_height, spec.native_width):
-        raise ValueError(f"{spec.model_id or 'this model'} has learned positional embeddings and runs only at "
-                         f"{spec.native_width}x{spec.native_height}: leave height/width empty "
+        raise ValueError(f"height/width: {spec.model_id or 'this model'} has learned positional embeddings and runs "
+                         f"only at {spec.native_width}x{spec.native_height}: leave height/width empty "
                          f"(got {width}x{height})")
     trained = spec.trained_latent_frames
     if length < trained:
-        raise ValueError(f"num_frames={request.num_frames} is too short for {spec.model_id or 'this model'}: its "
+        raise ValueError(f"num_frames: {request.num_frames} is too short for {spec.model_id or 'this model'}: its "
                          f"learned positional embeddings need at least {spec.trained_num_frames} frames "
                          f"({trained} latents)")
     if length > trained and request.window_mode == "full":
-        raise ValueError(f"num_frames={request.num_frames} ({length} latents) in full mode would replace "
-                         f"{spec.model_id or 'this model'}'s learned positional embeddings (trained for {trained} "
-                         f"latents) with a table it never saw: use window_mode 'window' or "
+        raise ValueError(f"window_mode: num_frames={request.num_frames} ({length} latents) in full mode would "
+                         f"replace {spec.model_id or 'this model'}'s learned positional embeddings (trained for "
+                         f"{trained} latents) with a table it never saw: use window_mode 'window' or "
                          f"{spec.trained_num_frames} frames")
     if request.rope_scale not in (None, 1, 1.0) and request.window_mode == "window":
         raise ValueError("rope_scale must be 1 in window mode on a model with learned positional embeddings")
