@@ -47,6 +47,7 @@ def test_a_clip_file_becomes_a_loop(tiny_pipe, clip_file):
     assert result.frames.shape == (20, H, W, 3)  # 5 latents, frame-invariant: 4 frames each
     assert result.settings["init_strength"] == 0.7  # a clip's default
     assert result.settings["video"] == str(clip_file)
+    assert result.settings["anchor_strength"] == 0.0  # the sidecar says what ran: no anchor with a clip
     assert result.seam_ratio is not None and np.isfinite(result.seam_ratio)
 
 

@@ -384,6 +384,8 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
     )
     if not spec.image_to_video:
         settings["image_channel"] = None  # inert without an image-to-video model
+    if request.video is not None:
+        settings["anchor_strength"] = 0.0  # inert with a clip: its first frame may change too
     return LoopResult(
         frames=frames,
         latents=latents_cpu,
