@@ -6,7 +6,6 @@ One server for the module (the tiny model loads once); rembg runs a tiny ONNX st
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -19,39 +18,18 @@ pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from saliency_fixtures import install_tiny_u2netp  # noqa: E402
+from served_app import demo_studio, serve
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 FAST = dict(num_inference_steps=2, height=64, width=96, num_frames=49)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """(studio, client): the demo app on a free port, rembg pointed at a tiny u2netp, outputs in a temp dir."""
-    from loopui.ui import Studio, build_app, launch_options
-
-    home = tmp_path_factory.mktemp("rembg-home")
-    install_tiny_u2netp(home)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("U2NET_HOME", str(home))
-        mp.setenv("MODEL_CHECKSUM_DISABLED", "1")
-        from loopui.saliency import clear_session_cache
-
-        clear_session_cache()
-        studio = Studio(demo=True, has_gpu=False, output_root=tmp_path_factory.mktemp("sessions"))
-        demo = build_app(studio)
-        demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, **launch_options())
-        try:
-            yield studio, Client(demo.local_url, verbose=False)
-        finally:
-            demo.close()
-            clear_session_cache()
+    studio = demo_studio(tmp_path_factory.mktemp("sessions"))
+    with serve(studio, tmp_path_factory.mktemp("rembg-home")) as demo:
+        yield studio, Client(demo.local_url, verbose=False)
 
 
 def read_back(path: str) -> np.ndarray:

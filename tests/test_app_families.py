@@ -8,7 +8,6 @@ refuses. The API half serves the demo app with Wan 2.1 T2V 1.3B loaded from a co
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -167,12 +166,6 @@ def test_a_model_change_updates_every_knob_and_keeps_what_still_fits(tmp_path):
 
 # -- the API on a faithful Wan ----------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def wan_app(tmp_path_factory, faithful_wan_dir):
     """(studio, client): the demo app whose manager loads Wan 2.1 T2V 1.3B from its faithful tiny folder."""
@@ -180,16 +173,11 @@ def wan_app(tmp_path_factory, faithful_wan_dir):
     from gradio_client import Client
 
     from faithful_serving import FaithfulManager
-    from loopui.ui import Studio, build_app, launch_options
+    from served_app import demo_studio, serve
 
-    studio = Studio(demo=True, has_gpu=False, output_root=tmp_path_factory.mktemp("sessions"),
-                    manager=FaithfulManager({WAN: faithful_wan_dir}))
-    demo = build_app(studio)
-    demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True, **launch_options())
-    try:
+    studio = demo_studio(tmp_path_factory.mktemp("sessions"), manager=FaithfulManager({WAN: faithful_wan_dir}))
+    with serve(studio) as demo:
         yield studio, Client(demo.local_url, verbose=False, download_files=False)
-    finally:
-        demo.close()
 
 
 def _settings(files) -> dict:

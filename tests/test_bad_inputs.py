@@ -8,7 +8,6 @@ Everything runs the tiny demo model at 16x16 pixels and one step, so the suite a
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -21,19 +20,13 @@ pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from saliency_fixtures import install_tiny_u2netp  # noqa: E402
+from served_app import demo_studio, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
 TINY = dict(prompt="a red ball", num_frames=5, num_inference_steps=1, height=16, width=16)
 WAN = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 BAD_INPUTS_TRIED: list[str] = []  # every distinct bad input of this module, for the count below
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,23 +50,9 @@ def files(tmp_path_factory, clip_files) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(studio, url): the demo app on a free port, rembg pointed at a tiny u2netp."""
-    from loopui.saliency import clear_session_cache
-    from loopui.ui import Studio, build_app, launch_options
-
-    home = tmp_path_factory.mktemp("rembg-home")
-    install_tiny_u2netp(home)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("U2NET_HOME", str(home))
-        mp.setenv("MODEL_CHECKSUM_DISABLED", "1")
-        clear_session_cache()
-        studio = Studio(demo=True, has_gpu=False, output_root=tmp_path_factory.mktemp("sessions"))
-        demo = build_app(studio)
-        demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True, **launch_options())
-        try:
-            yield studio, demo.local_url
-        finally:
-            demo.close()
-            clear_session_cache()
+    studio = demo_studio(tmp_path_factory.mktemp("sessions"))
+    with serve(studio, tmp_path_factory.mktemp("rembg-home")) as demo:
+        yield studio, demo.local_url
 
 
 def _client(url: str) -> Client:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saliency_fixtures import install_tiny_u2netp
+from served_app import demo_studio, serve
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -36,31 +35,13 @@ def wait_until(predicate, timeout: float) -> bool:
     return predicate()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def served_demo(tmp_path, monkeypatch):
+def served_demo(tmp_path):
     """The demo app on a free port, rembg pointed at a tiny u2netp; yields (studio, url)."""
     pytest.importorskip("gradio")
-    from loopui.saliency import clear_session_cache
-    from loopui.ui import Studio, build_app, launch_options
-
-    install_tiny_u2netp(tmp_path / "rembg")
-    monkeypatch.setenv("U2NET_HOME", str(tmp_path / "rembg"))
-    monkeypatch.setenv("MODEL_CHECKSUM_DISABLED", "1")
-    clear_session_cache()
-    studio = Studio(demo=True, has_gpu=False, output_root=tmp_path / "sessions")
-    demo = build_app(studio)
-    demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True, **launch_options())
-    try:
+    studio = demo_studio(tmp_path / "sessions")
+    with serve(studio, tmp_path / "rembg") as demo:
         yield studio, demo.local_url
-    finally:
-        demo.close()
-        clear_session_cache()
 
 
 def test_page_previews_the_mask_and_plays_a_looping_video(served_demo, tmp_path):
@@ -168,16 +149,11 @@ def served_families(tmp_path, faithful_wan_dir):
     """The demo app whose manager serves Wan 2.1 T2V 1.3B from its config-faithful tiny folder; (studio, url)."""
     pytest.importorskip("gradio")
     from faithful_serving import FaithfulManager
-    from loopui.ui import Studio, build_app, launch_options
 
-    studio = Studio(demo=True, has_gpu=False, output_root=tmp_path / "sessions",
-                    manager=FaithfulManager({"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": faithful_wan_dir}))
-    demo = build_app(studio)
-    demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True, **launch_options())
-    try:
+    studio = demo_studio(tmp_path / "sessions",
+                         manager=FaithfulManager({"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": faithful_wan_dir}))
+    with serve(studio) as demo:
         yield studio, demo.local_url
-    finally:
-        demo.close()
 
 
 def test_every_knob_follows_the_model_wan_and_cogvideox_5b_i2v(served_families, tmp_path):
@@ -312,7 +288,7 @@ def test_a_gpu_server_generates_at_the_native_size_from_empty_size_boxes(tmp_pat
     browser used to send a box built empty as 0, so the first Generate failed with "Value 0 is less than minimum
     value 16."."""
     pytest.importorskip("gradio")
-    from loopui.ui import Studio, build_app, launch_options
+    from loopui.ui import Studio
     from loopui.ui.browser import CHROMIUM_ARGS, VIEWPORT, chromium_executable
 
     try:
@@ -325,9 +301,7 @@ def test_a_gpu_server_generates_at_the_native_size_from_empty_size_boxes(tmp_pat
 
     studio = Studio(model_id="demo", has_gpu=True, devices="cpu", output_root=tmp_path / "sessions")
     assert studio.default_resolution() == "native"
-    demo = build_app(studio)
-    demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True, **launch_options())
-    try:
+    with serve(studio) as demo:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             try:
@@ -348,8 +322,6 @@ def test_a_gpu_server_generates_at_the_native_size_from_empty_size_boxes(tmp_pat
                 toasts = page.locator(".toast-body").all_inner_texts()
             finally:
                 browser.close()
-    finally:
-        demo.close()
     assert toasts == [] and status.startswith("Done. 52 frames · 96x64"), (status, toasts)
 
 
