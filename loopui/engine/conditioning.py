@@ -80,10 +80,6 @@ class ImageConditioning:
         """What the init strength starts from: the clip, else the still in every frame."""
         return self.clip if self.clip is not None else self.reference
 
-    @property
-    def active(self) -> bool:
-        return (self.anchor_strength > 0 or self.init_steps > 0 or self.background_freeze > 0
-                or (self.hold is not None and bool(self.hold.any())))
 
     def use_model_condition(self, condition: torch.Tensor, latent_start: int, latent_count: int) -> None:
         """Anchor to the very latent an I2V model is conditioned on: its conditioning's first frame (CogVideoX-I2V

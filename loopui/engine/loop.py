@@ -88,21 +88,15 @@ def _scheduler_swapped(pipe: Any, scheduler: Any) -> Iterator[None]:
         pipe.scheduler = original
 
 
-def _scheduler_for(pipe: Any, family: Family, plan: LoopPlan, request: LoopRequest) -> Any:
+def _scheduler_for(pipe: Any, family: Family, plan: LoopPlan) -> Any:
     """The scheduler to swap in for this call, or None to keep the pipeline's own."""
     config = pipe.scheduler.config
     if plan.scheduler is not None:
-        return family.build_scheduler(plan.scheduler, config, _with_flow_shift(request, plan))
+        return family.build_scheduler(plan.scheduler, config, plan.flow_shift)
     if plan.flow_shift is not None and float(config.get("flow_shift", plan.flow_shift)) != plan.flow_shift:
         # The pipeline's own scheduler class, re-made with the recommended (or requested) shift.
         return type(pipe.scheduler).from_config(config, flow_shift=plan.flow_shift)
     return None
-
-
-def _with_flow_shift(request: LoopRequest, plan: LoopPlan) -> LoopRequest:
-    import dataclasses
-
-    return dataclasses.replace(request, flow_shift=plan.flow_shift)
 
 
 def _load_clip(request: LoopRequest, plan: LoopPlan) -> tuple[Optional[np.ndarray], list[str]]:
@@ -266,7 +260,7 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         callback("encode", 0, steps)
 
     # 2. Scheduler, device and the pipeline's own noise (drawn exactly as prepare_latents draws it)
-    scheduler = _scheduler_for(pipe, family, plan, request)
+    scheduler = _scheduler_for(pipe, family, plan)
     device = pipe._execution_device
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     schedule = ShiftSchedule(length=length, skip=skip, num_steps=steps, start=request.shift_start,

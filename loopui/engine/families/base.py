@@ -9,7 +9,7 @@ a reference image and decodes a cycle, and which schedulers fit. Nothing outside
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -45,29 +45,12 @@ class Family:
     def latent_channels(self, pipe: Any) -> int:
         raise NotImplementedError
 
-    def latent_shape(self, pipe: Any, length: int, height: int, width: int) -> tuple[int, ...]:
-        """Shape of one video's latents in this family's layout."""
-        raise NotImplementedError
-
-    def noise_dtype(self, pipe: Any) -> torch.dtype:
-        """dtype in which the pipeline's ``prepare_latents`` draws its starting noise."""
-        return self.transformer_dtype(pipe)
-
-    def frame_slice(self, latents: torch.Tensor, start: int, length: int = 1) -> torch.Tensor:
-        return latents.narrow(self.time_dim, start, length)
-
     def time_first(self, latents: torch.Tensor) -> torch.Tensor:
         """One video's latents with time as the leading axis ``(T, ...)`` (for metrics)."""
         return latents[0].movedim(self.time_dim - 1, 0)
 
-    def frames_view(self, weight: torch.Tensor, ndim: int) -> torch.Tensor:
-        """A per-frame ``(T,)`` tensor viewed so it broadcasts along this family's time axis."""
-        view = [1] * ndim
-        view[self.time_dim] = weight.shape[0]
-        return weight.view(view)
-
     # -- scheduler --------------------------------------------------------------------------------------------
-    def build_scheduler(self, name: str, config: Any, request: Any) -> Any:
+    def build_scheduler(self, name: str, config: Any, flow_shift: Optional[float] = None) -> Any:
         raise NotImplementedError
 
     def prediction_type(self, scheduler: Any) -> str:
@@ -96,9 +79,6 @@ class Family:
     def rope_scaled(self, pipe: Any, rope_scale: float) -> Iterator[None]:
         """NTK-scale the temporal rotary base for the duration of a call (``rope_scale == 1``: stock tables)."""
         yield
-
-    def temporal_rope_dim(self, pipe: Any) -> Optional[int]:
-        return None
 
     # -- image conditioning -----------------------------------------------------------------------------------
     def condition_latent_channels(self, pipe: Any) -> Optional[tuple[int, int]]:
@@ -153,5 +133,3 @@ def patch_attribute(obj: Any, name: str, value: Any) -> "contextmanager":
 
     return patched()
 
-
-ForwardFactory = Callable[[Callable], Callable]

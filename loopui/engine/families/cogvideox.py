@@ -76,11 +76,7 @@ class CogVideoXFamily(Family):
     def latent_channels(self, pipe: Any) -> int:
         return int(pipe.transformer.config.out_channels)
 
-    def latent_shape(self, pipe: Any, length: int, height: int, width: int) -> tuple[int, ...]:
-        factor = pipe.vae_scale_factor_spatial
-        return (1, length, int(pipe.vae.config.latent_channels), height // factor, width // factor)
-
-    def build_scheduler(self, name: str, config: Any, request: Any) -> Any:
+    def build_scheduler(self, name: str, config: Any, flow_shift: Optional[float] = None) -> Any:
         from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
         classes = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
@@ -115,11 +111,6 @@ class CogVideoXFamily(Family):
             return
         with patch_attribute(pipe, "_prepare_rotary_positional_embeddings", scaled_rope_preparer(pipe, rope_scale)):
             yield
-
-    def temporal_rope_dim(self, pipe: Any) -> Optional[int]:
-        if not pipe.transformer.config.use_rotary_positional_embeddings:
-            return None
-        return temporal_rope_dim(pipe.transformer.config.attention_head_dim)
 
     def pull_solver_history(self, scheduler: Any, arguments: dict, conditioning: Any) -> None:
         # CogVideoXDPMScheduler takes the previous step's clean estimate as an argument (the pipeline keeps it).

@@ -53,20 +53,13 @@ class WanFamily(Family):
     def latent_channels(self, pipe: Any) -> int:
         return int(pipe.vae.config.z_dim)
 
-    def latent_shape(self, pipe: Any, length: int, height: int, width: int) -> tuple[int, ...]:
-        factor = pipe.vae_scale_factor_spatial
-        return (1, self.latent_channels(pipe), length, height // factor, width // factor)
-
-    def noise_dtype(self, pipe: Any) -> torch.dtype:
-        return torch.float32  # WanPipeline.prepare_latents draws in float32 whatever the transformer's dtype
-
     def prediction_type(self, scheduler: Any) -> str:
         return "flow_prediction"
 
-    def build_scheduler(self, name: str, config: Any, request: Any) -> Any:
+    def build_scheduler(self, name: str, config: Any, flow_shift: Optional[float] = None) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-        shift = request.flow_shift if request.flow_shift is not None else config.get("flow_shift", 1.0)
+        shift = flow_shift if flow_shift is not None else config.get("flow_shift", 1.0)
         if name == "unipc":
             return UniPCMultistepScheduler.from_config(config, flow_shift=float(shift), use_flow_sigmas=True,
                                                        prediction_type="flow_prediction")
@@ -119,9 +112,6 @@ class WanFamily(Family):
         history = getattr(scheduler, "model_outputs", None)
         if history and history[-1] is not None:
             history[-1] = conditioning.pull_history(history[-1])
-
-    def temporal_rope_dim(self, pipe: Any) -> Optional[int]:
-        return int(self.denoisers(pipe)[0].rope.t_dim)
 
     def condition_latent_channels(self, pipe: Any) -> Optional[tuple[int, int]]:
         if type(pipe).__name__ != "WanImageToVideoPipeline":
