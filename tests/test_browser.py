@@ -42,6 +42,14 @@ def _playwright_and_chromium():
     return sync_playwright, chromium
 
 
+def _generate(page, timeout: float) -> str:
+    """Click Generate and wait until the status says Done or Failed (or an error toast shows); the status text."""
+    page.locator("#loopui-generate").click()
+    page.wait_for_function("() => /Done|Failed/.test(document.querySelector('#loopui-status').innerText)"
+                           " || document.querySelector('.toast-body')", timeout=timeout)
+    return page.locator("#loopui-status").inner_text()
+
+
 def wait_until(predicate, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end and not predicate():
@@ -218,10 +226,7 @@ def test_every_knob_follows_the_model_wan_and_cogvideox_5b_i2v(served_families, 
             set_number("loopui-height", "32", "input")
             set_number("loopui-frames", "9")
             page.locator("#loopui-prompt textarea").fill("waves at dusk")
-            page.locator("#loopui-generate").click()
-            page.wait_for_function("() => /Done|Failed/.test(document.querySelector('#loopui-status').innerText)",
-                                   timeout=120000)
-            seen["wan_status"] = page.locator("#loopui-status").inner_text()
+            seen["wan_status"] = _generate(page, timeout=120000)
             seen["wan_sidecar"] = json.loads(next(Path(studio.output_root).rglob("*.json")).read_text())
 
             choose_model("THUDM/CogVideoX-5b-I2V", "CogVideoX 5B image-to-video")
@@ -305,10 +310,7 @@ def test_a_gpu_server_generates_at_the_native_size_from_empty_size_boxes(tmp_pat
                 steps = page.locator("#loopui-steps input[type=number]")
                 steps.fill("2")
                 steps.press("Enter")
-                page.locator("#loopui-generate").click()
-                page.wait_for_function("() => /Done|Failed/.test(document.querySelector('#loopui-status').innerText)"
-                                       " || document.querySelector('.toast-body')", timeout=60000)
-                status = page.locator("#loopui-status").inner_text()
+                status = _generate(page, timeout=60000)
                 toasts = page.locator(".toast-body").all_inner_texts()
             finally:
                 browser.close()
@@ -342,10 +344,7 @@ def test_a_clip_uploaded_in_the_page_becomes_a_loop(served_demo, clip_files):
             region_box = page.locator("#loopui-loop-region input[type=number]")
             region_box.fill("0.5")
             region_box.press("Enter")
-            page.locator("#loopui-generate").click()
-            page.wait_for_function("() => /Done|Failed/.test(document.querySelector('#loopui-status').innerText)"
-                                   " || document.querySelector('.toast-body')", timeout=90000)
-            status = page.locator("#loopui-status").inner_text()
+            status = _generate(page, timeout=90000)
             sidecar = json.loads(next(Path(studio.output_root).rglob("*.json")).read_text())
             page.locator("#loopui-clip button[aria-label=Clear]").click()
             page.wait_for_function(f"() => document.querySelector('{region}').disabled", timeout=10000)
