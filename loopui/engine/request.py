@@ -1,4 +1,7 @@
-"""One typed dataclass of every knob: the UI, the CLI and the Python API all read defaults and ranges from here."""
+"""One typed dataclass of every knob: the UI, the CLI and the Python API all read defaults and ranges from here.
+
+A leaf: no torch, no planning, no other room. Resolving a request against a model is ``loopui.engine.plan``.
+"""
 
 from __future__ import annotations
 
@@ -231,10 +234,6 @@ class LoopRequest:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
         return self
 
-    @property
-    def num_latent_frames(self) -> int:
-        return latent_length(self.num_frames)
-
     def to_dict(self) -> dict:
         """JSON-ready settings (used by the sidecar and the UI gallery)."""
         out = {}
@@ -246,11 +245,6 @@ class LoopRequest:
             out[f.name] = value
         return out
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "LoopRequest":
-        """Build from a dict, ignoring unknown keys (so older sidecars still load)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def _field_kinds() -> tuple[dict[str, type], frozenset[str]]:
@@ -302,50 +296,6 @@ def request_from_values(values: Mapping[str, Any]) -> LoopRequest:
             value = real_number(name, value)
         data[name] = value
     return LoopRequest(**data).validate()
-
-
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A request with every automatic value filled in for one model, and the notes to show the user."""
-
-    request: LoopRequest
-    num_latent_frames: int
-    notes: tuple[str, ...] = ()
-
-
-def resolve_request(request: LoopRequest, spec: Any) -> ResolvedRequest:
-    """Fill the automatic values of ``request`` for the model ``spec`` -- the one function the page, the API and the
-    CLI call, so all three compute the same loop.
-
-    ``spec`` needs ``temporal_compression``, ``trained_latent_frames``, ``rotary``, ``native_height`` and
-    ``native_width`` (a ``loopui.models.ModelSpec``). A frame count not of the form k·n + 1 is moved to the nearest
-    one with a note; ``shift_skip`` None becomes the coprime skip nearest L/2 and must otherwise lie in [0, L-1];
-    ``rope_scale`` None becomes the automatic scale, and a model without rotary embeddings accepts only 1; an empty
-    size becomes the model's native size. Raises ``ValueError`` naming the parameter.
-    """
-    request.validate()
-    if not request.prompt.strip():
-        raise ValueError("prompt is empty: describe what the loop should show")
-    from loopui.saliency import mask_model_info
-
-    try:
-        mask_model_info(request.mask_model)
-    except ValueError as exc:
-        raise ValueError(f"mask_model: {exc}") from None
-    notes = []
-    compression = int(spec.temporal_compression)
-    frames = nearest_frame_count(request.num_frames, compression)
-    if frames > knob_info("num_frames")["max"]:
-        frames -= compression
-    if frames != request.num_frames:
-        notes.append(f"num_frames {request.num_frames} is not of the form {compression}n+1: using {frames}")
-    from .plan import plan_loop
-
-    # The family's own checks and automatic values (shift skip, RoPE scale, size, learned positions, schedulers).
-    plan = plan_loop(dataclasses.replace(request, num_frames=frames), spec)
-    resolved = dataclasses.replace(request, num_frames=frames, shift_skip=plan.shift_skip, rope_scale=plan.rope_scale,
-                                   height=plan.height, width=plan.width)
-    return ResolvedRequest(request=resolved.validate(), num_latent_frames=plan.num_latents, notes=tuple(notes))
 
 
 def number_text(value: float) -> str:
