@@ -43,7 +43,7 @@ def test_the_rule_applies_to_every_integer_knob():
         with pytest.raises(ValueError, match=f"^{name} must be a whole number, got 2.5"):
             request_from_values({"prompt": "x", name: 2.5})
     # The CLI parses each of them with the same rule.
-    from loopui.cli import _KNOB_FLAGS, _whole
+    from loopui.cli.generate import _KNOB_FLAGS, _whole
 
     assert {field for _, field, kind in _KNOB_FLAGS if kind is _whole} == set(WHOLE_NUMBER_FIELDS)
 

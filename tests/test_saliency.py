@@ -30,7 +30,7 @@ from loopui.saliency import (
     weights_available,
     weights_path,
 )
-from loopui.saliency.cli import add_mask_arguments, run_mask_command
+from loopui.cli.mask import add_mask_arguments, run_mask_command
 from saliency_fixtures import install_tiny_u2netp, red_square_image, use_rembg_home, write_tiny_saliency_onnx
 
 BOX = (24, 16, 72, 48)  # x0, y0, x1, y1 of the red square in the 96x64 test image

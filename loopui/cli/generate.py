@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_arguments(generate)
     mask = commands.add_parser("mask", help="Compute the motion mask of a reference image.")
     try:
-        from loopui.saliency.cli import add_mask_arguments
+        from loopui.cli.mask import add_mask_arguments
     except ImportError as exc:  # the saliency room is optional for generate/models
         mask.set_defaults(mask_unavailable=str(exc))
     else:
@@ -211,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "mask":
         if getattr(args, "mask_unavailable", None):
             return _fail(f"the mask command is unavailable: {args.mask_unavailable}")
-        from loopui.saliency.cli import run_mask_command
+        from loopui.cli.mask import run_mask_command
 
         return run_mask_command(args)
     with _cli_logging(verbose=args.verbose, quiet=args.quiet) as shown:

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .masks import DEFAULT_FEATHER, DEFAULT_GROW, DEFAULT_THRESHOLD, load_rgb_image
-from .models import DEFAULT_MASK_MODEL, MASK_MODEL_INFO, MASK_MODELS, SaliencyUnavailable
-from .resolve import resolve_mask
+from loopui.saliency import (DEFAULT_FEATHER, DEFAULT_GROW, DEFAULT_MASK_MODEL, DEFAULT_THRESHOLD, MASK_MODEL_INFO,
+                             MASK_MODELS, SaliencyUnavailable, load_rgb_image, resolve_mask)
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
