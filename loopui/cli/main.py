@@ -16,7 +16,7 @@ from loopui.cli.score import add_score_arguments, run_score
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``loopui`` argument parser with its ``generate``, ``mask`` and ``models`` subcommands."""
+    """The ``loopui`` argument parser with its ``generate``, ``mask``, ``models`` and ``score`` subcommands."""
     parser = OneLineParser(prog=PROG, description="Seamlessly looping videos from video diffusion models.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate = commands.add_parser("generate", help="Generate a looping video.",
