@@ -43,9 +43,9 @@ def test_the_rule_applies_to_every_integer_knob():
         with pytest.raises(ValueError, match=f"^{name} must be a whole number, got 2.5"):
             request_from_values({"prompt": "x", name: 2.5})
     # The CLI parses each of them with the same rule.
-    from loopui.cli import _KNOB_FLAGS, _whole
+    from loopui.cli.common import KNOB_FLAGS, parse_whole
 
-    assert {field for _, field, kind in _KNOB_FLAGS if kind is _whole} == set(WHOLE_NUMBER_FIELDS)
+    assert {field for _, field, kind in KNOB_FLAGS if kind is parse_whole} == set(WHOLE_NUMBER_FIELDS)
 
 
 @pytest.mark.parametrize("frames, expected", [(49, 49), (50, 49), (51, 49), (52, 53), (5, 5), (6, 5), (97, 97),
