@@ -13,7 +13,7 @@ from PIL import Image
 
 from loopui.cli import build_parser, main
 from loopui.cli.mask import add_mask_arguments, run_mask_command
-from loopui.engine.settings import LoopRequest, knob_info
+from loopui.engine.request import LoopRequest, knob_info
 from saliency_fixtures import red_square_image
 from test_saliency import empty_home, inside_outside, tiny_home  # noqa: F401  (fixtures)
 

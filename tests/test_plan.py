@@ -9,34 +9,11 @@ import json
 import numpy as np
 import pytest
 
-import loopui.engine.loop as loop_module
-import loopui.engine.plan as plan_module
-import loopui.media as media
 from loopui.engine import LoopRequest, generate_loop, render_loop, resolve_request
 from loopui.engine.families import family_for
 from loopui.models import REGISTRY, spec_for_pipeline
 
 H, W = 32, 48
-
-
-@pytest.fixture()
-def counted(monkeypatch):
-    """Counts of ``plan_loop`` calls (under every name the engine calls it by) and of clips read from disk."""
-    counts = {"plan_loop": 0, "load_video": 0}
-    real_plan, real_load = plan_module.plan_loop, media.load_video
-
-    def plan_loop(*args, **kwargs):
-        counts["plan_loop"] += 1
-        return real_plan(*args, **kwargs)
-
-    def load_video(*args, **kwargs):
-        counts["load_video"] += 1
-        return real_load(*args, **kwargs)
-
-    for module in (plan_module, loop_module):
-        monkeypatch.setattr(module, "plan_loop", plan_loop)
-    monkeypatch.setattr(media, "load_video", load_video)
-    return counts
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,8 @@ from loopui.cli.common import (
     knob_help,
     one_line,
 )
-from loopui.engine.settings import ResolvedRequest, request_from_values, resolve_request, size_text
+from loopui.engine.plan import LoopPlan, resolve_request
+from loopui.engine.request import request_from_values, size_text
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="Log details (and diffusers' messages).")
 
 
-def build_request(args: argparse.Namespace, spec: Any) -> ResolvedRequest:
-    """The request of parsed ``generate`` arguments, checked and resolved by ``resolve_request`` (as for the page and
+def build_request(args: argparse.Namespace, spec: Any) -> LoopPlan:
+    """The plan of parsed ``generate`` arguments, checked and resolved by ``resolve_request`` (as for the page and
     the API): flags left out stay "automatic", and the engine's plan fills them with the model's recommendations
     (a guidance given here would set both experts of a two-expert model)."""
     values = {field: getattr(args, field) for _, field, _ in KNOB_FLAGS}
@@ -90,12 +91,12 @@ def build_request(args: argparse.Namespace, spec: Any) -> ResolvedRequest:
     return resolve_request(request_from_values(values), spec)
 
 
-def _check_inputs(request: Any, spec: Any) -> None:
-    """Fail before the (slow) model load on mistakes the engine would only find after it."""
+def _check_inputs(plan: LoopPlan) -> LoopPlan:
+    """Fail before the (slow) model load on mistakes the engine would only find after it; the plan with its clip
+    read and fitted (so the engine does not read it again)."""
     from loopui.media import ImageInputError, VideoInputError, load_mask_image, load_reference_image
 
-    if spec.image_to_video and request.image is None and request.video is None:
-        raise ValueError(f"{spec.model_id} animates a reference image: pass --image PATH (or --video PATH)")
+    request = plan.request
     for flag, value, load in (("--image", request.image, load_reference_image),
                               ("--mask", request.mask, load_mask_image)):
         if value is not None:
@@ -103,15 +104,12 @@ def _check_inputs(request: Any, spec: Any) -> None:
                 load(value, request.width, request.height)
             except ImageInputError as exc:
                 raise ValueError(f"{flag}: {one_line(exc)}") from None
-    if request.video is not None:
-        from loopui.engine import load_clip
-
-        # Read and fitted exactly as the engine will (the plan's frame count, fps and size): a clip that is
-        # unreadable, too short, too large or has an unusable frame rate fails here, not after the model loaded.
-        try:
-            load_clip(request, spec)
-        except (VideoInputError, ImageInputError) as exc:
-            raise ValueError(f"--video: {one_line(exc).removeprefix('video: ')}") from None
+    # Read and fitted once, as the loop uses it (the plan's frame count, fps and size): a clip that is unreadable,
+    # too short, too large or has an unusable frame rate fails here, not after the model loaded.
+    try:
+        return plan.with_clip()
+    except (VideoInputError, ImageInputError) as exc:
+        raise ValueError(f"--video: {one_line(exc).removeprefix('video: ')}") from None
 
 
 def check_output_paths(outputs: Sequence[str], save_latents: Optional[str] = None) -> list[Path]:
@@ -192,11 +190,9 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
     try:
         # 1. Check everything that needs no model: settings, input images, every file to be written
         spec = spec_for(args.model)
-        resolved = build_request(args, spec)
-        request = resolved.request
-        _check_inputs(request, spec)
+        plan = _check_inputs(build_request(args, spec))  # planned once, the clip read once
         outputs = check_output_paths(args.output, args.save_latents)
-        for note in resolved.notes:
+        for note in plan.notes:
             print(f"{PROG}: note: {note}", file=sys.stderr)
         device, offload = args.device, _usable_offload(args.offload, args.device)
         if args.parallel:
@@ -227,9 +223,9 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
 
                 enable_context_parallel(loaded.pipe, parallel.world_size)
                 if not parallel.is_main:  # the others take part in every transformer call; process 0 writes
-                    return loaded, generate_loop(loaded.pipe, request, output_type="latent")
-            return loaded, render_loop(loaded.pipe, request, outputs=outputs, model_id=spec.model_id,
-                                       callback=progress)
+                    return loaded, generate_loop(loaded.pipe, None, output_type="latent", plan=plan)
+            return loaded, render_loop(loaded.pipe, None, outputs=outputs, model_id=spec.model_id,
+                                       callback=progress, plan=plan)
 
         # 3. Generate and write the files (a CUDA out-of-memory error is retried once with more offloading)
         manager = ModelManager(device=device, offload=offload)

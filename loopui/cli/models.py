@@ -7,7 +7,7 @@ import argparse
 from typing import Sequence
 
 from loopui.cli.common import EXIT_OK, fail, one_line
-from loopui.engine.settings import size_text
+from loopui.engine.request import size_text
 
 
 def add_models_arguments(parser: argparse.ArgumentParser) -> None:
