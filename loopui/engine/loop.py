@@ -82,9 +82,9 @@ class LoopResult:
             scheduler=plan.scheduler, model=self.model_id or spec.model_id, family=self.family,
             pipeline=self.pipeline, latent_layout=self.latent_layout, anchor_frame_shift=self.anchor_frame_shift,
             init_strength=plan.init_strength, model_calls=self.model_calls,
+            num_inference_steps=plan.num_inference_steps, negative_prompt=plan.negative_prompt,
+            image_channel=plan.image_channel,  # None: inert without image-to-video conditioning
         )
-        if not spec.image_to_video:
-            settings["image_channel"] = None  # inert without an image-to-video model
         if plan.request.video is not None:
             settings["anchor_strength"] = 0.0  # inert with a clip: its first frame may change too
         return settings
@@ -166,7 +166,7 @@ def _prepare_conditioning(pipe: Any, family: Family, plan: LoopPlan, device: Any
                                                                                            dtype=dtype)
     conditioning = ImageConditioning(
         reference=reference, noise=noise, motion_mask=motion, anchor_strength=anchor,
-        init_strength=plan.init_strength, background_freeze=freeze, num_steps=request.num_inference_steps,
+        init_strength=plan.init_strength, background_freeze=freeze, num_steps=plan.num_inference_steps,
         prediction_type=prediction_type, time_dim=family.time_dim, channel_dim=family.channel_dim,
         clip=clip_latents, clip_noise=clip_noise, hold=hold, pixel_motion=mask,
         reference_from_model=clip is not None)  # a clip's still is its own first frame, not the I2V condition
@@ -272,7 +272,9 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
     length, skip = plan.num_latents, plan.shift_skip
     for message in plan.warnings:
         logger.warning(message)
-    steps = request.num_inference_steps
+    steps = plan.num_inference_steps
+    # A model whose image is optional runs its own image-to-video pipeline (over the same modules) with an image.
+    pipe = family.pipeline_for(pipe, plan.pipeline_class)
     t_start = time.perf_counter()
     if callback:
         callback("encode", 0, steps)
@@ -305,7 +307,7 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         condition = family.condition_latent_channels(pipe)
         image_channel = None
         if condition is not None:
-            image_channel = ImageChannel(policy=request.image_channel, noisy_channels=family.latent_channels(pipe),
+            image_channel = ImageChannel(policy=plan.image_channel, noisy_channels=family.latent_channels(pipe),
                                          latent_start=condition[0], latent_count=condition[1])
             if conditioning is not None:
                 observe = lambda step, noisy, cond: conditioning.use_model_condition(  # noqa: E731
@@ -327,13 +329,13 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
             return out
 
         call_kwargs = dict(
-            prompt=request.prompt, negative_prompt=request.negative_prompt or None, height=plan.height,
+            prompt=request.prompt, negative_prompt=plan.negative_prompt or None, height=plan.height,
             width=plan.width, num_frames=request.num_frames, num_inference_steps=steps,
             guidance_scale=plan.guidance_scale, generator=generator, output_type="latent",
             callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
             **family.call_kwargs(pipe, request, plan),
         )
-        if spec.image_to_video:
+        if plan.image_to_video:
             call_kwargs["image"] = image
         with ExitStack() as hooks, torch.no_grad():
             for module, denoiser in zip(family.denoisers(pipe), denoisers):

@@ -3,8 +3,9 @@
 One loop is planned once: the page, the CLI and the API call :func:`resolve_request` (which fits the frame count and
 calls :func:`plan_loop`), read and fit a clip into the plan with :meth:`LoopPlan.with_clip`, and hand the plan down
 to ``generate_loop`` / ``render_loop``; only a bare library call without a plan is planned there. So all of them
-agree on the automatic values (shift skip, RoPE scale, guidance, fps, scheduler) and refuse the same requests --
-before a model is loaded. Planning needs only the ``ModelSpec`` (pure data), not a loaded pipeline.
+agree on the automatic values (shift skip, RoPE scale, guidance, steps, negative prompt, fps, scheduler, image
+mode) and refuse the same requests -- before a model is loaded. Planning needs only the ``ModelSpec`` (pure data),
+not a loaded pipeline.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class LoopPlan:
     flow_shift: Optional[float]  # flow-matching families only
     init_strength: float  # 1 = pure noise; the clip's default is lower (it is the point of giving one)
     num_output_frames: int
+    num_inference_steps: int = 50
+    negative_prompt: str = ""  # what the pipeline gets ("" = none): the request's, else the model's standard one
+    image_to_video: bool = False  # runs the model's image-to-video conditioning (its image pipeline, if optional)
+    pipeline_class: str = ""  # the stock pipeline class that runs (TI2V-5B with an image: WanImageToVideoPipeline)
+    image_channel: Optional[str] = None  # what the I2V conditioning carries per clip; None without I2V
     warnings: tuple[str, ...] = field(default_factory=tuple)
     notes: tuple[str, ...] = field(default_factory=tuple)  # how the request was fitted (e.g. the frame count)
     # The clip as the loop uses it -- (F, H, W, 3) uint8 at the loop's frame count, fps and size -- and how it was
@@ -103,6 +109,27 @@ def resolve_rope_scale(request: LoopRequest, spec: Any, length: int) -> float:
     return auto_rope_scale(length, spec.trained_latent_frames, spec.rotary, request.window_mode)
 
 
+def resolve_image_mode(request: LoopRequest, spec: Any) -> tuple[bool, str, Optional[str]]:
+    """(runs image-to-video conditioning, the pipeline class that runs, the image channel policy or None).
+
+    A model whose image is optional (Wan 2.2 TI2V-5B) runs its image-to-video pipeline when an image is given.
+    Where the image replaces the first latent at timestep 0 (``first_latent_image``) there is no separate channel:
+    the image rides with its latent around the cycle, the model's own conditioning rotated with the clip (``roll``).
+    The default ``estimate`` therefore means ``roll`` there; ``image`` (the image at position 0 of every clip) cannot
+    be had without dropping the leading latent's prediction, and is refused.
+    """
+    image_to_video = spec.image_to_video or (request.image is not None and spec.image_pipeline_class is not None)
+    pipeline_class = spec.image_pipeline_class if image_to_video and not spec.image_to_video else spec.pipeline_class
+    if not image_to_video:
+        return False, pipeline_class, None
+    if not spec.first_latent_image:
+        return True, pipeline_class, request.image_channel
+    if request.image_channel == "image":
+        raise ValueError(f"image_channel must be estimate or roll for {spec.model_id or 'this model'}: its image is "
+                         f"the first latent itself (timestep 0) and rides with it around the cycle; got 'image'")
+    return True, pipeline_class, "roll"
+
+
 def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
     """Resolve ``request`` against ``spec`` (a ``loopui.models.ModelSpec``); ``ValueError`` names what is wrong."""
     from .decode import decoded_frame_count
@@ -137,8 +164,11 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
         guidance_2 = float(request.guidance_scale if request.guidance_scale is not None
                            else spec.guidance_scale_2 if spec.guidance_scale_2 is not None else guidance)
     dynamic = spec.use_dynamic_cfg if request.use_dynamic_cfg is None else bool(request.use_dynamic_cfg)
+    image_to_video, pipeline_class, image_channel = resolve_image_mode(request, spec)
+    steps = int(request.num_inference_steps or spec.num_inference_steps)
     return LoopPlan(
-        request=dataclasses.replace(request, shift_skip=skip, rope_scale=rope_scale, height=height, width=width),
+        request=dataclasses.replace(request, shift_skip=skip, rope_scale=rope_scale, height=height, width=width,
+                                    num_inference_steps=steps),
         spec=spec, height=height, width=width, num_latents=length, shift_skip=skip, rope_scale=rope_scale,
         guidance_scale=guidance, guidance_scale_2=guidance_2,
         use_dynamic_cfg=dynamic and family.name == "cogvideox",
@@ -146,6 +176,8 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
         init_strength=float(request.init_strength if request.init_strength is not None
                             else CLIP_INIT_STRENGTH if request.video is not None else 1.0),
         num_output_frames=decoded_frame_count(length, spec.temporal_compression, request.frame_invariant_decoding),
+        num_inference_steps=steps, negative_prompt=request.negative_prompt or spec.negative_prompt,
+        image_to_video=image_to_video, pipeline_class=pipeline_class, image_channel=image_channel,
         warnings=tuple(warnings),
     )
 

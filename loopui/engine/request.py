@@ -120,21 +120,26 @@ def default_shift_skip(length: int) -> int:
 class LoopRequest:
     """Every setting of one loop generation, with defaults and validation.
 
-    ``None`` in ``height``/``width``/``shift_skip``/``rope_scale``/``scheduler`` means "choose from the model"
-    (native size, the coprime skip nearest L/2, automatic RoPE scale, the pipeline's own scheduler).
+    ``None`` in ``height``/``width``/``shift_skip``/``rope_scale``/``scheduler``/``num_inference_steps`` means
+    "choose from the model" (native size, the coprime skip nearest L/2, automatic RoPE scale, the pipeline's own
+    scheduler, the model's steps); an empty ``negative_prompt`` is the model's standard one.
     """
 
     prompt: str = _knob("", "What the loop shows.")
-    negative_prompt: str = _knob("", "What to steer away from.")
+    negative_prompt: str = _knob("", "What to steer away from; empty = the model's standard negative prompt (Wan's "
+                                     "own, as its sampler sends it; CogVideoX has none).")
     num_frames: int = _knob(49, "Pixel frames requested; the cycle has L = (frames - 1) // 4 + 1 latents, "
                                 "and a frame-invariant loop plays 4·L frames (49 -> 52).", 5, 321, step=4)
     height: Optional[int] = _knob(None, "Output height in pixels (multiple of 16); empty = model's native.", 16, 2048,
                                   step=16)
     width: Optional[int] = _knob(None, "Output width in pixels (multiple of 16); empty = model's native.", 16, 2048,
                                  step=16)
-    num_inference_steps: int = _knob(50, "Denoising steps: more is slower and usually cleaner.", 1, 200, step=1)
+    num_inference_steps: Optional[int] = _knob(None, "Denoising steps: more is slower and usually cleaner; empty = "
+                                                     "the model's (50; 40 for Wan 2.1 I2V and Wan 2.2 A14B).", 1, 200,
+                                               step=1)
     guidance_scale: Optional[float] = _knob(None, "How strongly the prompt is followed (classifier-free guidance); "
-                                                  "empty = the model's recommendation (6 CogVideoX, 5 Wan).",
+                                                  "empty = the model's recommendation (6 CogVideoX, 5 Wan 2.1 and "
+                                                  "Wan 2.2 5B, 4 / 3 Wan 2.2 T2V-A14B, 3.5 I2V-A14B).",
                                             1.0, 20.0, step=0.5)
     use_dynamic_cfg: Optional[bool] = _knob(None, "Ramp guidance over the schedule (CogVideoX with the DPM "
                                                   "scheduler); empty = the model's recommendation.")
@@ -159,7 +164,8 @@ class LoopRequest:
                                      choices=SCHEDULERS)
     flow_shift: Optional[float] = _knob(None, "Flow-matching shift of the noise schedule (Wan only): higher spends "
                                               "more of the steps at high noise; empty = the model's recommendation "
-                                              "(3 at 480p, 5 at 720p).", 0.5, 20.0, step=0.5)
+                                              "(3 at 480p, 5 at 720p; 12 for Wan 2.2 T2V-A14B).", 0.5, 20.0,
+                                        step=0.5)
     seam_polish: str = _knob("fast", "Removes the small seam a loop can leave inside the cycle (where the model last "
                                      "saw it cut): the final steps blend several rotations of the cycle. Extra "
                                      "compute at 50 steps: fast +2% (one extra model pass, the default), balanced "
@@ -194,7 +200,10 @@ class LoopRequest:
                                            "clip the model sees. 'estimate' = the image when the anchored frame "
                                            "is first, else the loop's current estimate of the first frame (every "
                                            "call as in training); 'image' = always the image; 'roll' = the image "
-                                           "rides with its frame around the cycle.", choices=IMAGE_CHANNELS)
+                                           "rides with its frame around the cycle. Wan 2.2 TI2V-5B has no "
+                                           "image channel: its image is its first latent at timestep 0, which "
+                                           "always rides with it ('image' is refused there).",
+                               choices=IMAGE_CHANNELS)
 
     def validate(self) -> "LoopRequest":
         """Raise ``ValueError`` naming the offending value; return ``self`` so calls chain."""

@@ -61,7 +61,15 @@ class ModelSpec:
     flow_shift: Optional[float] = None  # flow-matching shift for the native size (None = the scheduler config's)
     flow_shift_480p: Optional[float] = None  # the shift for 480p-sized outputs where it differs (Wan 14B: 3 vs 5)
     guidance_scale_2: Optional[float] = None  # low-noise expert's guidance (Wan 2.2 A14B)
+    num_inference_steps: int = 50  # the model's own sampling steps
+    negative_prompt: str = ""  # sent when the request gives none (Wan's sampler does so); "" = none
     experts: int = 1  # denoisers: 2 for Wan 2.2 A14B (high-noise and low-noise transformer)
+    # A model whose image is optional (Wan 2.2 TI2V-5B): the stock pipeline class of its image-to-video mode, which
+    # runs over the same components when an image is given.
+    image_pipeline_class: Optional[str] = None
+    # The image-to-video conditioning replaces the first latent with the image at timestep 0 (``expand_timesteps``):
+    # no separate image channel, so the image rides with its latent around the cycle.
+    first_latent_image: bool = False
     cuda_dtype: str = "bfloat16"  # torch dtype name used on CUDA (CPU always runs float32)
     license: str = ""
     description: str = ""
@@ -82,6 +90,17 @@ class ModelSpec:
 
 _COG_LICENSE = "CogVideoX license (research; commercial use needs registration)"
 _APACHE = "Apache-2.0"
+# Wan's standard negative prompt, sent by its own sampler whenever none is given: Wan-Video/Wan2.1 and
+# Wan-Video/Wan2.2 wan/configs/shared_config.py ``sample_neg_prompt`` (the same string in both).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静"
+    "止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多"
+    "余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的"
+    "肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着"
+    "走"
+)
+# Wan-Video/Wan2.1 wan/configs/wan_i2v_14B.py: "camera shake" put in front of the shared one.
+WAN21_I2V_NEGATIVE_PROMPT = "镜头晃动，" + WAN_NEGATIVE_PROMPT
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.model_id: spec
@@ -102,47 +121,90 @@ REGISTRY: dict[str, ModelSpec] = {
             cuda_dtype="bfloat16", vram_gb=26.0, offload_vram_gb=16.0, license=_COG_LICENSE,
             description="CogVideoX 5B image-to-video, 720x480 only, 49 frames: animates a reference image.",
         ),
+        # Wan recommendations, each from the official sampler (cited per value; the configs in
+        # loopui/models/configs/ repeat them under "recommended" with their sources):
+        # - Wan-Video/Wan2.1 generate.py _validate_args (commit 9737cba9): sample_steps 50 for t2v, 40 for i2v;
+        #   --sample_guide_scale default 5.0; sample_shift 5.0, or 3.0 for i2v at 832*480.
+        # - Wan-Video/Wan2.1 wan/configs/shared_config.py: sample_fps 16, sample_neg_prompt (WAN_NEGATIVE_PROMPT);
+        #   wan/configs/wan_i2v_14B.py: sample_neg_prompt = "镜头晃动，" + the shared one.
+        # - Wan-Video/Wan2.2 wan/configs/ (commit 42bf4cfa): wan_t2v_A14B.py, wan_i2v_A14B.py, wan_ti2v_5B.py
+        #   (sample_steps, sample_shift, sample_guide_scale as (low noise, high noise), frame_num, sample_fps);
+        #   shared_config.py: the same sample_neg_prompt. Both repos' samplers send it when the negative prompt is
+        #   empty (wan/text2video.py, image2video.py, textimage2video.py: ``if n_prompt == "": n_prompt =
+        #   self.sample_neg_prompt``); diffusers' Wan examples pass an English rendering of it.
+        # - Flow shift at 480p: diffusers docs/source/en/api/pipelines/wan.md (3.0 for 480P, 5.0 for 720P) and the
+        #   hub scheduler configs (3.0); the Wan2.1 README suggests shift 8-12 and guidance 6 for T2V-1.3B instead.
         ModelSpec(
             model_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", pipeline_class="WanPipeline", family="wan",
             trained_latent_frames=21, native_height=480, native_width=832, native_num_frames=81, native_fps=16,
-            scheduler=None, guidance_scale=5.0, flow_shift=3.0, cuda_dtype="bfloat16", vram_gb=20.0,
-            offload_vram_gb=14.0, license=_APACHE,
+            scheduler=None,
+            guidance_scale=5.0,  # Wan2.1 generate.py --sample_guide_scale default
+            flow_shift=3.0,  # diffusers wan.md (480P) = the hub scheduler_config
+            num_inference_steps=50,  # Wan2.1 generate.py: t2v
+            negative_prompt=WAN_NEGATIVE_PROMPT,  # Wan2.1 wan/configs/shared_config.py
+            cuda_dtype="bfloat16", vram_gb=20.0, offload_vram_gb=14.0, license=_APACHE,
             description="Wan 2.1 1.3B text-to-video, 832x480, 81 frames at 16 fps; recommended under 20 GB of VRAM.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.1-T2V-14B-Diffusers", pipeline_class="WanPipeline", family="wan",
             trained_latent_frames=21, native_height=720, native_width=1280, native_num_frames=81, native_fps=16,
-            scheduler=None, guidance_scale=5.0, flow_shift=5.0, flow_shift_480p=3.0, cuda_dtype="bfloat16",
-            vram_gb=48.0, offload_vram_gb=34.0, license=_APACHE,
+            scheduler=None,
+            guidance_scale=5.0,  # Wan2.1 generate.py --sample_guide_scale default
+            flow_shift=5.0, flow_shift_480p=3.0,  # Wan2.1 generate.py (5.0); diffusers wan.md (3.0 at 480P)
+            num_inference_steps=50,  # Wan2.1 generate.py: t2v
+            negative_prompt=WAN_NEGATIVE_PROMPT,  # Wan2.1 wan/configs/shared_config.py
+            cuda_dtype="bfloat16", vram_gb=48.0, offload_vram_gb=34.0, license=_APACHE,
             description="Wan 2.1 14B text-to-video, 1280x720 (480p works too), 81 frames at 16 fps.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", pipeline_class="WanImageToVideoPipeline", family="wan",
             image_to_video=True, trained_latent_frames=21, native_height=480, native_width=832,
-            native_num_frames=81, native_fps=16, scheduler=None, guidance_scale=5.0, flow_shift=3.0,
+            native_num_frames=81, native_fps=16, scheduler=None,
+            guidance_scale=5.0,  # Wan2.1 generate.py --sample_guide_scale default
+            flow_shift=3.0,  # Wan2.1 generate.py: i2v at 832*480
+            num_inference_steps=40,  # Wan2.1 generate.py: i2v
+            negative_prompt=WAN21_I2V_NEGATIVE_PROMPT,  # Wan2.1 wan/configs/wan_i2v_14B.py
             cuda_dtype="bfloat16", vram_gb=52.0, offload_vram_gb=42.0, license=_APACHE,
             description="Wan 2.1 14B image-to-video, 832x480, 81 frames at 16 fps: animates a reference image.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers", pipeline_class="WanPipeline", family="wan",
-            trained_latent_frames=31, native_height=704, native_width=1280, native_num_frames=121, native_fps=24,
-            spatial_compression=16, size_multiple=32, scheduler=None, guidance_scale=5.0, flow_shift=5.0,
+            trained_latent_frames=31, native_height=704, native_width=1280, native_num_frames=121,
+            native_fps=24,  # Wan2.2 wan/configs/wan_ti2v_5B.py sample_fps, frame_num 121
+            spatial_compression=16, size_multiple=32, scheduler=None,
+            guidance_scale=5.0,  # Wan2.2 wan_ti2v_5B.py sample_guide_scale
+            flow_shift=5.0,  # Wan2.2 wan_ti2v_5B.py sample_shift
+            num_inference_steps=50,  # Wan2.2 wan_ti2v_5B.py sample_steps
+            negative_prompt=WAN_NEGATIVE_PROMPT,  # Wan2.2 wan/configs/shared_config.py
+            # Its image-to-video mode: diffusers' WanImageToVideoPipeline with expand_timesteps (model_index.json
+            # sets it): the image latent replaces the first latent, whose tokens are at timestep 0.
+            image_pipeline_class="WanImageToVideoPipeline", first_latent_image=True,
             cuda_dtype="bfloat16", vram_gb=30.0, offload_vram_gb=16.0, license=_APACHE,
-            description="Wan 2.2 5B text/image-to-video, 1280x704, 121 frames at 24 fps (16x VAE); a reference "
-                        "image anchors the loop.",
+            description="Wan 2.2 5B text/image-to-video, 1280x704, 121 frames at 24 fps (16x VAE); with a "
+                        "reference image it runs its own image-to-video mode.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers", pipeline_class="WanPipeline", family="wan",
             trained_latent_frames=21, native_height=720, native_width=1280, native_num_frames=81, native_fps=16,
-            scheduler=None, guidance_scale=4.0, guidance_scale_2=3.0, flow_shift=12.0, experts=2,
-            cuda_dtype="bfloat16", vram_gb=72.0, offload_vram_gb=34.0, license=_APACHE,
+            scheduler=None,
+            # Wan2.2 wan_t2v_A14B.py sample_guide_scale (3.0, 4.0) = (low noise, high noise): diffusers'
+            # guidance_scale drives the high-noise expert, guidance_scale_2 the low-noise one.
+            guidance_scale=4.0, guidance_scale_2=3.0,
+            flow_shift=12.0,  # Wan2.2 wan_t2v_A14B.py sample_shift
+            num_inference_steps=40,  # Wan2.2 wan_t2v_A14B.py sample_steps
+            negative_prompt=WAN_NEGATIVE_PROMPT,  # Wan2.2 wan/configs/shared_config.py
+            experts=2, cuda_dtype="bfloat16", vram_gb=72.0, offload_vram_gb=34.0, license=_APACHE,
             description="Wan 2.2 A14B text-to-video (two 14B experts), 1280x720, 81 frames at 16 fps.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers", pipeline_class="WanImageToVideoPipeline", family="wan",
             image_to_video=True, trained_latent_frames=21, native_height=720, native_width=1280,
-            native_num_frames=81, native_fps=16, scheduler=None, guidance_scale=3.5, guidance_scale_2=3.5,
-            flow_shift=5.0, experts=2, cuda_dtype="bfloat16", vram_gb=72.0, offload_vram_gb=34.0, license=_APACHE,
+            native_num_frames=81, native_fps=16, scheduler=None,
+            guidance_scale=3.5, guidance_scale_2=3.5,  # Wan2.2 wan_i2v_A14B.py sample_guide_scale (3.5, 3.5)
+            flow_shift=5.0,  # Wan2.2 wan_i2v_A14B.py sample_shift
+            num_inference_steps=40,  # Wan2.2 wan_i2v_A14B.py sample_steps
+            negative_prompt=WAN_NEGATIVE_PROMPT,  # Wan2.2 wan/configs/shared_config.py (no i2v prefix in 2.2)
+            experts=2, cuda_dtype="bfloat16", vram_gb=72.0, offload_vram_gb=34.0, license=_APACHE,
             description="Wan 2.2 A14B image-to-video (two 14B experts), 1280x720, 81 frames at 16 fps.",
         ),
         ModelSpec(
@@ -166,6 +228,7 @@ _FINGERPRINTS: dict[tuple, str] = {
     ("WanPipeline", 40, 40, 16, False): "Wan-AI/Wan2.1-T2V-14B-Diffusers",
     ("WanImageToVideoPipeline", 40, 40, 36, False): "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
     ("WanPipeline", 30, 24, 48, False): "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    ("WanImageToVideoPipeline", 30, 24, 48, False): "Wan-AI/Wan2.2-TI2V-5B-Diffusers",  # its image-to-video mode
     ("WanPipeline", 40, 40, 16, True): "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
     ("WanImageToVideoPipeline", 40, 40, 36, True): "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
 }
@@ -227,7 +290,8 @@ def _spec_from_folder(folder: Path) -> ModelSpec:
     vae_config = _read_json(vae_path) if vae_path.is_file() else {}
     experts = 2 if _component_present(index, "transformer_2") else 1
     return _spec_from_config(str(folder), pipeline_class, transformer_config, vae_config, experts=experts,
-                             local_path=str(folder.resolve()), weight_bytes=_weight_bytes(folder))
+                             local_path=str(folder.resolve()), weight_bytes=_weight_bytes(folder),
+                             expand_timesteps=bool(index.get("expand_timesteps")))
 
 
 def _component_present(index: Mapping[str, Any], name: str) -> bool:
@@ -302,8 +366,12 @@ def _wan_facts(cfg: Mapping[str, Any], spatial: Optional[int], temporal: Optiona
 def _spec_from_config(model_id: str, pipeline_class: str, transformer_config: Mapping[str, Any],
                       vae_config: Mapping[str, Any], experts: int = 1, local_path: Optional[str] = None,
                       weight_bytes: int = 0, spatial: Optional[int] = None,
-                      temporal: Optional[int] = None) -> ModelSpec:
-    """One place that turns a family's configs into a spec (used for folders and for built pipelines)."""
+                      temporal: Optional[int] = None, expand_timesteps: bool = False) -> ModelSpec:
+    """One place that turns a family's configs into a spec (used for folders and for built pipelines).
+
+    ``expand_timesteps`` is the pipeline config's flag (Wan 2.2 TI2V): per-token timesteps, an optional image that
+    replaces the first latent at timestep 0 through ``WanImageToVideoPipeline``.
+    """
     cfg = transformer_config
     family, image_to_video = SUPPORTED_PIPELINES[pipeline_class]
     vae_spatial, vae_temporal = _vae_compression(vae_config, family)
@@ -314,8 +382,12 @@ def _spec_from_config(model_id: str, pipeline_class: str, transformer_config: Ma
         arch = _cogvideox_facts(cfg, spatial, model_id)
         if temporal:
             arch["temporal_compression"] = temporal
+    first_latent_image = family == "wan" and expand_timesteps
     facts: dict[str, Any] = dict(model_id=model_id, pipeline_class=pipeline_class, family=family,
-                                 image_to_video=image_to_video, experts=experts, local_path=local_path, **arch)
+                                 image_to_video=image_to_video, experts=experts, local_path=local_path,
+                                 first_latent_image=first_latent_image,
+                                 image_pipeline_class=("WanImageToVideoPipeline" if first_latent_image
+                                                       and not image_to_video else None), **arch)
     fingerprint = (pipeline_class, cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("in_channels"),
                    experts > 1)
     known = REGISTRY.get(_FINGERPRINTS.get(fingerprint, ""))
@@ -351,12 +423,15 @@ def spec_for_pipeline(pipe: Any) -> ModelSpec:
     temporal = getattr(pipe, "vae_scale_factor_temporal", None)
     spec = _spec_from_config(model_id or pipeline_class, pipeline_class, dict(transformer.config),
                              dict(vae.config) if vae is not None else {}, experts=experts,
-                             spatial=int(spatial) if spatial else None, temporal=int(temporal) if temporal else None)
+                             spatial=int(spatial) if spatial else None, temporal=int(temporal) if temporal else None,
+                             expand_timesteps=bool(getattr(pipe, "config", {}).get("expand_timesteps")))
     registered = REGISTRY.get(model_id)
     if registered is not None:
-        # The config is the truth about the architecture; the registry adds recommendations and the preview size.
+        # The config is the truth about the architecture and the pipeline built (Wan 2.2 TI2V-5B under its hub id
+        # may be its WanImageToVideoPipeline); the registry adds recommendations and the preview size.
         arch = ("rotary", "learned_positions", "fixed_size", "temporal_compression", "spatial_compression",
-                "size_multiple", "experts")
+                "size_multiple", "experts", "pipeline_class", "image_to_video", "image_pipeline_class",
+                "first_latent_image")
         if registered.family == "cogvideox":
             arch += ("trained_latent_frames",)
         return dataclasses.replace(registered, **{k: getattr(spec, k) for k in arch})

@@ -32,6 +32,13 @@ class Family:
     def matches(self, pipe: Any) -> bool:
         return type(pipe).__name__ in self.pipeline_classes
 
+    def pipeline_for(self, pipe: Any, pipeline_class: str) -> Any:
+        """The pipeline that runs a request planned for ``pipeline_class``: ``pipe`` itself, unless the model has a
+        mode served by another stock pipeline over the same components (Wan 2.2 TI2V-5B with an image)."""
+        if not pipeline_class or type(pipe).__name__ == pipeline_class:
+            return pipe
+        raise ValueError(f"{type(pipe).__name__} cannot run as {pipeline_class}")
+
     # -- denoisers --------------------------------------------------------------------------------------------
     def denoisers(self, pipe: Any) -> list[torch.nn.Module]:
         """The transformer(s) whose ``forward`` the cycle wrapper replaces for one call (both Wan 2.2 experts)."""
