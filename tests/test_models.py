@@ -273,8 +273,8 @@ def test_gpu_lock_is_one_lock_per_device():
 
 def _real_config_folder(root: Path, model_id: str) -> Path:
     """A folder holding only the JSON files of ``model_id``'s real diffusers repo (model_index and component configs,
-    as stored in loopui/models/configs): what a downloaded copy looks like to spec_for, without weights."""
-    from loopui.models.faithful import load_config
+    as stored in loopui/testing/configs): what a downloaded copy looks like to spec_for, without weights."""
+    from loopui.testing.faithful import load_config
 
     stored = load_config(model_id)
     root.mkdir(parents=True)
@@ -300,7 +300,7 @@ def test_a_downloaded_copy_of_a_registry_model_is_recognised(tmp_path, model_id)
 
 
 def test_an_unknown_wan_folder_gets_the_familys_facts(tmp_path):
-    from loopui.models.faithful import save_faithful_pipeline
+    from loopui.testing.faithful import save_faithful_pipeline
 
     folder = save_faithful_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", tmp_path / "tiny-wan")
     spec = spec_for(folder)
