@@ -263,12 +263,6 @@ def test_hub_model_offline_is_a_model_load_error_with_advice(tmp_path, monkeypat
     assert stages == ["downloading"] and manager.load_count == 0
 
 
-def test_gpu_lock_is_one_lock_per_device():
-    manager = ModelManager()
-    assert manager.gpu_lock() is manager.gpu_lock("cpu")
-    assert manager.gpu_lock("meta") is not manager.gpu_lock("cpu")
-
-
 # -- Wan folders ----------------------------------------------------------------------------------------------------
 
 def _real_config_folder(root: Path, model_id: str) -> Path:
