@@ -81,6 +81,31 @@ def test_unknown_hub_id_is_refused_and_lists_known_models():
     assert "someone/VideoModel-XL" in message and DEFAULT_MODEL_ID in message and "demo" in message
 
 
+# -- family facts ---------------------------------------------------------------------------------------------------
+
+def test_every_registry_entry_agrees_with_its_familys_facts():
+    from loopui.models.family_facts import FAMILY_FACTS, facts_for_pipeline
+
+    for spec in REGISTRY.values():
+        facts = facts_for_pipeline(spec.pipeline_class)
+        assert (facts.name, facts.pipelines[spec.pipeline_class]) == (spec.family, spec.image_to_video), spec.model_id
+        assert FAMILY_FACTS[spec.family] is facts
+    with pytest.raises(ValueError, match=r"unsupported pipeline class 'FluxPipeline' \(supported: CogVideoXPipeline, "):
+        facts_for_pipeline("FluxPipeline")
+
+
+def test_the_engine_families_are_the_family_facts_the_registry_reads():
+    from loopui.engine.families import FAMILIES
+    from loopui.models.family_facts import FAMILY_FACTS
+
+    assert set(FAMILIES) == set(FAMILY_FACTS)
+    for name, family in FAMILIES.items():
+        facts = FAMILY_FACTS[name]
+        assert isinstance(family, type(facts)) and family.name == name
+        assert dict(family.pipelines) == dict(facts.pipelines)
+        assert family.facts_from_config({}, None, None, "x") == facts.facts_from_config({}, None, None, "x")
+
+
 # -- folder specs ---------------------------------------------------------------------------------------------------
 
 def test_spec_for_a_saved_tiny_model_reads_its_configs(tiny_model_dir):
@@ -261,6 +286,26 @@ def test_hub_model_offline_is_a_model_load_error_with_advice(tmp_path, monkeypat
     message = str(info.value)
     assert "THUDM/CogVideoX-2b" in message and "hf download THUDM/CogVideoX-2b" in message
     assert stages == ["downloading"] and manager.load_count == 0
+
+
+def test_a_custom_loader_serves_a_hub_id_and_the_pipeline_is_named_after_it(tiny_model_dir):
+    import diffusers
+
+    from loopui.models import PipelineLoader
+
+    class FolderLoader(PipelineLoader):
+        def from_pretrained(self, spec, torch_dtype, progress, cancel=None):
+            progress("loading", None, "from a folder")
+            return diffusers.CogVideoXPipeline.from_pretrained(tiny_model_dir, dtype=torch_dtype)
+
+    manager = ModelManager(loader=FolderLoader())
+    stages = []
+    loaded = manager.get("THUDM/CogVideoX-2b", progress=lambda stage, fraction, message: stages.append(stage))
+    assert stages == ["loading", "ready"] and manager.load_count == 1
+    assert loaded.pipe.name_or_path == "THUDM/CogVideoX-2b"  # not the folder: results and sidecars name the hub id
+    assert spec_for_pipeline(loaded.pipe).scheduler == REGISTRY["THUDM/CogVideoX-2b"].scheduler
+    with pytest.raises(ValueError, match="^loader: "):
+        ModelManager(loader=FolderLoader(), local_files_only=True)
 
 
 # -- Wan folders ----------------------------------------------------------------------------------------------------

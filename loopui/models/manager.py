@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 from loopui.messages import REASON_LIMIT, one_line
 from loopui.models import memory
 from loopui.models.loader import LoadedModel, LoadProgress, PipelineLoader, log_progress
-from loopui.models.registry import ModelSpec, resolve_model_id, spec_for
+from loopui.models.registry import DEFAULT_MODEL_ID, ModelSpec, resolve_model_id, spec_for
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +169,6 @@ class ModelManager:
 
     def _obtain(self, model: Optional[str | Path], dtype: Any, device: Optional[str], offload: Optional[str],
                 progress: Optional[LoadProgress], cancel: Optional[threading.Event], lease: bool) -> LoadedModel:
-        from loopui.models.registry import DEFAULT_MODEL_ID
-
         spec = spec_for(DEFAULT_MODEL_ID if model is None else model)
         progress = progress or log_progress
         device_name = self._resolve_device(device)
