@@ -90,9 +90,9 @@ def left_half_mask():
 
 @pytest.fixture(scope="session")
 def faithful_wan_dir(tmp_path_factory) -> Path:
-    """Wan 2.1 T2V 1.3B's real configuration, shrunk in width and depth only (``loopui.models.faithful``), saved as
+    """Wan 2.1 T2V 1.3B's real configuration, shrunk in width and depth only (``loopui.testing.faithful``), saved as
     a loadable local diffusers folder."""
-    from loopui.models.faithful import save_faithful_pipeline
+    from loopui.testing.faithful import save_faithful_pipeline
 
     return save_faithful_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
                                   tmp_path_factory.mktemp("faithful-wan") / "model")

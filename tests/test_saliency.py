@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loopui.engine.settings import knob_info
+from loopui.engine.request import knob_info
 from loopui.saliency import (
     MASK_MODEL_INFO,
     MASK_MODELS,

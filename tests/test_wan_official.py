@@ -1,7 +1,7 @@
 """Wan as its makers run it: Wan 2.2 TI2V-5B's own image-to-video conditioning under the latent shift, and the
 official samplers' defaults (steps, negative prompt, guidance, shift) as the automatic values.
 
-TI2V-5B is built from its real configs (``loopui.models.faithful``) and named by its hub id, as ``ModelManager``
+TI2V-5B is built from its real configs (``loopui.testing.faithful``) and named by its hub id, as ``ModelManager``
 records it. With an image its pipeline is diffusers' ``WanImageToVideoPipeline`` with ``expand_timesteps``: the
 image latent replaces the first latent and its tokens are at timestep 0. Under the shift that latent rotates with the
 cycle, so in every clip the model sees, the image and its timestep 0 sit at the image latent's rotated position.
@@ -17,7 +17,7 @@ import torch
 
 from loopui.engine import LoopRequest, generate_loop, plan_loop
 from loopui.engine.families import family_for
-from loopui.models.faithful import FAITHFUL_MODELS, build_faithful_pipeline, load_config
+from loopui.testing.faithful import FAITHFUL_MODELS, build_faithful_pipeline, load_config
 from loopui.models.registry import REGISTRY, WAN21_I2V_NEGATIVE_PROMPT, WAN_NEGATIVE_PROMPT, spec_for
 
 from test_wan import Recorder

@@ -2,7 +2,9 @@
 
 A ``ModelSpec`` is pure data: no import of torch or diffusers here, so the UI and CLI can list models cheaply.
 ``spec_for`` resolves a hub id, the ``demo`` alias or a local diffusers folder; ``spec_for_pipeline`` reads the same
-facts off an already built pipeline (the engine's view).
+facts off an already built pipeline (the engine's view). What a family's configs say is asked of its class in
+``loopui.models.family_facts``; this module holds only the registry's own knowledge (the models, their
+recommendations, their fingerprints).
 """
 
 from __future__ import annotations
@@ -15,25 +17,12 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from loopui.models.demo import DEMO_MODEL_ID
+from loopui.models.family_facts import FAMILY_FACTS, facts_for_pipeline
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "THUDM/CogVideoX-5b"
 DEMO_ALIAS = "demo"
-
-# diffusers pipeline class name -> (family, does it take a conditioning image).
-SUPPORTED_PIPELINES: dict[str, tuple[str, bool]] = {
-    "CogVideoXPipeline": ("cogvideox", False),
-    "CogVideoXImageToVideoPipeline": ("cogvideox", True),
-    "WanPipeline": ("wan", False),
-    "WanImageToVideoPipeline": ("wan", True),
-}
-FAMILIES = ("cogvideox", "wan")
-
-# CogVideoX's VAE: 8x spatial, 4x temporal compression (block_out_channels has 4 entries -> 2**3).
-_DEFAULT_SPATIAL_COMPRESSION = 8
-# Wan 2.1/2.2 were trained on 81-frame clips (21 latents); a folder's configs do not say so.
-_WAN_TRAINED_FRAMES = 81
 
 
 @dataclass(frozen=True)
@@ -42,7 +31,7 @@ class ModelSpec:
 
     model_id: str
     pipeline_class: str  # diffusers class name, e.g. "CogVideoXPipeline"
-    family: str = "cogvideox"  # "cogvideox" | "wan": which engine family module drives it
+    family: str = "cogvideox"  # a key of family_facts.FAMILY_FACTS ("cogvideox" | "wan"): which family drives it
     image_to_video: bool = False
     trained_latent_frames: int = 13  # latent cycle length the model saw in training (49 frames -> 13)
     rotary: bool = True  # 3D RoPE (the temporal base can be NTK-scaled for longer cycles)
@@ -55,7 +44,7 @@ class ModelSpec:
     spatial_compression: int = 8
     size_multiple: int = 16  # height and width must be multiples of this (VAE compression x patch size)
     fixed_size: bool = False  # runs only at its native size (learned positional embeddings)
-    scheduler: Optional[str] = None  # a name of loopui.engine.schedulers, None = keep the pipeline's own
+    scheduler: Optional[str] = None  # a scheduler name the family accepts, None = keep the pipeline's own
     guidance_scale: float = 6.0
     use_dynamic_cfg: bool = False
     flow_shift: Optional[float] = None  # flow-matching shift for the native size (None = the scheduler config's)
@@ -122,7 +111,7 @@ REGISTRY: dict[str, ModelSpec] = {
             description="CogVideoX 5B image-to-video, 720x480 only, 49 frames: animates a reference image.",
         ),
         # Wan recommendations, each from the official sampler (cited per value; the configs in
-        # loopui/models/configs/ repeat them under "recommended" with their sources):
+        # loopui/testing/configs/ repeat them under "recommended" with their sources):
         # - Wan-Video/Wan2.1 generate.py _validate_args (commit 9737cba9): sample_steps 50 for t2v, 40 for i2v;
         #   --sample_guide_scale default 5.0; sample_shift 5.0, or 3.0 for i2v at 832*480.
         # - Wan-Video/Wan2.1 wan/configs/shared_config.py: sample_fps 16, sample_neg_prompt (WAN_NEGATIVE_PROMPT);
@@ -281,7 +270,7 @@ def _spec_from_folder(folder: Path) -> ModelSpec:
         raise ValueError(f"model folder {str(folder)!r} has no model_index.json (not a diffusers pipeline folder)")
     index = _read_json(index_path)
     pipeline_class = str(index.get("_class_name", ""))
-    _check_pipeline_class(pipeline_class)
+    facts_for_pipeline(pipeline_class)
     transformer_path = folder / "transformer" / "config.json"
     if not transformer_path.is_file() and (folder / "transformer_2" / "config.json").is_file():
         transformer_path = folder / "transformer_2" / "config.json"
@@ -304,65 +293,6 @@ def _weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in folder.rglob(pattern))
 
 
-def _check_pipeline_class(pipeline_class: str) -> None:
-    if pipeline_class not in SUPPORTED_PIPELINES:
-        supported = ", ".join(SUPPORTED_PIPELINES)
-        raise ValueError(f"unsupported pipeline class {pipeline_class!r} (supported: {supported})")
-
-
-def _vae_compression(vae_config: Mapping[str, Any], family: str) -> tuple[Optional[int], Optional[int]]:
-    """(spatial, temporal) compression of a VAE config, None where the config does not say."""
-    if family == "wan":
-        downsample = vae_config.get("temperal_downsample")
-        spatial = vae_config.get("scale_factor_spatial") or (2 ** len(downsample) if downsample else None)
-        temporal = vae_config.get("scale_factor_temporal") or (2 ** sum(map(bool, downsample)) if downsample
-                                                               else None)
-        return (int(spatial) if spatial else None), (int(temporal) if temporal else None)
-    blocks = vae_config.get("block_out_channels")
-    spatial = 2 ** (len(blocks) - 1) if blocks else None
-    temporal = vae_config.get("temporal_compression_ratio")
-    return spatial, (int(temporal) if temporal else None)
-
-
-def _cogvideox_facts(cfg: Mapping[str, Any], spatial: Optional[int], model_id: str) -> dict[str, Any]:
-    if cfg.get("patch_size_t") is not None:
-        raise ValueError(f"{model_id!r} uses temporal patching (patch_size_t={cfg.get('patch_size_t')!r}, "
-                         "CogVideoX 1.5), which loopui does not support yet; use CogVideoX-5b, -2b or -5b-I2V")
-    temporal = int(cfg.get("temporal_compression_ratio", 4))
-    sample_frames = int(cfg.get("sample_frames", 49))
-    spatial = spatial or _DEFAULT_SPATIAL_COMPRESSION
-    patch = int(cfg.get("patch_size", 2))
-    learned = bool(cfg.get("use_learned_positional_embeddings", False))
-    return dict(
-        trained_latent_frames=(sample_frames - 1) // temporal + 1,
-        rotary=bool(cfg.get("use_rotary_positional_embeddings", False)),
-        learned_positions=learned,
-        fixed_size=learned,  # diffusers refuses any other size for a learned positional table
-        native_height=int(cfg.get("sample_height", 60)) * spatial,
-        native_width=int(cfg.get("sample_width", 90)) * spatial,
-        native_num_frames=sample_frames,
-        temporal_compression=temporal,
-        spatial_compression=spatial,
-        size_multiple=spatial * patch,
-    )
-
-
-def _wan_facts(cfg: Mapping[str, Any], spatial: Optional[int], temporal: Optional[int]) -> dict[str, Any]:
-    spatial = spatial or 8
-    temporal = temporal or 4
-    patch = cfg.get("patch_size") or (1, 2, 2)
-    multiple = spatial * int(patch[1])
-    return dict(
-        trained_latent_frames=(_WAN_TRAINED_FRAMES - 1) // temporal + 1,
-        rotary=True,
-        learned_positions=cfg.get("pos_embed_seq_len") is not None,
-        native_height=480, native_width=832, native_num_frames=_WAN_TRAINED_FRAMES, native_fps=16,
-        temporal_compression=temporal,
-        spatial_compression=spatial,
-        size_multiple=max(16, multiple),
-    )
-
-
 def _spec_from_config(model_id: str, pipeline_class: str, transformer_config: Mapping[str, Any],
                       vae_config: Mapping[str, Any], experts: int = 1, local_path: Optional[str] = None,
                       weight_bytes: int = 0, spatial: Optional[int] = None,
@@ -373,17 +303,13 @@ def _spec_from_config(model_id: str, pipeline_class: str, transformer_config: Ma
     replaces the first latent at timestep 0 through ``WanImageToVideoPipeline``.
     """
     cfg = transformer_config
-    family, image_to_video = SUPPORTED_PIPELINES[pipeline_class]
-    vae_spatial, vae_temporal = _vae_compression(vae_config, family)
+    family = facts_for_pipeline(pipeline_class)
+    vae_spatial, vae_temporal = family.vae_compression(vae_config)
     spatial, temporal = spatial or vae_spatial, temporal or vae_temporal
-    if family == "wan":
-        arch = _wan_facts(cfg, spatial, temporal)
-    else:
-        arch = _cogvideox_facts(cfg, spatial, model_id)
-        if temporal:
-            arch["temporal_compression"] = temporal
-    first_latent_image = family == "wan" and expand_timesteps
-    facts: dict[str, Any] = dict(model_id=model_id, pipeline_class=pipeline_class, family=family,
+    arch = family.facts_from_config(cfg, spatial, temporal, model_id)
+    image_to_video = family.pipelines[pipeline_class]
+    first_latent_image = family.name == "wan" and expand_timesteps
+    facts: dict[str, Any] = dict(model_id=model_id, pipeline_class=pipeline_class, family=family.name,
                                  image_to_video=image_to_video, experts=experts, local_path=local_path,
                                  first_latent_image=first_latent_image,
                                  image_pipeline_class=("WanImageToVideoPipeline" if first_latent_image
@@ -395,13 +321,13 @@ def _spec_from_config(model_id: str, pipeline_class: str, transformer_config: Ma
         logger.info("%s looks like %s; using its recommended settings", model_id, known.model_id)
         # The registry's native size and trained length are the model card's; the rest is read from the config.
         keep = ("native_height", "native_width", "native_num_frames", "native_fps", "trained_latent_frames")
-        facts = {k: v for k, v in facts.items() if k not in keep or family == "cogvideox"}
+        facts = {k: v for k, v in facts.items() if k not in keep or family.config_states_training_shape}
         return dataclasses.replace(known, **facts, description=f"Local copy of {known.model_id}. "
                                                                f"{known.description}")
     # Unknown architecture: the pipeline's own scheduler, and a VRAM guess from the weights' size
     # (weights plus activations at the native size, which for these models are a few GiB).
     weights_gib = weight_bytes / 2**30
-    return ModelSpec(**facts, scheduler=None, guidance_scale=5.0 if family == "wan" else 6.0,
+    return ModelSpec(**facts, scheduler=None, guidance_scale=family.default_guidance_scale,
                      use_dynamic_cfg=False,
                      cuda_dtype="bfloat16" if facts["rotary"] else "float16",
                      vram_gb=round(weights_gib * 1.2 + 4.0, 1), offload_vram_gb=round(weights_gib * 0.6 + 4.0, 1),
@@ -414,7 +340,7 @@ def spec_for_pipeline(pipe: Any) -> ModelSpec:
     Registry recommendations are kept when the pipeline was loaded from a registry id (or is the demo model).
     """
     pipeline_class = type(pipe).__name__
-    _check_pipeline_class(pipeline_class)
+    facts_for_pipeline(pipeline_class)
     model_id = str(getattr(pipe, "name_or_path", None) or "")  # ModelManager records the hub id here
     transformer = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
     experts = 2 if getattr(pipe, "transformer_2", None) is not None else 1
@@ -432,7 +358,7 @@ def spec_for_pipeline(pipe: Any) -> ModelSpec:
         arch = ("rotary", "learned_positions", "fixed_size", "temporal_compression", "spatial_compression",
                 "size_multiple", "experts", "pipeline_class", "image_to_video", "image_pipeline_class",
                 "first_latent_image")
-        if registered.family == "cogvideox":
+        if FAMILY_FACTS[registered.family].config_states_training_shape:
             arch += ("trained_latent_frames",)
         return dataclasses.replace(registered, **{k: getattr(spec, k) for k in arch})
     return spec

@@ -26,6 +26,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from loopui.models.family_facts import WanFacts
+
 from ..rope import DEFAULT_THETA, ntk_theta, temporal_frequencies
 from .base import Family
 
@@ -44,9 +46,7 @@ def scaled_wan_rope(rope: Any, rope_scale: float) -> Any:
     return scaled
 
 
-class WanFamily(Family):
-    name = "wan"
-    pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
+class WanFamily(Family, WanFacts):
     time_dim = 2
     channel_dim = 1
     flow_matching = True
