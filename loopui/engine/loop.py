@@ -27,8 +27,8 @@ from .decode import decode_cycle, video_to_uint8
 from .families import Family, family_for
 from .families.base import patch_attribute
 from .noise import clean_estimate
-from .plan import LoopPlan, plan_loop, resolve_rope_scale, resolve_shift_skip
-from .guards import cancel_checkpoint, ensure_finite, vae_memory_defaults
+from .plan import LoopPlan, clip_shapes_loop, plan_loop, resolve_rope_scale, resolve_shift_skip
+from .guards import cancel_checkpoint, ensure_finite, transformer_blocks, vae_memory_defaults
 from .locks import holds_pipeline_lock
 from .polish import SEAM_POLISH_PRESETS
 from .settings import LoopRequest
@@ -103,14 +103,13 @@ def _load_clip(request: LoopRequest, plan: LoopPlan) -> tuple[Optional[np.ndarra
     """The request's clip as the loop's frames (count, fps, size), and notes on how it was fitted."""
     if request.video is None:
         return None, []
-    from loopui.media import load_video, resample_clip
+    from loopui.media import read_clip, resample_clip
 
     if isinstance(request.video, (str, bytes)) or hasattr(request.video, "__fspath__"):
-        frames, source_fps = load_video(request.video)
-    else:
-        frames, source_fps = np.asarray(request.video), None
-    return resample_clip(frames, source_fps if source_fps else float(plan.fps), request.num_frames, plan.fps,
-                         plan.width, plan.height)
+        path = request.video.decode() if isinstance(request.video, bytes) else request.video
+        # Streamed: only the frames the loop uses are decoded, each fitted to the loop's size at once.
+        return read_clip(path, request.num_frames, plan.fps, plan.width, plan.height)
+    return resample_clip(np.asarray(request.video), float(plan.fps), request.num_frames, plan.fps, plan.width, plan.height)
 
 
 def load_clip(request: LoopRequest, spec: Any) -> tuple[Optional[np.ndarray], list[str]]:
@@ -274,6 +273,8 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         # 3. Reference image (encode + mask) when given
         image, conditioning, clip_notes = _prepare_conditioning(pipe, family, request, plan, device, dtype,
                                                                 prediction_type)
+        if request.video is not None and not clip_shapes_loop(request, length, plan.init_strength):
+            clip_notes = []  # how the clip was fitted does not matter: the plan's warning says it is not used
         for note in clip_notes:
             logger.info("video: %s", note)
         override, observe = None, None
@@ -318,9 +319,12 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         )
         if spec.image_to_video:
             call_kwargs["image"] = image
+        # Stop acts between transformer blocks too: one call at a large size or length can take many minutes.
+        stop_in_call = lambda: LoopInterrupted(f"stopped during step {state.step + 1} of {steps}")  # noqa: E731
         with ExitStack() as hooks, torch.no_grad():
             for module, denoiser in zip(family.denoisers(pipe), denoisers):
                 hooks.enter_context(patch_attribute(module, "forward", denoiser))
+                hooks.enter_context(cancel_checkpoint(transformer_blocks(module), cancel_event, stop_in_call))
             hooks.enter_context(family.rope_scaled(pipe, plan.rope_scale))
             record_clean = image_channel is not None and image_channel.policy == "estimate"
             if conditioning is not None or record_clean:
