@@ -102,8 +102,8 @@ def faithful_wan_dir(tmp_path_factory) -> Path:
 def clip_files(tmp_path_factory) -> dict[str, Path]:
     """Clips written by imageio-ffmpeg directly, as another program would (not our exporter): ``good`` (a bright bar
     sliding over a gradient, 30 frames of 60x40 at 12 fps: it does not loop), and bad ones -- ``text`` (not a
-    video), ``empty``, ``truncated`` (cut before the index MP4 keeps at its end), ``short`` (3 frames) and ``fast``
-    (300 fps)."""
+    video), ``empty``, ``truncated`` (cut before the index MP4 keeps at its end), ``short`` (3 frames), ``fast``
+    (300 fps) and ``fast1k`` (1000 fps, which ffmpeg writes as "1k fps")."""
     import imageio.v3 as iio
     import numpy as np
 
@@ -117,11 +117,12 @@ def clip_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("clips")
     out = {name: folder / f"{stem}.mp4" for name, stem in (("good", "bar"), ("text", "notes"), ("empty", "empty"),
                                                            ("truncated", "cut"), ("short", "short"),
-                                                           ("fast", "fast"))}
+                                                           ("fast", "fast"), ("fast1k", "fast1k"))}
     options = dict(plugin="FFMPEG", codec="libx264", macro_block_size=2)
     iio.imwrite(out["good"], frames, fps=12, **options)
     iio.imwrite(out["short"], frames[:3], fps=12, **options)
     iio.imwrite(out["fast"], frames[:10], fps=300, **options)
+    iio.imwrite(out["fast1k"], frames[:20], fps=1000, **options)
     out["text"].write_text("this is not a video")
     out["empty"].write_bytes(b"")
     data = out["good"].read_bytes()
