@@ -18,6 +18,29 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+# The README's app serves on 127.0.0.1:7860 (app.py's default port). The suite holds that port while it runs (when it
+# is free), so a test that binds it -- app.main without --port -- fails every time here, not only on the machine
+# where someone left the app running.
+README_APP_PORT = 7860
+
+
+@pytest.fixture(scope="session", autouse=True)
+def readme_app_port_taken():
+    """Hold the README app's port for the session, as a running app would."""
+    import socket
+
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", README_APP_PORT))
+        sock.listen()
+    except OSError:  # the app (or something else) holds it already: the same situation
+        pass
+    try:
+        yield
+    finally:
+        sock.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """A tiny text-to-video CogVideoX pipeline (rotary, 13 trained latents, v-prediction DDIM)."""

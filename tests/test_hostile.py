@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from loopui.engine import LoopInterrupted, LoopRequest, generate_loop
 
@@ -145,15 +146,17 @@ def test_decodes_at_once_are_counted_and_bounded(clip_files, monkeypatch):
 def test_a_clip_at_three_steps_is_said_to_be_unused_and_at_four_it_is_used(tiny_pipe, clip_files):
     """init_strength 0.7 skips floor(0.3 * steps) steps: none at 1-3 steps, and loop_region 1 holds nothing, so the
     loop is the one without the clip; that is said instead of "the loop uses the clip's first 1.12 s"."""
-    plain = generate_loop(tiny_pipe, LoopRequest(**SMALL, num_inference_steps=3))
-    unused = generate_loop(tiny_pipe, LoopRequest(**SMALL, num_inference_steps=3, video=str(clip_files["good"])))
-    np.testing.assert_array_equal(unused.frames, plain.frames)
+    def run(steps: int, **clip):
+        return generate_loop(tiny_pipe, LoopRequest(**SMALL, num_inference_steps=steps, **clip), output_type="latent")
+
+    clip = dict(video=str(clip_files["good"]))
+    unused = run(3, **clip)
+    assert torch.equal(unused.latents, run(3).latents)
     assert [w for w in unused.warnings if w.startswith("video:")] == [
         "video: init_strength 0.7 at 3 steps skips no denoising step and loop_region 1 holds nothing to it, so the "
         "clip does not shape this loop; use at least 4 steps, a lower init_strength or a loop_region below 1"]
-    used = generate_loop(tiny_pipe, LoopRequest(**SMALL, num_inference_steps=4, video=str(clip_files["good"])))
-    plain4 = generate_loop(tiny_pipe, LoopRequest(**SMALL, num_inference_steps=4))
-    assert not np.array_equal(used.frames, plain4.frames)
+    used = run(4, **clip)
+    assert not torch.equal(used.latents, run(4).latents)
     assert not any("does not shape" in w for w in used.warnings)
     assert "video: the loop uses the clip's first 1.12 s of 2.50 s" in used.warnings
 
@@ -161,16 +164,16 @@ def test_a_clip_at_three_steps_is_said_to_be_unused_and_at_four_it_is_used(tiny_
 # -- Stop inside a model call, and a warning before a very costly one -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def two_block_pipe():
+def three_block_pipe():
     from loopui.models.demo import build_tiny_cogvideox
 
     return build_tiny_cogvideox(num_layers=3)
 
 
-def test_stop_acts_between_transformer_blocks_and_the_checks_go_away(two_block_pipe):
+def test_stop_acts_between_transformer_blocks_and_the_checks_go_away(three_block_pipe):
     """Stop pressed while block 0 of the first transformer call runs: no further block runs. The old check ran only
     after each step, so a call of 16 minutes ran to its end."""
-    pipe = two_block_pipe
+    pipe = three_block_pipe
     blocks = list(pipe.transformer.transformer_blocks)
     stop = threading.Event()
     after_stop: list[int] = []
@@ -193,9 +196,10 @@ def test_stop_acts_between_transformer_blocks_and_the_checks_go_away(two_block_p
     assert after_stop == []
     assert all(block._forward_pre_hooks == {} for block in blocks)  # the checks are gone again
     # Without a Stop the checks change nothing: the same loop as with no cancel event at all.
-    quiet = generate_loop(pipe, LoopRequest(**SMALL, num_inference_steps=2), cancel_event=threading.Event())
-    bare = generate_loop(pipe, LoopRequest(**SMALL, num_inference_steps=2))
-    np.testing.assert_array_equal(quiet.frames, bare.frames)
+    quiet = generate_loop(pipe, LoopRequest(**SMALL, num_inference_steps=2), output_type="latent",
+                          cancel_event=threading.Event())
+    assert torch.equal(quiet.latents, generate_loop(pipe, LoopRequest(**SMALL, num_inference_steps=2),
+                                                    output_type="latent").latents)
 
 
 def test_a_request_far_beyond_the_models_own_cost_is_warned_before_it_runs(tmp_path):
