@@ -70,7 +70,7 @@ IMAGE_CHANNEL_LABELS: dict[str, str] = {
 # Public mode (a shared server, e.g. a Space): what one request may ask for at most.
 # Wan 2.1 1.3B's native 832x480 at 81 frames and Wan 2.2 5B's 121 frames fit; 720p and longer cycles do not.
 # Uploads are capped per input by file size (a clip is larger than an image); the decoded size has the engine's own
-# caps (64 megapixels per image, 2 GiB per clip).
+# caps (64 megapixels per image; 8K frames per clip, of which only the frames the loop uses are decoded).
 PUBLIC_LIMITS: dict[str, int] = {"num_inference_steps": 50, "num_frames": 121, "pixels": 480 * 832,
                                  "prompt_chars": 2000, "image_bytes": 20 * 10**6, "video_bytes": 50 * 10**6}
 # Housekeeping of session outputs: files older than this, or beyond this total (oldest first), are deleted.
