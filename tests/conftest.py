@@ -18,6 +18,29 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+# The README's app serves on 127.0.0.1:7860 (app.py's default port). The suite holds that port while it runs (when it
+# is free), so a test that binds it -- app.main without --port -- fails every time here, not only on the machine
+# where someone left the app running.
+README_APP_PORT = 7860
+
+
+@pytest.fixture(scope="session", autouse=True)
+def readme_app_port_taken():
+    """Hold the README app's port for the session, as a running app would."""
+    import socket
+
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", README_APP_PORT))
+        sock.listen()
+    except OSError:  # the app (or something else) holds it already: the same situation
+        pass
+    try:
+        yield
+    finally:
+        sock.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """A tiny text-to-video CogVideoX pipeline (rotary, 13 trained latents, v-prediction DDIM)."""
@@ -102,8 +125,8 @@ def faithful_wan_dir(tmp_path_factory) -> Path:
 def clip_files(tmp_path_factory) -> dict[str, Path]:
     """Clips written by imageio-ffmpeg directly, as another program would (not our exporter): ``good`` (a bright bar
     sliding over a gradient, 30 frames of 60x40 at 12 fps: it does not loop), and bad ones -- ``text`` (not a
-    video), ``empty``, ``truncated`` (cut before the index MP4 keeps at its end), ``short`` (3 frames) and ``fast``
-    (300 fps)."""
+    video), ``empty``, ``truncated`` (cut before the index MP4 keeps at its end), ``short`` (3 frames), ``fast``
+    (300 fps) and ``fast1k`` (1000 fps, which ffmpeg writes as "1k fps")."""
     import imageio.v3 as iio
     import numpy as np
 
@@ -117,11 +140,12 @@ def clip_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("clips")
     out = {name: folder / f"{stem}.mp4" for name, stem in (("good", "bar"), ("text", "notes"), ("empty", "empty"),
                                                            ("truncated", "cut"), ("short", "short"),
-                                                           ("fast", "fast"))}
+                                                           ("fast", "fast"), ("fast1k", "fast1k"))}
     options = dict(plugin="FFMPEG", codec="libx264", macro_block_size=2)
     iio.imwrite(out["good"], frames, fps=12, **options)
     iio.imwrite(out["short"], frames[:3], fps=12, **options)
     iio.imwrite(out["fast"], frames[:10], fps=300, **options)
+    iio.imwrite(out["fast1k"], frames[:20], fps=1000, **options)
     out["text"].write_text("this is not a video")
     out["empty"].write_bytes(b"")
     data = out["good"].read_bytes()
@@ -131,23 +155,24 @@ def clip_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture()
 def counted(monkeypatch):
-    """Counts of ``plan_loop`` calls (under every name the engine calls it by) and of clips read from disk."""
+    """Counts of ``plan_loop`` calls (under every name the engine calls it by) and of clips read from disk (the
+    streaming reader and the whole-file one)."""
     import loopui.engine.loop as loop_module
     import loopui.engine.plan as plan_module
     import loopui.media as media
 
-    counts = {"plan_loop": 0, "load_video": 0}
-    real_plan, real_load = plan_module.plan_loop, media.load_video
+    counts = {"plan_loop": 0, "clip_reads": 0}
 
-    def plan_loop(*args, **kwargs):
-        counts["plan_loop"] += 1
-        return real_plan(*args, **kwargs)
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
 
-    def load_video(*args, **kwargs):
-        counts["load_video"] += 1
-        return real_load(*args, **kwargs)
+        return wrapper
 
+    plan_loop = counting("plan_loop", plan_module.plan_loop)
     for module in (plan_module, loop_module):
         monkeypatch.setattr(module, "plan_loop", plan_loop)
-    monkeypatch.setattr(media, "load_video", load_video)
+    for reader in ("read_clip", "load_video"):
+        monkeypatch.setattr(media, reader, counting("clip_reads", getattr(media, reader)))
     return counts

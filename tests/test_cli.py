@@ -291,7 +291,7 @@ def test_generate_loops_a_clip_written_by_another_program(clip_files, tmp_path, 
                  "-o", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert counted == {"plan_loop": 1, "load_video": 1}
+    assert counted == {"plan_loop": 1, "clip_reads": 1}
     assert read_video(out).shape == (20, 32, 48, 3)
     settings = json.loads(out.with_suffix(".json").read_text())["settings"]
     assert (settings["video"], settings["loop_region"], settings["init_strength"]) == \
@@ -327,15 +327,15 @@ def test_init_strength_left_out_stays_automatic_with_a_clip(clip_files):
     ("huge", "--video: video file '{path}' is over "),
 ])
 def test_a_bad_clip_exits_2_with_one_line_before_loading(clip_files, tmp_path, capsys, monkeypatch, clip, needle):
-    from loopui.media import export
+    from loopui.media import clips
     from loopui.models import ModelManager
 
     monkeypatch.setattr(ModelManager, "get", lambda *a, **k: pytest.fail("model loaded"))
     monkeypatch.setattr(ModelManager, "run", lambda *a, **k: pytest.fail("model loaded"))
     path = {"missing": tmp_path / "missing.mp4", "folder": tmp_path, "huge": clip_files["good"]}.get(clip) or \
         clip_files[clip]
-    if clip == "huge":  # the decoded-size cap (2 GiB), lowered so that a small clip is over it
-        monkeypatch.setattr(export.load_video, "__defaults__", (100_000,))
+    if clip == "huge":  # the per-frame cap (8K: a clip is budgeted by the frames it uses), lowered under 60x40
+        monkeypatch.setattr(clips.read_clip, "__defaults__", (1000,))
     out = tmp_path / "x.mp4"
     code = main(["generate", "--model", "demo", "--prompt", "waves", "--video", str(path), "--frames", "17",
                  "--height", "32", "--width", "48", "-o", str(out)])

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from fake_cuda import GIB, fake_cuda  # noqa: F401 - pytest fixture
+from served_app import free_port
 
 HUB_MODEL = "THUDM/CogVideoX-2b"  # any registry id: its files are the tiny model's here
 
@@ -215,7 +216,7 @@ def test_zero_gpu_loads_the_model_at_start_up_and_sizes_the_gpu_time(zero_gpu, m
     monkeypatch.setattr(loopui.ui, "build_app", build_app)
     monkeypatch.setattr(loopui.ui.Studio, "warm_up", lambda self: None)
     monkeypatch.chdir(tmp_path)
-    assert app.main(["--demo"]) == 0
+    assert app.main(["--demo", "--port", str(free_port())]) == 0  # never the README app's 7860: it may be running
     studio = built["studio"]
     assert studio.zero_gpu and studio.pool.devices == ["cuda"] and built["launched"]
     # Loaded before the page was built (so before any visitor's GPU call), all on the GPU.
@@ -273,8 +274,10 @@ def test_app_devices_flag_sets_the_pool_and_the_queue_runs_one_job_per_device(fa
     studio = Studio(demo=True, devices="cuda:0,cuda:1")
     assert studio.pool.devices == ["cuda:0", "cuda:1"]
     generate = next(fn for fn in build_app(studio).fns.values() if fn.api_name == "generate")
-    # Gradio admits every queued generation (they wait in the studio's own line); two run at once, one per device.
-    assert studio.line.slots == 2 and generate.concurrency_limit >= studio.line.slots
+    # Gradio admits every generation (no limit of its own: they wait in the studio's own line, which answers "busy"
+    # past its capacity); two run at once, one per device.
+    assert studio.line.slots == 2 and generate.concurrency_limit is None
     assert app.parse_args(["--devices", "cuda:1"]).devices == "cuda:1"
     monkeypatch.setattr(loopui.ui, "build_app", lambda studio: pytest.fail("must not get this far"))
-    assert app.main(["--demo", "--devices", "cuda:7"]) == 2  # a device that does not exist: refused at start
+    # A device that does not exist: refused at start (on a free port, so the refusal is the device's).
+    assert app.main(["--demo", "--devices", "cuda:7", "--port", str(free_port())]) == 2

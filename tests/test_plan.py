@@ -40,13 +40,13 @@ def test_a_planned_loop_with_an_image_and_a_clip_is_planned_once_and_its_clip_re
     plan = resolve_request(request, spec_for_pipeline(tiny_pipe)).with_clip()
     assert plan.clip.shape == (13, H, W, 3) and plan.with_clip() is plan  # read once, kept
     render = render_loop(tiny_pipe, None, outputs=[tmp_path / "loop.mp4"], plan=plan)
-    assert counted == {"plan_loop": 1, "load_video": 1}
+    assert counted == {"plan_loop": 1, "clip_reads": 1}
     assert render.result.plan is plan and render.result.frames.shape[0] == 4 * plan.num_latents == 16
 
 
 def test_a_bare_library_call_plans_itself(tiny_pipe, clip_file, counted):
     result = generate_loop(tiny_pipe, _request(video=str(clip_file)), output_type="latent")
-    assert counted == {"plan_loop": 1, "load_video": 1}
+    assert counted == {"plan_loop": 1, "clip_reads": 1}
     assert result.plan.request.video == str(clip_file) and result.plan.clip is not None
 
 

@@ -30,10 +30,13 @@ def ensure_finite(tensor: torch.Tensor, what: str, dtype: Optional[torch.dtype] 
 @contextmanager
 def cancel_checkpoint(module: Any, cancel_event: Optional[threading.Event],
                       cancelled: Callable[[], BaseException]) -> Iterator[None]:
-    """While the block runs, every call of ``module`` first checks ``cancel_event`` and raises ``cancelled()`` when
-    it is set. On a VAE's ``decoder`` that is a check between decode chunks (CogVideoX decodes a few latent frames
-    per call, Wan one, tiled decoding one tile at a time). A forward pre-hook, so no ``forward`` is replaced."""
-    if cancel_event is None or module is None:
+    """While the block runs, every call of ``module`` (or of each module in a list) first checks ``cancel_event`` and
+    raises ``cancelled()`` when it is set. On a VAE's ``decoder`` that is a check between decode chunks (CogVideoX
+    decodes a few latent frames per call, Wan one, tiled decoding one tile at a time); on a transformer's blocks, a
+    check between blocks, so Stop acts inside one long model call. Forward pre-hooks, so no ``forward`` is replaced;
+    they are removed on the way out."""
+    modules = [] if module is None else list(module) if isinstance(module, (list, tuple)) else [module]
+    if cancel_event is None or not modules:
         yield
         return
 
@@ -41,11 +44,18 @@ def cancel_checkpoint(module: Any, cancel_event: Optional[threading.Event],
         if cancel_event.is_set():
             raise cancelled()
 
-    handle = module.register_forward_pre_hook(check)
+    handles = [m.register_forward_pre_hook(check) for m in modules]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def transformer_blocks(module: Any) -> list:
+    """The blocks of a diffusers transformer: every entry of its top-level ``nn.ModuleList`` attributes
+    (CogVideoX's ``transformer_blocks``, Wan's ``blocks``)."""
+    return [block for child in module.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
 def _on_accelerator(pipe: Any) -> bool:

@@ -27,7 +27,7 @@ from .decode import decode_cycle, video_to_uint8
 from .families import Family, family_for
 from .families.base import patch_attribute
 from .errors import LoopInterrupted
-from .guards import cancel_checkpoint, ensure_finite, vae_memory_defaults
+from .guards import cancel_checkpoint, ensure_finite, transformer_blocks, vae_memory_defaults
 from .locks import holds_pipeline_lock
 from .noise import clean_estimate
 from .plan import LoopPlan, plan_loop
@@ -337,9 +337,12 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         )
         if plan.image_to_video:
             call_kwargs["image"] = image
+        # Stop acts between transformer blocks too: one call at a large size or length can take many minutes.
+        stop_in_call = lambda: LoopInterrupted(f"stopped during step {state.step + 1} of {steps}")  # noqa: E731
         with ExitStack() as hooks, torch.no_grad():
             for module, denoiser in zip(family.denoisers(pipe), denoisers):
                 hooks.enter_context(patch_attribute(module, "forward", denoiser))
+                hooks.enter_context(cancel_checkpoint(transformer_blocks(module), cancel_event, stop_in_call))
             hooks.enter_context(family.rope_scaled(pipe, plan.rope_scale))
             record_clean = image_channel is not None and image_channel.policy == "estimate"
             if conditioning is not None or record_clean:

@@ -21,6 +21,9 @@ from .request import (LoopRequest, auto_rope_scale, default_shift_skip, knob_inf
 
 # A clip's default starting noise: enough to let the ends meet, little enough to keep the clip's look and motion.
 CLIP_INIT_STRENGTH = 0.7
+# One denoising step costing this many times the model's own (its trained length at its native size) gets a warning
+# before it starts: 5x the tokens is 25x the attention, minutes per step where the model's own takes seconds.
+COST_WARNING_FACTOR = 25.0
 
 
 @dataclass(frozen=True)
@@ -64,15 +67,18 @@ class LoopPlan:
             return self
         import numpy as np
 
-        from loopui.media import load_video, resample_clip
+        from loopui.media import read_clip, resample_clip
 
-        video = self.request.video
-        if isinstance(video, (str, bytes)) or hasattr(video, "__fspath__"):
-            frames, source_fps = load_video(video)
+        request = self.request
+        if isinstance(request.video, (str, bytes)) or hasattr(request.video, "__fspath__"):
+            path = request.video.decode() if isinstance(request.video, bytes) else request.video
+            # Streamed: only the frames the loop uses are decoded, each fitted to the loop's size at once.
+            clip, notes = read_clip(path, request.num_frames, self.fps, self.width, self.height)
         else:
-            frames, source_fps = np.asarray(video), None
-        clip, notes = resample_clip(frames, source_fps if source_fps else float(self.fps), self.request.num_frames,
-                                    self.fps, self.width, self.height)
+            clip, notes = resample_clip(np.asarray(request.video), float(self.fps), request.num_frames, self.fps,
+                                        self.width, self.height)
+        if not clip_shapes_loop(request, self.num_latents, self.init_strength, self.num_inference_steps):
+            notes = []  # how the clip was fitted does not matter: the plan's warning says it is not used
         return dataclasses.replace(self, clip=clip, clip_notes=tuple(notes))
 
 
@@ -129,6 +135,55 @@ def resolve_image_mode(request: LoopRequest, spec: Any) -> tuple[bool, str, Opti
                          f"the first latent itself (timestep 0) and rides with it around the cycle; got 'image'")
     return True, pipeline_class, "roll"
 
+def step_cost_factor(spec: Any, length: int, height: int, width: int, window_mode: str) -> float:
+    """One denoising step's cost relative to the model's own (its trained latents at its native size): attention
+    grows with the square of the tokens a transformer call sees; the window mode sees the trained length per call,
+    in about twice L / L_trained overlapping windows."""
+    trained = int(spec.trained_latent_frames)
+    pixels = (height * width) / float(spec.native_height * spec.native_width)
+    if window_mode == "window" and length > trained:
+        return (pixels ** 2) * 2.0 * length / trained
+    return (pixels * length / trained) ** 2
+
+
+def _cost_warning(spec: Any, length: int, height: int, width: int, window_mode: str) -> list[str]:
+    factor = step_cost_factor(spec, length, height, width, window_mode)
+    if factor < COST_WARNING_FACTOR:
+        return []
+    native = (int(spec.trained_latent_frames) - 1) * int(spec.temporal_compression) + 1
+    return [f"cost: one step of this loop ({length} latents at {width}x{height}) costs about {factor:,.0f}x one "
+            f"step at {spec.model_id or 'the model'}'s own {native} frames at {spec.native_width}x"
+            f"{spec.native_height} (attention grows with the square of the tokens): expect each step to take about "
+            f"that many times as long, with far more memory; fewer frames or a smaller size cost far less"]
+
+
+def clip_shapes_loop(request: LoopRequest, length: int, init_strength: float, steps: int) -> bool:
+    """Whether a request's clip can change its loop: some denoising steps are skipped (the loop starts from the
+    noised clip) or some latents are held to it (``loop_region`` below 1). False without a clip."""
+    from .conditioning import wrap_hold
+
+    if request.video is None:
+        return False
+    skipped = math.floor((1.0 - init_strength) * steps + 1e-9)
+    return skipped >= 1 or bool(wrap_hold(length, float(request.loop_region)).any())
+
+
+def _clip_warning(request: LoopRequest, spec: Any, length: int, init_strength: float, steps: int) -> list[str]:
+    """A clip that cannot shape the loop: no step is skipped (init strength) and nothing is held (loop region)."""
+    if request.video is None or clip_shapes_loop(request, length, init_strength, steps):
+        return []
+    if init_strength < 1:
+        least = math.ceil(1.0 / (1.0 - init_strength) - 1e-9)
+        reason = f"init_strength {init_strength:g} at {steps} step{'s' if steps != 1 else ''} skips no denoising step"
+        fix = f"use at least {least} steps, a lower init_strength or a loop_region below 1"
+    else:
+        reason = "init_strength 1 starts from pure noise"
+        fix = "use an init_strength below 1 or a loop_region below 1"
+    first = (" (only its first frame is used, as the image)" if spec.image_to_video and request.image is None
+             else "")
+    return [f"video: {reason} and loop_region {float(request.loop_region):g} holds nothing to it, so the clip does "
+            f"not shape this loop{first}; {fix}"]
+
 
 def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
     """Resolve ``request`` against ``spec`` (a ``loopui.models.ModelSpec``); ``ValueError`` names what is wrong."""
@@ -166,6 +221,10 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
     dynamic = spec.use_dynamic_cfg if request.use_dynamic_cfg is None else bool(request.use_dynamic_cfg)
     image_to_video, pipeline_class, image_channel = resolve_image_mode(request, spec)
     steps = int(request.num_inference_steps or spec.num_inference_steps)
+    init_strength = float(request.init_strength if request.init_strength is not None
+                          else CLIP_INIT_STRENGTH if request.video is not None else 1.0)
+    warnings += _clip_warning(request, spec, length, init_strength, steps)
+    warnings += _cost_warning(spec, length, height, width, request.window_mode)
     return LoopPlan(
         request=dataclasses.replace(request, shift_skip=skip, rope_scale=rope_scale, height=height, width=width,
                                     num_inference_steps=steps),
@@ -173,8 +232,7 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
         guidance_scale=guidance, guidance_scale_2=guidance_2,
         use_dynamic_cfg=dynamic and family.name == "cogvideox",
         fps=int(request.fps or spec.native_fps), scheduler=scheduler, flow_shift=flow_shift,
-        init_strength=float(request.init_strength if request.init_strength is not None
-                            else CLIP_INIT_STRENGTH if request.video is not None else 1.0),
+        init_strength=init_strength,
         num_output_frames=decoded_frame_count(length, spec.temporal_compression, request.frame_invariant_decoding),
         num_inference_steps=steps, negative_prompt=request.negative_prompt or spec.negative_prompt,
         image_to_video=image_to_video, pipeline_class=pipeline_class, image_channel=image_channel,

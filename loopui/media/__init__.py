@@ -16,6 +16,7 @@ from loopui.media.export import (
 )
 from loopui.media.images import (ImageInputError, load_mask_image, load_reference_image, open_image, read_mask,
                                  resample_clip)
+from loopui.media.clips import read_clip
 from loopui.media.metrics import LoopMetrics, loop_metrics, seam_ratio
 from loopui.media.scores import SCORE_KEYS, SCORES, format_scores, loop_scores
 
@@ -34,6 +35,7 @@ __all__ = [
     "loop_metrics",
     "loop_scores",
     "open_image",
+    "read_clip",
     "read_mask",
     "resample_clip",
     "read_video",

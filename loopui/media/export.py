@@ -191,25 +191,6 @@ def read_video(path: str | os.PathLike[str]) -> np.ndarray:
 DEFAULT_MAX_VIDEO_BYTES = 2 * 2**30
 
 
-def _video_fps(path: Path) -> Optional[float]:
-    """Frames per second from the container: ffmpeg's rate for MP4 and the like, the mean frame duration for
-    animated GIF/WebP; None when the file does not say."""
-    import imageio.v3 as iio
-    from PIL import Image
-
-    if path.suffix.lower() in (".gif", ".webp", ".png", ".apng"):
-        with Image.open(path) as im:
-            total_ms = 0.0
-            for index in range(getattr(im, "n_frames", 1)):
-                im.seek(index)
-                im.load()  # WebP fills in a frame's duration only once it is decoded
-                total_ms += float(im.info.get("duration") or 0)
-            count = getattr(im, "n_frames", 1)
-        return count * 1000.0 / total_ms if total_ms > 0 else None
-    fps = iio.immeta(path, plugin="FFMPEG").get("fps")
-    return float(fps) if fps and math.isfinite(fps) and fps > 0 else None
-
-
 def load_video(path: str | os.PathLike[str],
                max_bytes: int = DEFAULT_MAX_VIDEO_BYTES) -> tuple[np.ndarray, Optional[float]]:
     """Read any video or animated image (MP4, WebM, MOV, GIF, WebP, ...) as uint8 RGB ``(F, H, W, 3)`` and its fps.
@@ -220,28 +201,33 @@ def load_video(path: str | os.PathLike[str],
     """
     import imageio.v3 as iio
 
+    from loopui.media.clips import _reason, decode_slot, probe_clip
+
     path = Path(path)
     what = f"video file {str(path)!r}"
     if not path.exists():
         raise VideoInputError(f"{what} not found")
     if not path.is_file():
         raise VideoInputError(f"{what} is not a file")
+    if path.stat().st_size == 0:
+        raise VideoInputError(f"cannot read {what}: the file is empty")
     frames: list[np.ndarray] = []
     size = 0
-    try:
-        for frame in iio.imiter(path):
-            frame = _rgb_frame(frame, what)
-            size += frame.nbytes
-            if size > max_bytes:
-                raise VideoInputError(f"{what} is over {max_bytes / 2**30:.1f} GiB once decoded; use a shorter or "
-                                      f"smaller clip")
-            frames.append(frame)
-        fps = _video_fps(path)
-    except VideoInputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 -- decoders raise anything on a broken file; the user needs one line
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise VideoInputError(f"cannot read {what}: {reason}") from exc
+    with decode_slot():
+        fps = probe_clip(path)[0]
+        try:
+            for frame in iio.imiter(path):
+                frame = _rgb_frame(frame, what)
+                size += frame.nbytes
+                if size > max_bytes:
+                    raise VideoInputError(f"{what} is over {max_bytes / 2**30:.1f} GiB once decoded; use a shorter "
+                                          f"or smaller clip")
+                frames.append(frame)
+        except VideoInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- decoders raise anything on a broken file; the user needs one line
+            logger.debug("cannot decode %s", path, exc_info=exc)
+            raise VideoInputError(f"cannot read {what}: {_reason(exc)}") from exc
     if not frames:
         raise VideoInputError(f"{what} contains no frames")
     if any(f.shape != frames[0].shape for f in frames):

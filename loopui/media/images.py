@@ -233,6 +233,33 @@ MAX_CLIP_FPS = 240.0
 MIN_CLIP_FRAMES = 4
 
 
+def fit_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """One uint8 ``(H, W, 3)`` frame scaled to cover ``width`` x ``height`` and centre-cropped (as reference images
+    are)."""
+    return np.asarray(ImageOps.fit(Image.fromarray(frame), (width, height), method=Image.Resampling.LANCZOS,
+                                   centering=(0.5, 0.5)))
+
+
+def clip_indices(count: int, source_fps: float, num_frames: int, fps: float) -> tuple[np.ndarray, list[str]]:
+    """Which of a clip's ``count`` frames (at ``source_fps``) fill a loop of ``num_frames`` at ``fps``, and notes.
+
+    The loop's own frame times from the clip's start, nearest source frame, so motion keeps its speed; a clip
+    shorter than the loop is stretched over it (slower motion), and a note says so.
+    """
+    duration = count / float(source_fps)
+    needed = num_frames / float(fps)
+    notes = []
+    if duration + 1e-9 < needed:
+        times = np.linspace(0.0, duration, num_frames, endpoint=False)
+        notes.append(f"the clip lasts {duration:.2f} s, shorter than the loop's {needed:.2f} s: stretched over it "
+                     f"(slower motion); give a longer clip or fewer frames to keep its speed")
+    else:
+        times = np.arange(num_frames) / float(fps)
+        if duration > needed + 0.5 / fps:
+            notes.append(f"the loop uses the clip's first {needed:.2f} s of {duration:.2f} s")
+    return np.clip(np.round(times * source_fps).astype(int), 0, count - 1), notes
+
+
 def resample_clip(frames: np.ndarray, source_fps: Optional[float], num_frames: int, fps: float, width: int,
                   height: int) -> tuple[np.ndarray, list[str]]:
     """A user's clip as ``num_frames`` frames at ``fps``, each covering ``width`` x ``height`` (centre crop).
@@ -240,7 +267,8 @@ def resample_clip(frames: np.ndarray, source_fps: Optional[float], num_frames: i
     Frames are taken at the loop's own frame times from the clip's start (nearest source frame), so motion keeps its
     speed. A clip shorter than the loop is stretched over it (slower motion) and a note says so. Raises
     ``ImageInputError`` for a clip of fewer than ``MIN_CLIP_FRAMES`` frames or an fps that is not a positive number
-    up to ``MAX_CLIP_FPS``. Returns ``(frames (num_frames, H, W, 3) uint8, notes)``.
+    up to ``MAX_CLIP_FPS``. Returns ``(frames (num_frames, H, W, 3) uint8, notes)``. For a clip file,
+    :func:`loopui.media.read_clip` takes the same frames without decoding the others.
     """
     _check_size(width, height)
     frames = np.asarray(frames)
@@ -256,18 +284,8 @@ def resample_clip(frames: np.ndarray, source_fps: Optional[float], num_frames: i
         notes.append(f"the clip does not record its frame rate: read as {fps:g} fps")
     if not (np.isfinite(source_fps) and 0 < source_fps <= MAX_CLIP_FPS):
         raise ImageInputError(f"video: frame rate {source_fps!r} is not a usable fps (0 to {MAX_CLIP_FPS:g})")
-    duration = count / float(source_fps)
-    needed = num_frames / float(fps)
-    if duration + 1e-9 < needed:
-        times = np.linspace(0.0, duration, num_frames, endpoint=False)
-        notes.append(f"the clip lasts {duration:.2f} s, shorter than the loop's {needed:.2f} s: stretched over it "
-                     f"(slower motion); give a longer clip or fewer frames to keep its speed")
-    else:
-        times = np.arange(num_frames) / float(fps)
-        if duration > needed + 0.5 / fps:
-            notes.append(f"the loop uses the clip's first {needed:.2f} s of {duration:.2f} s")
-    index = np.clip(np.round(times * source_fps).astype(int), 0, count - 1)
-    out = np.stack([np.asarray(ImageOps.fit(Image.fromarray(frames[i]), (width, height),
-                                            method=Image.Resampling.LANCZOS, centering=(0.5, 0.5)))
-                    for i in index])
-    return out.astype(np.uint8), notes
+    index, index_notes = clip_indices(count, source_fps, num_frames, fps)
+    out = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    for slot, i in enumerate(index):
+        out[slot] = fit_frame(frames[i], width, height)
+    return out, notes + index_notes

@@ -143,7 +143,29 @@ def _one_line_upload(component: Any, param: str, data_model: type, kind: str,
 
     component.preprocess = preprocess  # type: ignore[method-assign]
     component.data_model = Checked
+    component.loopui_upload = (param, kind)  # read by _name_refused_paths
     return component
+
+
+def _name_refused_paths(demo: gr.Blocks) -> None:
+    """A client that names a file on the server instead of uploading one is refused by Gradio before any component
+    sees it ("Cannot move /etc/passwd to the gradio cache dir ..."): the server's path, not the parameter. Answer with
+    one line naming the upload parameter instead."""
+    from gradio.exceptions import InvalidPathError
+
+    stock = demo.preprocess_data
+
+    async def preprocess_data(block_fn: Any, inputs: list, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await stock(block_fn, inputs, *args, **kwargs)
+        except InvalidPathError:
+            named = [getattr(block, "loopui_upload", None) for block, value in zip(block_fn.inputs, inputs)
+                     if isinstance(value, dict) and value.get("path")]
+            param, kind = next((n for n in named if n is not None), ("an upload", "file"))
+            raise gr.Error(f"{param}: expected an uploaded {kind} file (gradio_client.handle_file(path)), got a path "
+                           f"on the server", print_exception=False) from None
+
+    demo.preprocess_data = preprocess_data  # type: ignore[method-assign]
 
 
 def _payload_name(payload: Any) -> str:
@@ -644,7 +666,9 @@ def build_app(studio: Studio) -> gr.Blocks:
         page_inputs = inputs_for({**knobs, "model": model, "history": history, "origin": page_origin})
         api_inputs = inputs_for({**api, "history": history, "origin": api_origin})
         outputs = [video, seam_md, strip, files, status, history]
-        generation = dict(concurrency_limit=studio.line.capacity + studio.line.slots, concurrency_id="generate")
+        # No Gradio limit of its own: a limit at the line's size kept the extra clients in Gradio's queue, where the
+        # studio's line never saw them to answer "busy".
+        generation = dict(concurrency_limit=None, concurrency_id="generate")
         mask_step = generate_btn.click(prepare_mask, inputs=[image, mask_editor, mask_model, motion_region],
                                        outputs=[mask], api_visibility="private", queue=False)
         gen_event = mask_step.then(generate, inputs=page_inputs, outputs=outputs, api_name="page_generate",
@@ -832,4 +856,5 @@ def build_app(studio: Studio) -> gr.Blocks:
     # Generations wait in the studio's own line (it knows each job's place and can refuse with "busy"); Gradio's queue
     # only bounds everything else.
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=4)
+    _name_refused_paths(demo)
     return demo

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,7 @@ IMAGE_CHANNEL_LABELS: dict[str, str] = {
 # Public mode (a shared server, e.g. a Space): what one request may ask for at most.
 # Wan 2.1 1.3B's native 832x480 at 81 frames and Wan 2.2 5B's 121 frames fit; 720p and longer cycles do not.
 # Uploads are capped per input by file size (a clip is larger than an image); the decoded size has the engine's own
-# caps (64 megapixels per image, 2 GiB per clip).
+# caps (64 megapixels per image; 8K frames per clip, of which only the frames the loop uses are decoded).
 PUBLIC_LIMITS: dict[str, int] = {"num_inference_steps": 50, "num_frames": 121, "pixels": 480 * 832,
                                  "prompt_chars": 2000, "image_bytes": 20 * 10**6, "video_bytes": 50 * 10**6}
 # Housekeeping of session outputs: files older than this, or beyond this total (oldest first), are deleted.
@@ -676,7 +677,11 @@ class Studio:
                     _check_upload(name, value)
         if spec.image_to_video and request.image is None and request.video is None:
             raise ValueError(f"image: {spec.model_id} animates a reference image; add one first")
-        return resolved
+        from loopui.engine.plan import plan_loop
+
+        # Said before the run (the status line's notes): a step far beyond the model's own, a clip that is not used.
+        warned = tuple(w for w in plan_loop(request, spec).warnings if w.startswith(("cost:", "video:")))
+        return dataclasses.replace(resolved, notes=resolved.notes + warned) if warned else resolved
 
     def page_values(self, values: dict, model_id: str) -> dict:
         """The page's values as a request: while a slider still shows the model's automatic value the page asks for
@@ -878,6 +883,10 @@ class Studio:
         from loopui.models import OutOfGPUMemory
 
         text = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, SaliencyUnavailable) or isinstance(exc.__cause__, SaliencyUnavailable):
+            logger.warning("no automatic mask: %s", text)  # the operator's details (path, URL) stay in the log
+            return (f"mask_model: {_NO_MASK_MODEL.format(model='the mask model')}; "
+                    f"paint the region that may move, or set motion_region to everything")
         if isinstance(exc, ModelLoadError):
             return _load_error_text(exc, text)
         if isinstance(exc, (ValueError, SaliencyUnavailable, ImageInputError)):
@@ -923,8 +932,10 @@ class Studio:
             key = (str(path), path.stat().st_mtime_ns if path.exists() else 0, mask_model)
             raw = self._raw_saliency(image, key, mask_model)
         except saliency.SaliencyUnavailable as exc:
-            return MaskPreview(image, None, image, f"No automatic mask: {exc}. You can still paint the region that "
-                                                   "may move (green brush) on the image.")
+            logger.warning("no automatic mask: %s", exc)  # the operator's details (path, URL) stay in the log
+            return MaskPreview(image, None, image, f"No automatic mask: {_NO_MASK_MODEL.format(model=mask_model)}. "
+                                                   "You can still paint the region that may move (green brush) on "
+                                                   "the image.")
         mask = saliency.postprocess_mask(raw, float(threshold), int(grow), float(feather),
                                          invert=motion_region == "background")
         overlay = saliency.overlay_mask(image, mask, color=OVERLAY_COLOR)
@@ -965,6 +976,9 @@ class Studio:
         return np.round(out * 255).astype(np.uint8)
 
 
+_NO_MASK_MODEL = "{model} is not available on this server (its weights could not be loaded)"
+
+
 def _upload_name(path: Any) -> str:
     """An upload's own file name (never the server's temp path)."""
     return Path(os.fspath(path)).name if isinstance(path, (str, os.PathLike)) else "upload"
@@ -1000,7 +1014,7 @@ def _check_clip(request: LoopRequest, spec: Any) -> None:
         text = " ".join(str(exc).split()).removeprefix("video: ")
         if isinstance(path, (str, os.PathLike)):
             text = text.replace(f"video file {os.fspath(path)!r}", repr(name)).replace(os.fspath(path), name)
-        if "Could not load meta information" in text:  # ffmpeg's answer to text, a picture or a cut-off MP4
+        if "not a video file" in text:  # text, a picture or a cut-off MP4
             text = f"{name!r} is not a video file (or it is truncated)"
         elif "truncated" in text:
             text = f"{name!r} is truncated (an incomplete upload?)"
