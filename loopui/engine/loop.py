@@ -252,7 +252,9 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
     Values left empty in ``request`` take the model's recommendations (:func:`loopui.engine.plan.plan_loop`).
     A caller that planned already (the page, the CLI: :func:`loopui.engine.plan.resolve_request`) passes that
     ``plan`` (``request`` may then be None); it is not planned again, and a clip it read is not read again.
-    With ``shift_skip=0`` and the defaults otherwise this is exactly the stock pipeline's sampling.
+    With ``shift_skip=0`` and no image control in play (no image or clip; with an image, ``anchor_strength=0`` --
+    it is 1 by default --, ``init_strength`` 1 and no ``background_freeze``) this is exactly the stock pipeline's
+    sampling, an image-to-video pipeline's included.
     """
     # 1. Check inputs and resolve the automatic values (once: a caller's plan is used as it is)
     if output_type not in ("np", "latent"):
