@@ -181,3 +181,18 @@ def test_stock_decoding_reports_the_frames_it_returns(tiny_pipe, num_frames):
     result = generate_loop(tiny_pipe, LoopRequest(**{**BASE, "num_inference_steps": 1, "height": 32, "width": 48},
                                                   num_frames=num_frames, frame_invariant_decoding=False))
     assert result.settings["num_output_frames"] == result.frames.shape[0]
+
+
+def test_skip_zero_with_an_image_is_stock_only_without_the_anchor(tiny_i2v_pipe, image):
+    # generate_loop's promise "shift 0 = the stock pipeline" holds with an image only when no image control is in
+    # play: the anchor is on (1) by default with an image, and then frame 0 is pulled to the image.
+    pipe = tiny_i2v_pipe
+    size = dict(height=32, width=48, num_frames=49, num_inference_steps=3, guidance_scale=6.0)
+    stock = pipe(prompt=BASE["prompt"], image=load_reference_image(image, 48, 32), **size,
+                 generator=torch.Generator().manual_seed(3), output_type="latent").frames
+    base = {**BASE, **size}
+    plain = generate_loop(pipe, LoopRequest(**base, image=image, shift_skip=0, anchor_strength=0.0),
+                          output_type="latent")
+    assert torch.equal(stock.float(), plain.latents)
+    anchored = generate_loop(pipe, LoopRequest(**base, image=image, shift_skip=0), output_type="latent")
+    assert LoopRequest(prompt="x").anchor_strength == 1.0 and not torch.allclose(stock.float(), anchored.latents)

@@ -257,8 +257,12 @@ def test_generate_loop_fills_the_scores(tiny_i2v_pipe) -> None:
     result = generate_loop(tiny_i2v_pipe, request)
     scores, frames = result.scores, result.frames
     reference = np.asarray(load_reference_image(image, 48, 32), dtype=float)
-    assert scores["first_last_mse"] == pytest.approx(np.mean((frames[0].astype(float) - frames[-1]) ** 2))
+    # The loop plays from its image (rotated by anchor_frame_shift); the wrap scores read the generated cycle, whose
+    # last frame is followed by its first, MSE_F0 the frame it plays from.
+    cycle = np.roll(frames, result.settings["anchor_frame_shift"], axis=0)
+    assert scores["first_last_mse"] == pytest.approx(np.mean((cycle[0].astype(float) - cycle[-1]) ** 2))
     assert scores["mse_f0"] == pytest.approx(np.mean((frames[0].astype(float) - reference) ** 2))
     assert scores["seam_ratio"] == pytest.approx(result.seam_ratio)
-    assert scores["ssim_motion"] == pytest.approx(ssim_motion(frames))
+    assert scores["cycle_ratio"] == pytest.approx(result.cycle_ratio)
+    assert scores["ssim_motion"] == pytest.approx(ssim_motion(cycle))
     assert scores["motion_smoothness"] is None  # the flow metrics are left to `loopui score` (seconds per loop)

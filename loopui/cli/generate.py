@@ -268,7 +268,7 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
     if args.save_latents:
         print(f"wrote {args.save_latents} (latents {tuple(result.latents.shape)})")
     if result.seam_ratio is not None:
-        print(f"seam ratio {result.seam_ratio:.2f} (the wrap's jump vs. the mean frame step; about 1 = seamless), "
+        print(f"seam ratio {result.seam_ratio:.2f} (the wrap's jump vs. the steps around it; about 1 = seamless), "
               f"interior ratio {result.interior_ratio:.2f} (the largest other jump)")
     if result.scores:
         from loopui.media import format_scores

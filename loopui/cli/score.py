@@ -42,6 +42,7 @@ def _score_table(rows: Sequence[dict]) -> str:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in [header, *body]]
+    lines += [f"{name}: warning: {warning}" for name, row in zip(names, rows) for warning in row.get("warnings", [])]
     return "\n".join(lines)
 
 

@@ -66,6 +66,9 @@ class LoopResult:
     latent_seam_ratio: Optional[float] = None
     latent_interior_ratio: Optional[float] = None
     scores: dict = field(default_factory=dict)  # the papers' pixel metrics (loopui.media.loop_scores, no flow/CLIP)
+    # The largest jump anywhere in the cycle, wrap included, against the steps around it: no rotation changes it.
+    cycle_ratio: Optional[float] = None
+    latent_cycle_ratio: Optional[float] = None
 
     @property
     def settings(self) -> dict:
@@ -249,7 +252,9 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
     Values left empty in ``request`` take the model's recommendations (:func:`loopui.engine.plan.plan_loop`).
     A caller that planned already (the page, the CLI: :func:`loopui.engine.plan.resolve_request`) passes that
     ``plan`` (``request`` may then be None); it is not planned again, and a clip it read is not read again.
-    With ``shift_skip=0`` and the defaults otherwise this is exactly the stock pipeline's sampling.
+    With ``shift_skip=0`` and no image control in play (no image or clip; with an image, ``anchor_strength=0`` --
+    it is 1 by default --, ``init_strength`` 1 and no ``background_freeze``) this is exactly the stock pipeline's
+    sampling, an image-to-video pipeline's included.
     """
     # 1. Check inputs and resolve the automatic values (once: a caller's plan is used as it is)
     if output_type not in ("np", "latent"):
@@ -376,14 +381,17 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
             callback("decode", 1, 1)
     t_decode = time.perf_counter()
 
-    # 6. Metrics and settings
+    # 6. Metrics and settings; an anchored loop plays from its image, so its pixels are measured at the cycle's wrap
     from loopui.media import loop_metrics, loop_scores
+    from loopui.media.scores import pixel_loop_metrics
 
     latents_cpu = final.detach().float().cpu()
     latent_metrics = loop_metrics(family.time_first(latents_cpu)) if length > 2 else None
-    pixel_metrics = loop_metrics(frames) if frames is not None and len(frames) > 2 else None
+    pixel_metrics = (pixel_loop_metrics(frames, rotation=anchor_shift)
+                     if frames is not None and len(frames) > 2 else None)
     metrics = pixel_metrics or latent_metrics
-    scores = loop_scores(frames, reference=image, flow=False) if pixel_metrics is not None else {}
+    scores = (loop_scores(frames, reference=image, flow=False, rotation=anchor_shift)
+              if pixel_metrics is not None else {})
     t_scores = time.perf_counter()  # SSIM over every frame pair: seconds at 480p on a CPU core, so it is timed too
     return LoopResult(
         frames=frames,
@@ -391,6 +399,7 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         plan=plan,
         seam_ratio=None if metrics is None else float(metrics.seam_ratio),
         interior_ratio=None if metrics is None else float(metrics.interior_ratio),
+        cycle_ratio=None if metrics is None else float(metrics.cycle_ratio),
         worst_step=None if metrics is None else tuple(int(v) for v in metrics.worst_interior_step),
         family=family.name, pipeline=type(pipe).__name__,
         scheduler_class=type(pipe.scheduler if scheduler is None else scheduler).__name__,
@@ -402,5 +411,6 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         warnings=list(plan.warnings) + [f"video: {note}" for note in plan.clip_notes],
         latent_seam_ratio=None if latent_metrics is None else float(latent_metrics.seam_ratio),
         latent_interior_ratio=None if latent_metrics is None else float(latent_metrics.interior_ratio),
+        latent_cycle_ratio=None if latent_metrics is None else float(latent_metrics.cycle_ratio),
         scores=scores,
     )

@@ -18,7 +18,7 @@ from loopui.media.images import (ImageInputError, load_mask_image, load_referenc
                                  resample_clip)
 from loopui.media.clips import read_clip
 from loopui.media.metrics import LoopMetrics, loop_metrics, seam_ratio
-from loopui.media.scores import SCORE_KEYS, SCORES, format_scores, loop_scores
+from loopui.media.scores import SCORE_KEYS, SCORES, format_scores, loop_scores, loop_warnings, pixel_loop_metrics
 
 __all__ = [
     "SCORES",
@@ -34,7 +34,9 @@ __all__ = [
     "load_video",
     "loop_metrics",
     "loop_scores",
+    "loop_warnings",
     "open_image",
+    "pixel_loop_metrics",
     "read_clip",
     "read_mask",
     "resample_clip",
