@@ -232,6 +232,30 @@ class Knobs:
             choices.insert(0, (f"{self.model_id} (local)", self.model_id))
         return choices
 
+    def served_models(self) -> list[str]:
+        """The model ids the dropdown offers: the only ones a request may name."""
+        return [value for _, value in self.model_choices()]
+
+    def page_values(self, values: dict, model_id: str) -> dict:
+        """The page's values as a request: while a slider still shows the model's automatic value the page asks for
+        "automatic", so it computes exactly what the API and the CLI compute. The RoPE slider shows the automatic
+        scale rounded to its step; the guidance slider the model's recommendation, which on a two-expert model
+        stands for two values (high-noise and low-noise expert)."""
+        values = dict(values)
+        try:
+            if float(values["guidance_scale"]) == float(self.model_view(model_id).guidance.value):
+                values["guidance_scale"] = None
+        except (KeyError, TypeError, ValueError):
+            pass
+        try:
+            auto = auto_rope_scale(model_id, int(values["num_frames"]), values["window_mode"])
+            shown = float(values["rope_scale"])
+        except (KeyError, TypeError, ValueError):
+            return values
+        if abs(shown - auto) < 1e-9:
+            values["rope_scale"] = None
+        return values
+
     def _public_size_ok(self, height: int, width: int) -> bool:
         return not self.public or height * width <= PUBLIC_LIMITS["pixels"]
 

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from loopui.engine.settings import LoopRequest, ResolvedRequest, request_from_values, resolve_request, size_text
-
-if TYPE_CHECKING:
-    from loopui.studio.knobs import Knobs
 
 AUTO_SCHEDULER = "auto"  # dropdown value for "the model's own scheduler" (LoopRequest.scheduler = None)
 
@@ -36,14 +33,15 @@ PUBLIC_LIMITS: dict[str, int] = {"num_inference_steps": 50, "num_frames": 121, "
                                  "prompt_chars": 2000, "image_bytes": 20 * 10**6, "video_bytes": 50 * 10**6}
 
 
-def check_model(model_id: Any, knobs: Knobs) -> Any:
-    """The spec of a model a request names; only the dropdown's models are served (never a path from a client)."""
+def check_model(model_id: Any, served: Sequence[str], default: str) -> Any:
+    """The spec of the model a request names (``default`` when it names none); only the ``served`` models (the
+    dropdown's) are served, never a path from a client."""
     from loopui.models import resolve_model_id, spec_for
 
-    allowed = [value for _, value in knobs.model_choices()]
+    allowed = list(served)
     name = resolve_model_id(model_id.strip()) if isinstance(model_id, str) and model_id.strip() else None
     if name is None:
-        name = knobs.model_id
+        name = default
     if name not in allowed:
         raise ValueError(f"model {model_id!r} is not served here; choose one of: {', '.join(allowed)}")
     return spec_for(name)
@@ -77,29 +75,6 @@ def build_request(values: dict, spec: Any, public: bool = False) -> ResolvedRequ
     if spec.image_to_video and request.image is None and request.video is None:
         raise ValueError(f"image: {spec.model_id} animates a reference image; add one first")
     return resolved
-
-
-def page_values(values: dict, model_id: str, knobs: Knobs) -> dict:
-    """The page's values as a request: while a slider still shows the model's automatic value the page asks for
-    "automatic", so it computes exactly what the API and the CLI compute. The RoPE slider shows the automatic
-    scale rounded to its step; the guidance slider the model's recommendation, which on a two-expert model
-    stands for two values (high-noise and low-noise expert)."""
-    from loopui.studio.knobs import auto_rope_scale
-
-    values = dict(values)
-    try:
-        if float(values["guidance_scale"]) == float(knobs.model_view(model_id).guidance.value):
-            values["guidance_scale"] = None
-    except (KeyError, TypeError, ValueError):
-        pass
-    try:
-        auto = auto_rope_scale(model_id, int(values["num_frames"]), values["window_mode"])
-        shown = float(values["rope_scale"])
-    except (KeyError, TypeError, ValueError):
-        return values
-    if abs(shown - auto) < 1e-9:
-        values["rope_scale"] = None
-    return values
 
 
 def mask_settings(values: dict, image: Any) -> LoopRequest:

@@ -93,7 +93,7 @@ class Studio:
 
     def check_model(self, model_id: Any) -> Any:
         """The spec of a model a request names; only the dropdown's models are served (never a path from a client)."""
-        return requests.check_model(model_id, self.knobs)
+        return requests.check_model(model_id, self.knobs.served_models(), self.model_id)
 
     def build_request(self, values: dict, model_id: Any = None) -> ResolvedRequest:
         """A validated request with every automatic value filled in, from page or API values, for a model this
@@ -102,8 +102,8 @@ class Studio:
 
     def page_values(self, values: dict, model_id: str) -> dict:
         """The page's values as a request: a slider still at the model's automatic value asks for "automatic"
-        (``loopui.studio.requests.page_values``)."""
-        return requests.page_values(values, model_id, self.knobs)
+        (``Knobs.page_values``)."""
+        return self.knobs.page_values(values, model_id)
 
     # -- generation -----------------------------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
-"""The page's input components: uploads and hidden API inputs whose bad values end as one line naming the
-parameter, and sliders and dropdowns that take their range, choices and help from ``LoopRequest``."""
+"""The page's components: uploads and hidden API inputs whose bad values end as one line naming the parameter,
+sliders and dropdowns that take their range, choices and help from ``LoopRequest``, and ``Page``, the components
+the handlers read and write."""
 
 from __future__ import annotations
 
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -148,3 +150,36 @@ def api_inputs(knobs: Knobs) -> dict[str, gr.components.Component]:
                                   whole=name in WHOLE_NUMBER_FIELDS)
     out["model"] = gr.Textbox(label="model", value=knobs.model_id, visible=False)
     return out
+
+
+@dataclass
+class Page:
+    """The components the handlers read and write: ``fields`` holds the page's input for each request field
+    (``REQUEST_FIELDS``), ``api`` their hidden twins for the API plus ``model``."""
+
+    fields: dict[str, gr.components.Component]
+    api: dict[str, gr.components.Component]
+    model: Any
+    history: Any
+    banner_md: Any
+    preview_btn: Any
+    model_md: Any
+    resolution: Any
+    shift_md: Any
+    dice: Any
+    mask_editor: Any
+    mask_note: Any
+    image_controls: Any
+    generate_btn: Any
+    stop_btn: Any
+    video: Any
+    status: Any
+    seam_md: Any
+    strip: Any
+    files: Any
+    gallery: Any
+    api_mask: Any
+    api_mask_trigger: Any
+    api_generate_trigger: Any
+    page_origin: Any
+    api_origin: Any

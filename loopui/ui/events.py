@@ -12,17 +12,18 @@ import inspect
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import gradio as gr
 import numpy as np
 
 from loopui.engine.plan import CLIP_INIT_STRENGTH
-from loopui.studio import requests
+from loopui.studio import Studio, requests
 from loopui.studio.jobs import LeftLine, ProgressClock
 from loopui.studio.knobs import RESOLUTION_PRESETS, help_text, model_spec, shift_note
 from loopui.studio.requests import REQUEST_FIELDS
 from loopui.studio.results import MAX_HISTORY, RESTORED_FIELDS, HistoryEntry, error_text, history_entry
+from loopui.ui.components import Page
 from loopui.ui.updates import (
     FOLLOW_MODEL,
     length_updates,
@@ -34,10 +35,6 @@ from loopui.ui.updates import (
     window_update,
 )
 from loopui.ui.zerogpu import gpu_decorator
-
-if TYPE_CHECKING:
-    from loopui.studio import Studio
-    from loopui.ui.page import Page
 
 logger = logging.getLogger(__name__)
 

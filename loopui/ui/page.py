@@ -4,7 +4,6 @@ are ``events.py``; the service underneath is :class:`loopui.studio.Studio`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from loopui.studio.knobs import (
     window_state,
 )
 from loopui.studio.masks import PAINT_MOVE_COLOR, PAINT_STILL_COLOR
-from loopui.ui.components import api_inputs, knob_dropdown, knob_slider, uploaded_image, uploaded_video
+from loopui.ui.components import Page, api_inputs, knob_dropdown, knob_slider, uploaded_image, uploaded_video
 from loopui.ui.events import NO_CLIP_NOTE, wire
 from loopui.ui.updates import rope_update
 
@@ -86,39 +85,6 @@ def launch_options(public: bool = False) -> dict[str, Any]:
     if public:
         options["max_file_size"] = PUBLIC_MAX_UPLOAD
     return options
-
-
-@dataclass
-class Page:
-    """The components the handlers read and write: ``fields`` holds the page's input for each request field
-    (``REQUEST_FIELDS``), ``api`` their hidden twins for the API plus ``model``."""
-
-    fields: dict[str, gr.components.Component]
-    api: dict[str, gr.components.Component]
-    model: Any
-    history: Any
-    banner_md: Any
-    preview_btn: Any
-    model_md: Any
-    resolution: Any
-    shift_md: Any
-    dice: Any
-    mask_editor: Any
-    mask_note: Any
-    image_controls: Any
-    generate_btn: Any
-    stop_btn: Any
-    video: Any
-    status: Any
-    seam_md: Any
-    strip: Any
-    files: Any
-    gallery: Any
-    api_mask: Any
-    api_mask_trigger: Any
-    api_generate_trigger: Any
-    page_origin: Any
-    api_origin: Any
 
 
 def build_app(studio: Studio) -> gr.Blocks:
