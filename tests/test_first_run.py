@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from fake_cuda import GIB, fake_cuda  # noqa: F401 - pytest fixture
+from served_app import free_port
 
 HUB_MODEL = "THUDM/CogVideoX-2b"  # any registry id: its files are the tiny model's here
 
@@ -215,7 +216,8 @@ def test_zero_gpu_loads_the_model_at_start_up_and_sizes_the_gpu_time(zero_gpu, m
     monkeypatch.setattr(loopui.ui, "build_app", build_app)
     monkeypatch.setattr(loopui.studio.Studio, "warm_up", lambda self: None)
     monkeypatch.chdir(tmp_path)
-    assert app.main(["--demo"]) == 0
+    # A free port: the default 7860 may be another server's on a shared machine (the page is never served here).
+    assert app.main(["--demo", "--port", str(free_port())]) == 0
     studio = built["studio"]
     assert studio.zero_gpu and studio.pool.devices == ["cuda"] and built["launched"]
     # Loaded before the page was built (so before any visitor's GPU call), all on the GPU.
