@@ -2,7 +2,7 @@
 values), at its native size: seconds per step and per loop, loop vs stock pipeline, frame-invariant vs stock decode,
 offload policies, full vs window mode for long cycles, and peak VRAM.
 
-The transformer(s) and VAE are built at full size from the real configs in ``loopui/models/configs`` (on the meta
+The transformer(s) and VAE are built at full size from the real configs in ``loopui/testing/configs`` (on the meta
 device, then materialised on the GPU: a 14B transformer builds in seconds); the text encoder is the faithful shrunk
 one (real ``d_model``, so the transformer sees real embedding widths) and the full-size text encoder is measured on
 its own. Timings are per denoising step (CUDA-synchronised in the step callback), the first step dropped as warm-up;
@@ -107,7 +107,7 @@ class Bench:
     def build(self, model_id: str, device: Optional[str] = None) -> Any:
         """The stock pipeline of ``model_id``: true-size transformer(s) and VAE, faithful small text encoder."""
         torch = self.torch
-        from loopui.models.faithful import (build_faithful_pipeline, build_true_size, component_class_name,
+        from loopui.testing.faithful import (build_faithful_pipeline, build_true_size, component_class_name,
                                             load_config, shrunk_overrides)
         from loopui.models.registry import REGISTRY
 
@@ -273,7 +273,7 @@ class Bench:
 
     def text_encoder_section(self) -> dict:
         torch = self.torch
-        from loopui.models.faithful import build_true_size, component_class_name, load_config, shrunk_overrides
+        from loopui.testing.faithful import build_true_size, component_class_name, load_config, shrunk_overrides
 
         out = {}
         for model_id in ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "THUDM/CogVideoX-5b"):

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loopui.engine import LoopRequest, generate_loop  # noqa: E402
-from loopui.models import ModelManager, save_tiny_cogvideox  # noqa: E402
+from loopui.models import ModelManager, memory, save_tiny_cogvideox  # noqa: E402
 
 GIB = 2**30
 DEVICE = "cuda:0"
@@ -78,20 +78,20 @@ def main() -> None:
     def _():
         manager = ModelManager(max_models=1)
         seen = {}
-        measure = ModelManager._auto_policy
+        measure = memory.auto_policy
 
         def spy(spec, device):
             seen.setdefault("allocated_when_measured", []).append(allocated())
             return measure(spec, device)
 
-        ModelManager._auto_policy = staticmethod(spy)
+        memory.auto_policy = spy
         try:
             first = manager.get(str(folder), device=DEVICE)
             held = allocated()
             with manager.use("demo", device=DEVICE) as second:
                 generate_loop(second.pipe, LoopRequest(**SMALL), output_type="latent")
         finally:
-            ModelManager._auto_policy = staticmethod(measure)
+            memory.auto_policy = measure
         return {"first_policy": first.policy, "allocated_with_first_MiB": held / 2**20,
                 "allocated_when_second_measured_MiB": [a / 2**20 for a in seen["allocated_when_measured"]],
                 "loaded": [m.spec.model_id for m in manager.loaded()]}
@@ -158,13 +158,13 @@ def main() -> None:
             where["transformer_when_it_failed"].append(str(next(transformer.parameters()).device))
             raise torch.cuda.OutOfMemoryError("injected after the transformer was moved to the GPU")
 
-        recover = ModelManager._recover
+        recover = memory.recover
 
         def spy(loaded_model):
             recover(loaded_model)
             where["transformer_after_cleanup"].append(str(next(transformer.parameters()).device))
 
-        ModelManager._recover = staticmethod(spy)
+        memory.recover = spy
         handle = transformer.transformer_blocks[0].register_forward_pre_hook(fail, with_kwargs=True)
         try:
             manager.run("demo", lambda m: generate_loop(m.pipe, LoopRequest(**SMALL), output_type="latent"),
@@ -173,7 +173,7 @@ def main() -> None:
             where["final_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
         finally:
             handle.remove()
-            ModelManager._recover = staticmethod(recover)
+            memory.recover = recover
         where["policy_after"] = manager.loaded()[0].policy
         return where
 

@@ -37,7 +37,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from loopui.saliency import weights_available
-    from loopui.ui.browser import CHROMIUM_ARGS, VIEWPORT, chromium_executable, drive_studio
+    from loopui.testing.browser import CHROMIUM_ARGS, VIEWPORT, chromium_executable, drive_studio
 
     chromium = chromium_executable()
     if chromium is None:

@@ -90,9 +90,9 @@ def left_half_mask():
 
 @pytest.fixture(scope="session")
 def faithful_wan_dir(tmp_path_factory) -> Path:
-    """Wan 2.1 T2V 1.3B's real configuration, shrunk in width and depth only (``loopui.models.faithful``), saved as
+    """Wan 2.1 T2V 1.3B's real configuration, shrunk in width and depth only (``loopui.testing.faithful``), saved as
     a loadable local diffusers folder."""
-    from loopui.models.faithful import save_faithful_pipeline
+    from loopui.testing.faithful import save_faithful_pipeline
 
     return save_faithful_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
                                   tmp_path_factory.mktemp("faithful-wan") / "model")
@@ -127,3 +127,27 @@ def clip_files(tmp_path_factory) -> dict[str, Path]:
     data = out["good"].read_bytes()
     out["truncated"].write_bytes(data[: len(data) // 2])
     return out
+
+
+@pytest.fixture()
+def counted(monkeypatch):
+    """Counts of ``plan_loop`` calls (under every name the engine calls it by) and of clips read from disk."""
+    import loopui.engine.loop as loop_module
+    import loopui.engine.plan as plan_module
+    import loopui.media as media
+
+    counts = {"plan_loop": 0, "load_video": 0}
+    real_plan, real_load = plan_module.plan_loop, media.load_video
+
+    def plan_loop(*args, **kwargs):
+        counts["plan_loop"] += 1
+        return real_plan(*args, **kwargs)
+
+    def load_video(*args, **kwargs):
+        counts["load_video"] += 1
+        return real_load(*args, **kwargs)
+
+    for module in (plan_module, loop_module):
+        monkeypatch.setattr(module, "plan_loop", plan_loop)
+    monkeypatch.setattr(media, "load_video", load_video)
+    return counts

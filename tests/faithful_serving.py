@@ -5,18 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from loopui.models import ModelLoadError, ModelManager
+from loopui.models import ModelLoadError, ModelManager, PipelineLoader
 
 
-class FaithfulManager(ModelManager):
-    """``ModelManager`` whose loader reads ``folders[model_id]`` (a ``save_faithful_pipeline`` folder) instead of
-    downloading; any other hub id fails to load, as an unreachable hub would."""
+class FaithfulLoader(PipelineLoader):
+    """Reads ``folders[model_id]`` (a ``save_faithful_pipeline`` folder) instead of downloading; any other hub id
+    fails to load, as an unreachable hub would."""
 
-    def __init__(self, folders: Mapping[str, Path], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, folders: Mapping[str, Path]) -> None:
+        super().__init__()
         self.folders = dict(folders)
 
-    def _from_pretrained(self, spec: Any, torch_dtype: Any, progress: Any, cancel: Any = None) -> Any:
+    def from_pretrained(self, spec: Any, torch_dtype: Any, progress: Any, cancel: Any = None) -> Any:
         import diffusers
 
         folder = self.folders.get(spec.model_id)
@@ -26,3 +26,10 @@ class FaithfulManager(ModelManager):
         pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(folder, dtype=torch_dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+class FaithfulManager(ModelManager):
+    """``ModelManager`` whose loader is a ``FaithfulLoader`` over ``folders``."""
+
+    def __init__(self, folders: Mapping[str, Path], **kwargs: Any) -> None:
+        super().__init__(loader=FaithfulLoader(folders), **kwargs)

@@ -66,6 +66,24 @@ def test_everything_the_page_offers_is_accepted_for_every_model(tmp_path, has_gp
             _page_request(studio, model_id, scheduler=name)
 
 
+def test_the_steps_start_at_the_models_own_count_not_the_sliders_minimum(tmp_path):
+    """``num_inference_steps`` left empty is the model's own count (40 on Wan 2.2 A14B); the page and the API's
+    default start there -- a knob default of None used to leave the Steps slider at its minimum, 1 step."""
+    pytest.importorskip("gradio")
+    from loopui.ui import build_app
+
+    studio = _studio(tmp_path)
+    for model_id in ("THUDM/CogVideoX-5b", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"):
+        planned = plan_loop(_page_request(studio, model_id).request, studio.spec(model_id)).num_inference_steps
+        assert studio.knobs.default("num_inference_steps", model_id) == planned == studio.knobs.model_view(
+            model_id).steps
+    assert studio.knobs.default("num_inference_steps") == 50
+    assert _studio(tmp_path, has_gpu=False).knobs.default("num_inference_steps") == 4  # the preview settings
+    config = build_app(studio).get_config_file()
+    steps = [c["props"] for c in config["components"] if c["props"].get("elem_id") == "loopui-steps"]
+    assert [props["value"] for props in steps] == [50]
+
+
 def test_knobs_follow_each_family(tmp_path):
     studio = _studio(tmp_path)
     cog, wan, wan22, a14b = (studio.knobs.model_view(m) for m in ("THUDM/CogVideoX-5b", WAN, "Wan-AI/Wan2.2-TI2V-5B-Diffusers",

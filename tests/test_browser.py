@@ -30,7 +30,7 @@ def _require(condition: bool, reason: str) -> None:
 
 def _playwright_and_chromium():
     """``(sync_playwright, chromium path)``: skipped where either is missing (a failure when CI is set)."""
-    from loopui.ui.browser import chromium_executable
+    from loopui.testing.browser import chromium_executable
 
     try:
         from playwright.sync_api import sync_playwright
@@ -67,7 +67,7 @@ def served_demo(tmp_path):
 
 
 def test_page_previews_the_mask_and_plays_a_looping_video(served_demo, tmp_path):
-    from loopui.ui.browser import CHROMIUM_ARGS, VIEWPORT, drive_studio
+    from loopui.testing.browser import CHROMIUM_ARGS, VIEWPORT, drive_studio
 
     sync_playwright, chromium = _playwright_and_chromium()
 
@@ -122,7 +122,7 @@ def test_page_previews_the_mask_and_plays_a_looping_video(served_demo, tmp_path)
 def test_page_layout_keeps_generate_in_reach_and_labels_readable(served_demo):
     """Desktop: no model name under the dropdown arrow, no mask label under the editor's toolbar. Phone (390 px):
     the prompt, Generate and the player come first (Generate used to be ~3,600 px down)."""
-    from loopui.ui.browser import (CHROMIUM_ARGS, PHONE_VIEWPORT, VIEWPORT, layout_report)
+    from loopui.testing.browser import (CHROMIUM_ARGS, PHONE_VIEWPORT, VIEWPORT, layout_report)
 
     sync_playwright, chromium = _playwright_and_chromium()
 
@@ -170,7 +170,7 @@ def test_every_knob_follows_the_model_wan_and_cogvideox_5b_i2v(served_families, 
     """Choosing Wan 2.1 1.3B sets fps 16, guidance 5, the flow-matching schedulers, locks dynamic CFG and opens the
     flow shift; a loop made on the page plays at 16 fps. Choosing CogVideoX-5b-I2V leaves only its native size (the
     preview keeps it), locks width/height, starts the loop length at 49 and forces the window mode past it."""
-    from loopui.ui.browser import CHROMIUM_ARGS, VIEWPORT
+    from loopui.testing.browser import CHROMIUM_ARGS, VIEWPORT
 
     sync_playwright, chromium = _playwright_and_chromium()
 
@@ -290,7 +290,7 @@ def test_a_gpu_server_generates_at_the_native_size_from_empty_size_boxes(tmp_pat
     value 16."."""
     pytest.importorskip("gradio")
     from loopui.studio import Studio
-    from loopui.ui.browser import CHROMIUM_ARGS, VIEWPORT
+    from loopui.testing.browser import CHROMIUM_ARGS, VIEWPORT
 
     sync_playwright, chromium = _playwright_and_chromium()
 
@@ -322,7 +322,7 @@ def test_a_clip_uploaded_in_the_page_becomes_a_loop(served_demo, clip_files):
     Init strength to the engine's clip default, unlocks Loop region and locks Anchor strength (inert with a clip);
     Generate makes a loop of the clip; removing the clip puts the knobs back (seen with an image added)."""
     from loopui.engine.plan import CLIP_INIT_STRENGTH
-    from loopui.ui.browser import CHROMIUM_ARGS, VIEWPORT
+    from loopui.testing.browser import CHROMIUM_ARGS, VIEWPORT
 
     sync_playwright, chromium = _playwright_and_chromium()
 

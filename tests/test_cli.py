@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from loopui.cli import build_parser, main
-from loopui.engine.settings import knob_info
+from loopui.engine.request import knob_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--height", "32", "--width", "48", "--steps", "2", "--frames", "49"]
@@ -88,11 +88,11 @@ def test_model_recommendations_fill_unset_flags_only(tiny_model_dir, tmp_path):
     # Wan 2.2 A14B: left out, the guidance is the model's pair (high-noise 4, low-noise 3); given, it sets both.
     a14b = REGISTRY["Wan-AI/Wan2.2-T2V-A14B-Diffusers"]
     args = parser.parse_args(["generate", "--model", a14b.model_id, "--prompt", "waves", "-o", "x.mp4"])
-    plan = plan_loop(build_request(args, a14b).request, a14b)
+    plan = build_request(args, a14b)
     assert (plan.guidance_scale, plan.guidance_scale_2, plan.fps, plan.flow_shift) == (4.0, 3.0, 16, 12.0)
     args = parser.parse_args(["generate", "--model", a14b.model_id, "--prompt", "waves", "-o", "x.mp4",
                               "--guidance", "3.5", "--flow-shift", "8", "--fps", "12", "--scheduler", "euler"])
-    plan = plan_loop(build_request(args, a14b).request, a14b)
+    plan = build_request(args, a14b)
     assert (plan.guidance_scale, plan.guidance_scale_2, plan.fps, plan.flow_shift, plan.scheduler) == \
         (3.5, 3.5, 12, 8.0, "euler")
     args = parser.parse_args(["generate", "--model", "demo", "--prompt", "waves", "-o", "x.mp4", "--scheduler",
@@ -116,6 +116,13 @@ def test_generate_help_takes_defaults_and_choices_from_loop_request():
     assert actions["scheduler"].choices == ("ddim", "dpm", "unipc", "euler")
     assert actions["image_channel"].choices == knob_info("image_channel")["choices"]
     assert actions["flow_shift"].default is None and actions["fps"].default is None
+
+
+def test_save_latents_help_names_the_layout_of_each_family():
+    """The latents are saved in the model's own layout, which differs by family: the help must not name one."""
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    text = " ".join(next(a for a in generate._actions if a.dest == "save_latents").help.split())
+    assert "CogVideoX (B, T, C, H, W)" in text and "Wan (B, C, T, H, W)" in text
 
 
 def test_no_frame_invariant_decoding_gives_the_requested_frame_count(tiny_model_dir, tmp_path, capsys):
@@ -229,7 +236,8 @@ def test_generate_on_a_faithful_wan_folder_writes_a_16_fps_loop(faithful_wan_dir
 
     out = tmp_path / "wan.mp4"
     code = main(["generate", "--model", str(faithful_wan_dir), "--prompt", "a red ball bouncing", "--frames", "9",
-                 "--height", "32", "--width", "48", "--steps", "2", "--flow-shift", "4", "-q", "-o", str(out)])
+                 "--height", "32", "--width", "48", "--steps", "2", "--flow-shift", "4", "-q", "-o", str(out),
+                 "--save-latents", str(tmp_path / "wan.pt")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     frames, fps = load_video(out)
@@ -242,6 +250,9 @@ def test_generate_on_a_faithful_wan_folder_writes_a_16_fps_loop(faithful_wan_dir
         (16, 4.0, 5.0, False)
     assert settings["shift_skip"] == 1 and settings["image_channel"] is None  # inert without an image-to-video model
     assert any(line.startswith(f"wrote {out} (12 frames, 48x32, 16 fps") for line in captured.out.splitlines())
+    import torch
+
+    assert tuple(torch.load(tmp_path / "wan.pt").shape) == (1, 16, 3, 4, 6)  # Wan's (B, C, T, H, W), as --help says
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -263,24 +274,24 @@ def test_a_knob_wan_cannot_use_is_refused_before_loading(faithful_wan_dir, tmp_p
     assert _error_line(capsys).startswith(f"loopui: error: {needle}")
 
 
-def test_mask_subcommand_is_wired(tmp_path, capsys):
-    assert main(["mask", str(tmp_path / "nope.png"), "--output", str(tmp_path / "m.png")]) == 2
-    assert "nope.png" in _error_line(capsys)
-
-
 # -- a clip to loop -------------------------------------------------------------------------------------------------
 
-def test_generate_loops_a_clip_written_by_another_program(clip_files, tmp_path, capsys):
+def test_generate_loops_a_clip_written_by_another_program(clip_files, tmp_path, capsys, counted):
     """--video: 17 frames -> L = 5 latents -> a 4·L = 20-frame MP4; the sidecar names the clip, the loop region and
-    the clip's automatic init strength (0.7: --init-strength left out)."""
+    the clip's automatic init strength (0.7: --init-strength left out). Planned once, the clip read once."""
+    from PIL import Image
+
     from loopui.media import read_video
 
     out = tmp_path / "clip-loop.mp4"
+    Image.new("RGB", (48, 32), (200, 40, 40)).save(tmp_path / "ref.png")
     code = main(["generate", "--model", "demo", "--prompt", "a bar sliding", "--video", str(clip_files["good"]),
+                 "--image", str(tmp_path / "ref.png"),
                  "--loop-region", "0.5", "--frames", "17", "--height", "32", "--width", "48", "--steps", "2",
                  "-o", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
+    assert counted == {"plan_loop": 1, "load_video": 1}
     assert read_video(out).shape == (20, 32, 48, 3)
     settings = json.loads(out.with_suffix(".json").read_text())["settings"]
     assert (settings["video"], settings["loop_region"], settings["init_strength"]) == \
@@ -291,18 +302,18 @@ def test_generate_loops_a_clip_written_by_another_program(clip_files, tmp_path, 
 
 def test_init_strength_left_out_stays_automatic_with_a_clip(clip_files):
     from loopui.cli import build_request
-    from loopui.engine.plan import CLIP_INIT_STRENGTH, plan_loop
+    from loopui.engine.plan import CLIP_INIT_STRENGTH
     from loopui.models import spec_for
 
     parser = build_parser()
     base = ["generate", "--model", "demo", "--prompt", "waves", "-o", "x.mp4"]
     spec = spec_for("demo")
-    automatic = build_request(parser.parse_args(base + ["--video", str(clip_files["good"])]), spec).request
-    assert automatic.init_strength is None and plan_loop(automatic, spec).init_strength == CLIP_INIT_STRENGTH
-    assert plan_loop(build_request(parser.parse_args(base), spec).request, spec).init_strength == 1.0
+    automatic = build_request(parser.parse_args(base + ["--video", str(clip_files["good"])]), spec)
+    assert automatic.request.init_strength is None and automatic.init_strength == CLIP_INIT_STRENGTH
+    assert build_request(parser.parse_args(base), spec).init_strength == 1.0
     given = build_request(parser.parse_args(base + ["--video", str(clip_files["good"]), "--init-strength", "0.4"]),
-                          spec).request
-    assert plan_loop(given, spec).init_strength == 0.4
+                          spec)
+    assert given.init_strength == 0.4
 
 
 @pytest.mark.parametrize("clip, needle", [

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loopui.models.faithful import (
+from loopui.testing.faithful import (
     FAITHFUL_MODELS,
     IGNORED_KEYS,
     LIBRARY_REWRITTEN_KEYS,

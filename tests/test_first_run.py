@@ -81,7 +81,7 @@ def hub(tiny_model_dir, tmp_path, monkeypatch):
 
     fake = FakeHub(Path(tiny_model_dir), tmp_path / "hub-cache")
     fake.install(monkeypatch)
-    monkeypatch.setattr(download, "_REPORT_EVERY_SECONDS", 0.0)  # every chunk reported: deterministic counts
+    monkeypatch.setattr(download, "REPORT_EVERY_SECONDS", 0.0)  # every chunk reported: deterministic counts
     return fake
 
 

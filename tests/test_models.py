@@ -47,7 +47,7 @@ def test_import_pulls_in_no_gradio_diffusers_or_torch():
         "from loopui.models import REGISTRY, DEFAULT_MODEL_ID, DEMO_MODEL_ID, ModelManager, spec_for\n"
         "spec_for('demo'); ModelManager()\n"
         "torch_after_models = 'torch' in sys.modules\n"
-        "import loopui.engine.settings\n"
+        "import loopui.engine.request\n"
         "print(json.dumps({'torch_after_models': torch_after_models,\n"
         "                  'heavy': sorted(m for m in ('gradio', 'diffusers') if m in sys.modules)}))\n"
     )
@@ -79,6 +79,31 @@ def test_unknown_hub_id_is_refused_and_lists_known_models():
         spec_for("someone/VideoModel-XL")
     message = str(info.value)
     assert "someone/VideoModel-XL" in message and DEFAULT_MODEL_ID in message and "demo" in message
+
+
+# -- family facts ---------------------------------------------------------------------------------------------------
+
+def test_every_registry_entry_agrees_with_its_familys_facts():
+    from loopui.models.family_facts import FAMILY_FACTS, facts_for_pipeline
+
+    for spec in REGISTRY.values():
+        facts = facts_for_pipeline(spec.pipeline_class)
+        assert (facts.name, facts.pipelines[spec.pipeline_class]) == (spec.family, spec.image_to_video), spec.model_id
+        assert FAMILY_FACTS[spec.family] is facts
+    with pytest.raises(ValueError, match=r"unsupported pipeline class 'FluxPipeline' \(supported: CogVideoXPipeline, "):
+        facts_for_pipeline("FluxPipeline")
+
+
+def test_the_engine_families_are_the_family_facts_the_registry_reads():
+    from loopui.engine.families import FAMILIES
+    from loopui.models.family_facts import FAMILY_FACTS
+
+    assert set(FAMILIES) == set(FAMILY_FACTS)
+    for name, family in FAMILIES.items():
+        facts = FAMILY_FACTS[name]
+        assert isinstance(family, type(facts)) and family.name == name
+        assert dict(family.pipelines) == dict(facts.pipelines)
+        assert family.facts_from_config({}, None, None, "x") == facts.facts_from_config({}, None, None, "x")
 
 
 # -- folder specs ---------------------------------------------------------------------------------------------------
@@ -263,18 +288,32 @@ def test_hub_model_offline_is_a_model_load_error_with_advice(tmp_path, monkeypat
     assert stages == ["downloading"] and manager.load_count == 0
 
 
-def test_gpu_lock_is_one_lock_per_device():
-    manager = ModelManager()
-    assert manager.gpu_lock() is manager.gpu_lock("cpu")
-    assert manager.gpu_lock("meta") is not manager.gpu_lock("cpu")
+def test_a_custom_loader_serves_a_hub_id_and_the_pipeline_is_named_after_it(tiny_model_dir):
+    import diffusers
+
+    from loopui.models import PipelineLoader
+
+    class FolderLoader(PipelineLoader):
+        def from_pretrained(self, spec, torch_dtype, progress, cancel=None):
+            progress("loading", None, "from a folder")
+            return diffusers.CogVideoXPipeline.from_pretrained(tiny_model_dir, dtype=torch_dtype)
+
+    manager = ModelManager(loader=FolderLoader())
+    stages = []
+    loaded = manager.get("THUDM/CogVideoX-2b", progress=lambda stage, fraction, message: stages.append(stage))
+    assert stages == ["loading", "ready"] and manager.load_count == 1
+    assert loaded.pipe.name_or_path == "THUDM/CogVideoX-2b"  # not the folder: results and sidecars name the hub id
+    assert spec_for_pipeline(loaded.pipe).scheduler == REGISTRY["THUDM/CogVideoX-2b"].scheduler
+    with pytest.raises(ValueError, match="^loader: "):
+        ModelManager(loader=FolderLoader(), local_files_only=True)
 
 
 # -- Wan folders ----------------------------------------------------------------------------------------------------
 
 def _real_config_folder(root: Path, model_id: str) -> Path:
     """A folder holding only the JSON files of ``model_id``'s real diffusers repo (model_index and component configs,
-    as stored in loopui/models/configs): what a downloaded copy looks like to spec_for, without weights."""
-    from loopui.models.faithful import load_config
+    as stored in loopui/testing/configs): what a downloaded copy looks like to spec_for, without weights."""
+    from loopui.testing.faithful import load_config
 
     stored = load_config(model_id)
     root.mkdir(parents=True)
@@ -300,7 +339,7 @@ def test_a_downloaded_copy_of_a_registry_model_is_recognised(tmp_path, model_id)
 
 
 def test_an_unknown_wan_folder_gets_the_familys_facts(tmp_path):
-    from loopui.models.faithful import save_faithful_pipeline
+    from loopui.testing.faithful import save_faithful_pipeline
 
     folder = save_faithful_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", tmp_path / "tiny-wan")
     spec = spec_for(folder)

@@ -67,13 +67,13 @@ def test_parallel_outside_torchrun_says_how_to_launch(capsys, monkeypatch, tmp_p
 
 
 def test_parallel_refuses_cogvideox_before_loading_anything(capsys, monkeypatch, tmp_path):
-    from loopui.models import ModelManager
+    from loopui.models import PipelineLoader
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     loads = []
-    monkeypatch.setattr(ModelManager, "_load", lambda self, *a, **k: loads.append(a))
+    monkeypatch.setattr(PipelineLoader, "load", lambda self, *a, **k: loads.append(a))
     code = main(["generate", "--model", "demo", "--prompt", "x", "--parallel", "-o", str(tmp_path / "o.mp4")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and loads == []

@@ -15,7 +15,7 @@ import torch
 
 from loopui.engine import LoopRequest, generate_loop, plan_loop
 from loopui.engine.families import family_for
-from loopui.models.faithful import FAITHFUL_MODELS, build_faithful_pipeline
+from loopui.testing.faithful import FAITHFUL_MODELS, build_faithful_pipeline
 from loopui.models.registry import REGISTRY, spec_for_pipeline
 
 _PIPES: dict = {}

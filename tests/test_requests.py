@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from loopui.engine.settings import (
+from loopui.engine.plan import resolve_request
+from loopui.engine.request import (
     LoopRequest,
     WHOLE_NUMBER_FIELDS,
     nearest_frame_count,
     request_from_values,
-    resolve_request,
     whole_number,
 )
 from loopui.models import REGISTRY, spec_for
@@ -45,9 +45,9 @@ def test_the_rule_applies_to_every_integer_knob():
         with pytest.raises(ValueError, match=f"^{name} must be a whole number, got 2.5"):
             request_from_values({"prompt": "x", name: 2.5})
     # The CLI parses each of them with the same rule.
-    from loopui.cli import _KNOB_FLAGS, _whole
+    from loopui.cli.common import KNOB_FLAGS, parse_whole
 
-    assert {field for _, field, kind in _KNOB_FLAGS if kind is _whole} == set(WHOLE_NUMBER_FIELDS)
+    assert {field for _, field, kind in KNOB_FLAGS if kind is parse_whole} == set(WHOLE_NUMBER_FIELDS)
 
 
 @pytest.mark.parametrize("frames, expected", [(49, 49), (50, 49), (51, 49), (52, 53), (5, 5), (6, 5), (97, 97),
@@ -58,7 +58,7 @@ def test_frame_counts_move_to_the_nearest_4n_plus_1(frames, expected):
 
 def test_a_frame_count_not_of_the_form_kn_plus_1_is_moved_with_a_note():
     resolved = resolve_request(request_from_values({"prompt": "x", "num_frames": 50}), FIVE_B)
-    assert resolved.request.num_frames == 49 and resolved.num_latent_frames == 13
+    assert resolved.request.num_frames == 49 and resolved.num_latents == 13
     assert resolved.notes == ("num_frames 50 is not of the form 4n+1: using 49",)
     assert resolve_request(LoopRequest(prompt="x", num_frames=49), FIVE_B).notes == ()
 
@@ -82,7 +82,7 @@ def test_the_model_facts_come_from_the_spec_not_from_cogvideox_constants():
     eight = dataclasses.replace(FIVE_B, temporal_compression=8, trained_latent_frames=5, native_height=64,
                                 native_width=96)
     resolved = resolve_request(LoopRequest(prompt="x", num_frames=50), eight)
-    assert resolved.request.num_frames == 49 and resolved.num_latent_frames == 7  # 8n+1 counts
+    assert resolved.request.num_frames == 49 and resolved.num_latents == 7  # 8n+1 counts
     assert resolved.request.rope_scale == pytest.approx(7 / 5)
     assert (resolved.request.height, resolved.request.width) == (64, 96)
 

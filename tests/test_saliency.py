@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 import subprocess
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loopui.engine.settings import knob_info
+from loopui.engine.request import knob_info
 from loopui.saliency import (
     MASK_MODEL_INFO,
     MASK_MODELS,
@@ -30,7 +29,6 @@ from loopui.saliency import (
     weights_available,
     weights_path,
 )
-from loopui.saliency.cli import add_mask_arguments, run_mask_command
 from saliency_fixtures import install_tiny_u2netp, red_square_image, use_rembg_home, write_tiny_saliency_onnx
 
 BOX = (24, 16, 72, 48)  # x0, y0, x1, y1 of the red square in the 96x64 test image
@@ -233,42 +231,6 @@ def test_missing_weights_raise_saliency_unavailable(empty_home):
         resolve_mask(red_square_image(), model_name="birefnet-general")
 
 
-def test_failed_real_download_prints_one_line(empty_home, tmp_path, capsys, monkeypatch):
-    """Let rembg run pooch.retrieve for real (it logs "Downloading data from ..." to stderr through its own
-    handler) with only the transfer blocked: nothing reaches pooch's handlers and the CLI prints one line."""
-    import logging
-
-    import pooch
-    import pooch.core
-    import requests
-
-    attempts, records = [], []
-
-    def no_transfer(url, *args, **kwargs):
-        attempts.append(url)
-        raise requests.exceptions.ConnectionError(f"network disabled in tests: {url}")
-
-    class Recorder(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record.getMessage())
-
-    monkeypatch.setattr(pooch, "retrieve", pooch.core.retrieve)
-    monkeypatch.setattr(pooch.core, "stream_download", no_transfer)
-    recorder = Recorder()
-    pooch.get_logger().addHandler(recorder)
-    try:
-        source = tmp_path / "square.png"
-        Image.fromarray(red_square_image()).save(source)
-        assert run_mask_command(parse([str(source), "-o", str(tmp_path / "m.png")])) == 2
-    finally:
-        pooch.get_logger().removeHandler(recorder)
-    assert len(attempts) == 1 and attempts[0].endswith("u2netp.onnx")
-    assert records == []
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert len(captured.err.strip().splitlines()) == 1 and "u2netp" in captured.err
-
-
 def test_corrupt_weights_raise_saliency_unavailable(empty_home):
     path = empty_home / "models" / "u2netp" / "u2netp.onnx"
     path.parent.mkdir(parents=True)
@@ -441,45 +403,3 @@ def test_load_rgb_image_applies_exif_rotation(tmp_path):
     path = tmp_path / "phone.jpg"
     image.save(path, exif=exif)
     assert load_rgb_image(path).size == (64, 96)
-
-
-# --- the `mask` CLI subcommand ------------------------------------------------------------------------------------
-
-def parse(argv: list) -> argparse.Namespace:
-    return add_mask_arguments(argparse.ArgumentParser(prog="loopui mask")).parse_args(argv)
-
-
-def test_mask_command_writes_grayscale_png(tiny_home, tmp_path, capsys):
-    source = tmp_path / "square.png"
-    Image.fromarray(red_square_image()).save(source)
-    output = tmp_path / "out" / "mask.png"
-    assert run_mask_command(parse([str(source), "--output", str(output), "--feather", "0"])) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and str(output) in lines[0] and "25.0%" in lines[0]
-    with Image.open(output) as written:
-        assert written.mode == "L" and written.size == (96, 64)
-        pixels = np.asarray(written)
-    inside, outside = inside_outside(pixels)
-    assert inside.min() == 255 and outside.max() == 0
-    assert run_mask_command(parse([str(source), "-o", str(output), "--invert", "--grow", "2"])) == 0
-    with Image.open(output) as written:
-        assert np.asarray(written)[32, 48] == 0 and np.asarray(written)[0, 0] == 255
-
-
-@pytest.mark.parametrize("case", ["missing_image", "bad_output", "no_weights", "bad_threshold"])
-def test_mask_command_errors_are_one_line(empty_home, tmp_path, capsys, case):
-    source = tmp_path / "square.png"
-    Image.fromarray(red_square_image()).save(source)
-    argv = {"missing_image": [str(tmp_path / "nope.png"), "-o", str(tmp_path / "m.png")],
-            "bad_output": [str(source), "-o", str(tmp_path / "m.jpg")],
-            "no_weights": [str(source), "-o", str(tmp_path / "m.png")],
-            "bad_threshold": [str(source), "-o", str(tmp_path / "m.png"), "--threshold", "3"]}[case]
-    assert run_mask_command(parse(argv)) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert captured.out == "" and len(lines) == 1 and lines[0].startswith("loopui: error: ")
-    if case == "bad_threshold":
-        assert "threshold" in lines[0]
-    if case == "no_weights":
-        assert "u2netp" in lines[0] and str(empty_home / "models" / "u2netp" / "u2netp.onnx") in lines[0]
-    assert not (tmp_path / "m.png").exists()

@@ -86,7 +86,7 @@ def test_two_models_at_once_on_one_device_both_correct_and_the_running_one_not_e
     """The page's path: job A renders model X with model CPU offload (accelerate hooks); job B asks for model Y on
     the same device mid-run. Neither may spoil the other, and X must keep its hooks while A runs on it."""
     import loopui.engine
-    import loopui.models.manager as manager_module
+    import loopui.models.memory as memory
     from loopui.models import ModelManager
     from loopui.studio import LoopJob, Studio
 
@@ -96,7 +96,7 @@ def test_two_models_at_once_on_one_device_both_correct_and_the_running_one_not_e
     latents: dict[int, torch.Tensor] = {}
     running: set[int] = set()
     evicted_while_running: list[str] = []
-    render, dispose = loopui.engine.render_loop, manager_module._dispose
+    render, dispose = loopui.engine.render_loop, memory.dispose
 
     def tracked_render(pipe, request, **kwargs):
         running.add(id(pipe))
@@ -112,7 +112,7 @@ def test_two_models_at_once_on_one_device_both_correct_and_the_running_one_not_e
         return dispose(entries, verb)
 
     monkeypatch.setattr(loopui.engine, "render_loop", tracked_render)
-    monkeypatch.setattr(manager_module, "_dispose", watched_dispose)
+    monkeypatch.setattr(memory, "dispose", watched_dispose)
     model_a, model_b = str(tiny_model_dir), "demo"
     request_a = studio.build_request(dict(QUICK, seed=11), model_id=model_a).request
     request_b = studio.build_request(dict(QUICK, seed=12), model_id=model_b).request

@@ -1,5 +1,5 @@
 """Tiny random-weight Wan pipelines for the engine's Wan tests (layout and wiring; faithful configs live in
-``loopui.models.faithful``)."""
+``loopui.testing.faithful``)."""
 
 from __future__ import annotations
 

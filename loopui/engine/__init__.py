@@ -9,17 +9,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .settings import LoopRequest, default_shift_skip, knob_info, latent_length
+from .errors import LoopInterrupted, NonFiniteOutput, PipelineBusy
+from .request import LoopRequest, default_shift_skip, knob_info, latent_length
 
 _LAZY = {
-    "LoopInterrupted": ".loop", "LoopResult": ".loop", "generate_loop": ".loop", "load_clip": ".loop",
-    "pipeline_spec": ".loop",
-    "LoopPlan": ".plan", "plan_loop": ".plan", "SEAM_POLISH_PRESETS": ".polish", "RenderResult": ".render",
-    "render_loop": ".render",
-    "NonFiniteOutput": ".guards", "PipelineBusy": ".locks",
+    "LoopResult": ".loop", "generate_loop": ".loop", "pipeline_spec": ".loop",
+    "LoopPlan": ".plan", "plan_loop": ".plan", "resolve_request": ".plan", "SEAM_POLISH_PRESETS": ".polish",
+    "RenderResult": ".render", "render_loop": ".render",
 }
 
-__all__ = ["LoopRequest", "default_shift_skip", "knob_info", "latent_length", *_LAZY]
+__all__ = ["LoopInterrupted", "LoopRequest", "NonFiniteOutput", "PipelineBusy", "default_shift_skip", "knob_info",
+           "latent_length", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,11 +10,9 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from .errors import NonFiniteOutput
+
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteOutput(RuntimeError):
-    """The model produced NaN or infinite values (the video would come out black); the message says what to try."""
 
 
 def ensure_finite(tensor: torch.Tensor, what: str, dtype: Optional[torch.dtype] = None) -> None:

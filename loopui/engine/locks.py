@@ -16,6 +16,8 @@ import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
+from .errors import LoopInterrupted, PipelineBusy
+
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -23,10 +25,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 _REGISTRY_LOCK = threading.Lock()
 _LOCKS: "weakref.WeakKeyDictionary[Any, _OwnedLock]" = weakref.WeakKeyDictionary()
 _WAIT_POLL_SECONDS = 0.05  # how often a waiting call looks at its cancel event
-
-
-class PipelineBusy(RuntimeError):
-    """A call re-entered ``generate_loop`` on a pipeline its own thread is already running."""
 
 
 class _OwnedLock:
@@ -101,8 +99,6 @@ def holds_pipeline_lock(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(pipe: Any, *args: Any, **kwargs: Any) -> Any:
         def cancelled() -> BaseException:
-            from .loop import LoopInterrupted
-
             return LoopInterrupted("stopped while waiting for the pipeline")
 
         with pipeline_lock(pipe, cancel_event=kwargs.get("cancel_event"), cancelled=cancelled):

@@ -26,41 +26,68 @@ from .conditioning import ImageConditioning, mask_to_latent_grid
 from .decode import decode_cycle, video_to_uint8
 from .families import Family, family_for
 from .families.base import patch_attribute
-from .noise import clean_estimate
-from .plan import LoopPlan, plan_loop, resolve_rope_scale, resolve_shift_skip
+from .errors import LoopInterrupted
 from .guards import cancel_checkpoint, ensure_finite, vae_memory_defaults
 from .locks import holds_pipeline_lock
+from .noise import clean_estimate
+from .plan import LoopPlan, plan_loop
 from .polish import SEAM_POLISH_PRESETS
-from .settings import LoopRequest
+from .request import LoopRequest
 from .shift import CycleDenoiser, ImageChannel, ShiftSchedule, StepState
 
 logger = logging.getLogger(__name__)
 
+# callback(stage, step, total): "encode", "denoise" (after each step), "decode", "export" (render_loop).
 ProgressCallback = Callable[[str, int, int], None]
 
-__all__ = ["LoopInterrupted", "LoopResult", "generate_loop", "pipeline_spec", "resolve_rope_scale",
-           "resolve_shift_skip"]
-
-
-class LoopInterrupted(RuntimeError):
-    """Raised when a generation was stopped through its ``cancel_event``."""
+__all__ = ["LoopResult", "generate_loop", "pipeline_spec"]
 
 
 @dataclass
 class LoopResult:
-    """What one loop generation produced."""
+    """What one loop generation produced: the frames, the plan it followed and what the run itself found."""
 
     frames: Optional[np.ndarray]  # (F, H, W, 3) uint8, None for output_type="latent"
-    latents: torch.Tensor  # final latents before decoding, float32 on CPU, the family's layout (see settings)
+    latents: torch.Tensor  # final latents before decoding, float32 on CPU, the family's layout (latent_layout)
+    plan: LoopPlan
     seam_ratio: Optional[float]
     interior_ratio: Optional[float]
     worst_step: Optional[tuple[int, int]]
-    settings: dict
+    family: str
+    pipeline: str  # the diffusers class name
+    scheduler_class: str
+    latent_layout: str
+    num_output_frames: int
+    anchor_frame_shift: int = 0
+    model_calls: int = 0
+    model_id: Optional[str] = None  # the name the model was asked for (render_loop), else the spec's
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     latent_seam_ratio: Optional[float] = None
     latent_interior_ratio: Optional[float] = None
     scores: dict = field(default_factory=dict)  # the papers' pixel metrics (loopui.media.loop_scores, no flow/CLIP)
+
+    @property
+    def settings(self) -> dict:
+        """Every setting as used, JSON-ready: the request's knobs with the plan's resolved values (the sidecar's
+        ``settings``)."""
+        plan, spec = self.plan, self.plan.spec
+        settings = plan.request.to_dict()
+        settings.update(
+            shift_skip=plan.shift_skip, rope_scale=plan.rope_scale, height=plan.height, width=plan.width,
+            num_latent_frames=plan.num_latents, trained_latent_frames=spec.trained_latent_frames,
+            guidance_scale=plan.guidance_scale, guidance_scale_2=plan.guidance_scale_2,
+            use_dynamic_cfg=plan.use_dynamic_cfg, fps=plan.fps, flow_shift=plan.flow_shift,
+            num_output_frames=self.num_output_frames, scheduler_class=self.scheduler_class,
+            scheduler=plan.scheduler, model=self.model_id or spec.model_id, family=self.family,
+            pipeline=self.pipeline, latent_layout=self.latent_layout, anchor_frame_shift=self.anchor_frame_shift,
+            init_strength=plan.init_strength, model_calls=self.model_calls,
+            num_inference_steps=plan.num_inference_steps, negative_prompt=plan.negative_prompt,
+            image_channel=plan.image_channel,  # None: inert without image-to-video conditioning
+        )
+        if plan.request.video is not None:
+            settings["anchor_strength"] = 0.0  # inert with a clip: its first frame may change too
+        return settings
 
     def describe_worst_step(self) -> str:
         if self.worst_step is None:
@@ -99,36 +126,15 @@ def _scheduler_for(pipe: Any, family: Family, plan: LoopPlan) -> Any:
     return None
 
 
-def _load_clip(request: LoopRequest, plan: LoopPlan) -> tuple[Optional[np.ndarray], list[str]]:
-    """The request's clip as the loop's frames (count, fps, size), and notes on how it was fitted."""
-    if request.video is None:
-        return None, []
-    from loopui.media import load_video, resample_clip
-
-    if isinstance(request.video, (str, bytes)) or hasattr(request.video, "__fspath__"):
-        frames, source_fps = load_video(request.video)
-    else:
-        frames, source_fps = np.asarray(request.video), None
-    return resample_clip(frames, source_fps if source_fps else float(plan.fps), request.num_frames, plan.fps,
-                         plan.width, plan.height)
-
-
-def load_clip(request: LoopRequest, spec: Any) -> tuple[Optional[np.ndarray], list[str]]:
-    """The request's clip exactly as ``generate_loop`` will use it on a model ``spec`` (the plan's frame count, fps
-    and size), and notes on how it was fitted; ``(None, [])`` without a clip. Lets the CLI and the page refuse a bad
-    clip (``VideoInputError`` / ``ImageInputError``, both ``ValueError``) before a model is loaded."""
-    return _load_clip(request, plan_loop(request, spec))
-
-
-def _prepare_conditioning(pipe: Any, family: Family, request: LoopRequest, plan: LoopPlan, device: Any,
-                          dtype: torch.dtype, prediction_type: str):
-    """Load the reference image, the clip and the motion mask; return (PIL image or None, ImageConditioning or None,
-    notes)."""
+def _prepare_conditioning(pipe: Any, family: Family, plan: LoopPlan, device: Any, dtype: torch.dtype,
+                          prediction_type: str):
+    """Load the reference image and the motion mask, encode them and the plan's clip; return (PIL image or None,
+    ImageConditioning or None)."""
     from PIL import Image
 
-    clip, notes = _load_clip(request, plan)
+    request, clip = plan.request, plan.clip
     if request.image is None and clip is None:
-        return None, None, notes
+        return None, None
     from loopui.media import load_reference_image
 
     image = (load_reference_image(request.image, plan.width, plan.height) if request.image is not None
@@ -143,7 +149,7 @@ def _prepare_conditioning(pipe: Any, family: Family, request: LoopRequest, plan:
         hold = wrap_hold(plan.num_latents, float(request.loop_region))
     wants = (anchor > 0 or plan.init_strength < 1 or freeze > 0 or clip is not None)
     if not wants:
-        return image, None, notes
+        return image, None
     factor = pipe.vae_scale_factor_spatial
     latent_h, latent_w = plan.height // factor, plan.width // factor
     motion, mask = None, None
@@ -160,11 +166,11 @@ def _prepare_conditioning(pipe: Any, family: Family, request: LoopRequest, plan:
                                                                                            dtype=dtype)
     conditioning = ImageConditioning(
         reference=reference, noise=noise, motion_mask=motion, anchor_strength=anchor,
-        init_strength=plan.init_strength, background_freeze=freeze, num_steps=request.num_inference_steps,
+        init_strength=plan.init_strength, background_freeze=freeze, num_steps=plan.num_inference_steps,
         prediction_type=prediction_type, time_dim=family.time_dim, channel_dim=family.channel_dim,
         clip=clip_latents, clip_noise=clip_noise, hold=hold, pixel_motion=mask,
         reference_from_model=clip is not None)  # a clip's still is its own first frame, not the I2V condition
-    return image, conditioning, notes
+    return image, conditioning
 
 
 def _motion_mask(image, request: LoopRequest) -> np.ndarray:
@@ -231,8 +237,9 @@ def _keep_image_promises(frames: np.ndarray, still: np.ndarray, conditioning: Im
 
 
 @holds_pipeline_lock
-def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback: Optional[ProgressCallback] = None,
-                  cancel_event: Optional[threading.Event] = None) -> LoopResult:
+def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
+                  callback: Optional[ProgressCallback] = None, cancel_event: Optional[threading.Event] = None,
+                  plan: Optional[LoopPlan] = None) -> LoopResult:
     """Generate a seamless loop with ``pipe`` (a built CogVideoX or Wan text/image-to-video pipeline).
 
     ``callback(stage, step, total)`` reports "encode", "denoise" (after each step) and "decode"; setting
@@ -240,21 +247,34 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
     :class:`LoopInterrupted`. One call at a time per pipeline: a second call on the same pipeline (or on one sharing
     its components) waits for the first. NaN/Inf output raises ``NonFiniteOutput`` instead of a black video.
     Values left empty in ``request`` take the model's recommendations (:func:`loopui.engine.plan.plan_loop`).
+    A caller that planned already (the page, the CLI: :func:`loopui.engine.plan.resolve_request`) passes that
+    ``plan`` (``request`` may then be None); it is not planned again, and a clip it read is not read again.
     With ``shift_skip=0`` and the defaults otherwise this is exactly the stock pipeline's sampling.
     """
-    # 1. Check inputs and resolve the automatic values
+    # 1. Check inputs and resolve the automatic values (once: a caller's plan is used as it is)
     if output_type not in ("np", "latent"):
         raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
-    request.validate()
-    if not request.prompt.strip():
-        raise ValueError("prompt is empty: describe what the loop should show")
     family = family_for(pipe)
-    spec = pipeline_spec(pipe)
-    plan = plan_loop(request, spec)
+    if plan is None:
+        if request is None:
+            raise ValueError("generate_loop needs a request or a plan")
+        request.validate()
+        if not request.prompt.strip():
+            raise ValueError("prompt is empty: describe what the loop should show")
+        plan = plan_loop(request, pipeline_spec(pipe))
+    else:
+        if request is not None and request is not plan.request:
+            raise ValueError("pass either a request or the plan made of it (plan.request), not a different request")
+        if plan.spec.family != family.name:
+            raise ValueError(f"the plan was made for a {plan.spec.family} model, not for this {family.name} pipeline")
+    plan = plan.with_clip()
+    request, spec = plan.request, plan.spec
     length, skip = plan.num_latents, plan.shift_skip
     for message in plan.warnings:
         logger.warning(message)
-    steps = request.num_inference_steps
+    steps = plan.num_inference_steps
+    # A model whose image is optional runs its own image-to-video pipeline (over the same modules) with an image.
+    pipe = family.pipeline_for(pipe, plan.pipeline_class)
     t_start = time.perf_counter()
     if callback:
         callback("encode", 0, steps)
@@ -272,9 +292,8 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         dtype = family.transformer_dtype(pipe)
         prediction_type = family.prediction_type(sched)
         # 3. Reference image (encode + mask) when given
-        image, conditioning, clip_notes = _prepare_conditioning(pipe, family, request, plan, device, dtype,
-                                                                prediction_type)
-        for note in clip_notes:
+        image, conditioning = _prepare_conditioning(pipe, family, plan, device, dtype, prediction_type)
+        for note in plan.clip_notes:
             logger.info("video: %s", note)
         override, observe = None, None
         if conditioning is not None and conditioning.init_steps > 0:
@@ -288,7 +307,7 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         condition = family.condition_latent_channels(pipe)
         image_channel = None
         if condition is not None:
-            image_channel = ImageChannel(policy=request.image_channel, noisy_channels=family.latent_channels(pipe),
+            image_channel = ImageChannel(policy=plan.image_channel, noisy_channels=family.latent_channels(pipe),
                                          latent_start=condition[0], latent_count=condition[1])
             if conditioning is not None:
                 observe = lambda step, noisy, cond: conditioning.use_model_condition(  # noqa: E731
@@ -310,13 +329,13 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
             return out
 
         call_kwargs = dict(
-            prompt=request.prompt, negative_prompt=request.negative_prompt or None, height=plan.height,
+            prompt=request.prompt, negative_prompt=plan.negative_prompt or None, height=plan.height,
             width=plan.width, num_frames=request.num_frames, num_inference_steps=steps,
             guidance_scale=plan.guidance_scale, generator=generator, output_type="latent",
             callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
             **family.call_kwargs(pipe, request, plan),
         )
-        if spec.image_to_video:
+        if plan.image_to_video:
             call_kwargs["image"] = image
         with ExitStack() as hooks, torch.no_grad():
             for module, denoiser in zip(family.denoisers(pipe), denoisers):
@@ -363,33 +382,21 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
     metrics = pixel_metrics or latent_metrics
     scores = loop_scores(frames, reference=image, flow=False) if pixel_metrics is not None else {}
     t_scores = time.perf_counter()  # SSIM over every frame pair: seconds at 480p on a CPU core, so it is timed too
-    settings = request.to_dict()
-    settings.update(
-        shift_skip=skip, rope_scale=plan.rope_scale, height=plan.height, width=plan.width, num_latent_frames=length,
-        trained_latent_frames=spec.trained_latent_frames, guidance_scale=plan.guidance_scale,
-        guidance_scale_2=plan.guidance_scale_2,
-        use_dynamic_cfg=plan.use_dynamic_cfg, fps=plan.fps, flow_shift=plan.flow_shift,
-        num_output_frames=int(frames.shape[0]) if frames is not None else plan.num_output_frames,
-        scheduler_class=type(pipe.scheduler if scheduler is None else scheduler).__name__,
-        scheduler=plan.scheduler, model=spec.model_id, family=family.name, pipeline=type(pipe).__name__,
-        latent_layout="(B, T, C, H, W)" if family.time_dim == 1 else "(B, C, T, H, W)",
-        anchor_frame_shift=anchor_shift, init_strength=plan.init_strength,
-        model_calls=sum(d.model_calls for d in denoisers),
-    )
-    if not spec.image_to_video:
-        settings["image_channel"] = None  # inert without an image-to-video model
-    if request.video is not None:
-        settings["anchor_strength"] = 0.0  # inert with a clip: its first frame may change too
     return LoopResult(
         frames=frames,
         latents=latents_cpu,
+        plan=plan,
         seam_ratio=None if metrics is None else float(metrics.seam_ratio),
         interior_ratio=None if metrics is None else float(metrics.interior_ratio),
         worst_step=None if metrics is None else tuple(int(v) for v in metrics.worst_interior_step),
-        settings=settings,
+        family=family.name, pipeline=type(pipe).__name__,
+        scheduler_class=type(pipe.scheduler if scheduler is None else scheduler).__name__,
+        latent_layout="(B, T, C, H, W)" if family.time_dim == 1 else "(B, C, T, H, W)",
+        num_output_frames=int(frames.shape[0]) if frames is not None else plan.num_output_frames,
+        anchor_frame_shift=anchor_shift, model_calls=sum(d.model_calls for d in denoisers),
         timings={"denoise": t_denoise - t_start, "decode": t_decode - t_denoise, "scores": t_scores - t_decode,
                  "total": t_scores - t_start},
-        warnings=list(plan.warnings) + [f"video: {note}" for note in clip_notes],
+        warnings=list(plan.warnings) + [f"video: {note}" for note in plan.clip_notes],
         latent_seam_ratio=None if latent_metrics is None else float(latent_metrics.seam_ratio),
         latent_interior_ratio=None if latent_metrics is None else float(latent_metrics.interior_ratio),
         scores=scores,

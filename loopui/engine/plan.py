@@ -1,17 +1,22 @@
 """``plan_loop``: every automatic value of a request resolved against a model's spec, every refusal made up front.
 
-The page, the CLI, the API and ``generate_loop`` all call this one function, so they agree on the automatic values
-(shift skip, RoPE scale, guidance, fps, scheduler) and refuse the same requests — before a model is loaded. It needs
-only the ``ModelSpec`` (pure data), not a loaded pipeline.
+One loop is planned once: the page, the CLI and the API call :func:`resolve_request` (which fits the frame count and
+calls :func:`plan_loop`), read and fit a clip into the plan with :meth:`LoopPlan.with_clip`, and hand the plan down
+to ``generate_loop`` / ``render_loop``; only a bare library call without a plan is planned there. So all of them
+agree on the automatic values (shift skip, RoPE scale, guidance, steps, negative prompt, fps, scheduler, image
+mode) and refuse the same requests -- before a model is loaded. Planning needs only the ``ModelSpec`` (pure data),
+not a loaded pipeline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .settings import LoopRequest, auto_rope_scale, default_shift_skip, latent_length
+from .request import (LoopRequest, auto_rope_scale, default_shift_skip, knob_info, latent_length,
+                      nearest_frame_count)
 
 
 # A clip's default starting noise: enough to let the ends meet, little enough to keep the clip's look and motion.
@@ -20,8 +25,12 @@ CLIP_INIT_STRENGTH = 0.7
 
 @dataclass(frozen=True)
 class LoopPlan:
-    """The resolved settings of one generation (what the sidecar records)."""
+    """One generation planned for one model: the request (its size, shift skip and RoPE scale filled in), the
+    model's spec, every resolved value (what the sidecar records), the notes and warnings to show, and -- once
+    :meth:`with_clip` has read it -- the clip exactly as the loop uses it."""
 
+    request: LoopRequest
+    spec: Any  # a loopui.models.ModelSpec
     height: int
     width: int
     num_latents: int
@@ -35,7 +44,42 @@ class LoopPlan:
     flow_shift: Optional[float]  # flow-matching families only
     init_strength: float  # 1 = pure noise; the clip's default is lower (it is the point of giving one)
     num_output_frames: int
+    num_inference_steps: int = 50
+    negative_prompt: str = ""  # what the pipeline gets ("" = none): the request's, else the model's standard one
+    image_to_video: bool = False  # runs the model's image-to-video conditioning (its image pipeline, if optional)
+    pipeline_class: str = ""  # the stock pipeline class that runs (TI2V-5B with an image: WanImageToVideoPipeline)
+    image_channel: Optional[str] = None  # what the I2V conditioning carries per clip; None without I2V
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = field(default_factory=tuple)  # how the request was fitted (e.g. the frame count)
+    # The clip as the loop uses it -- (F, H, W, 3) uint8 at the loop's frame count, fps and size -- and how it was
+    # fitted; None until with_clip() read it (or without a clip).
+    clip: Any = field(default=None, repr=False, compare=False)
+    clip_notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def with_clip(self) -> "LoopPlan":
+        """This plan with the request's clip read and fitted (count, fps, size), so it is decoded once; itself
+        without a clip or when already read. ``VideoInputError`` / ``ImageInputError`` (both ``ValueError``) for a
+        clip the loop cannot use."""
+        if self.request.video is None or self.clip is not None:
+            return self
+        import numpy as np
+
+        from loopui.media import load_video, resample_clip
+
+        video = self.request.video
+        if isinstance(video, (str, bytes)) or hasattr(video, "__fspath__"):
+            frames, source_fps = load_video(video)
+        else:
+            frames, source_fps = np.asarray(video), None
+        clip, notes = resample_clip(frames, source_fps if source_fps else float(self.fps), self.request.num_frames,
+                                    self.fps, self.width, self.height)
+        return dataclasses.replace(self, clip=clip, clip_notes=tuple(notes))
+
+
+def check_image_given(request: LoopRequest, spec: Any) -> None:
+    """An image-to-video model animates a reference image (or a clip's first frame): refuse a request with neither."""
+    if spec.image_to_video and request.image is None and request.video is None:
+        raise ValueError(f"image: {spec.model_id or 'this model'} animates a reference image; add one first")
 
 
 def resolve_shift_skip(request: LoopRequest, length: int) -> tuple[int, list[str]]:
@@ -65,6 +109,27 @@ def resolve_rope_scale(request: LoopRequest, spec: Any, length: int) -> float:
     return auto_rope_scale(length, spec.trained_latent_frames, spec.rotary, request.window_mode)
 
 
+def resolve_image_mode(request: LoopRequest, spec: Any) -> tuple[bool, str, Optional[str]]:
+    """(runs image-to-video conditioning, the pipeline class that runs, the image channel policy or None).
+
+    A model whose image is optional (Wan 2.2 TI2V-5B) runs its image-to-video pipeline when an image is given.
+    Where the image replaces the first latent at timestep 0 (``first_latent_image``) there is no separate channel:
+    the image rides with its latent around the cycle, the model's own conditioning rotated with the clip (``roll``).
+    The default ``estimate`` therefore means ``roll`` there; ``image`` (the image at position 0 of every clip) cannot
+    be had without dropping the leading latent's prediction, and is refused.
+    """
+    image_to_video = spec.image_to_video or (request.image is not None and spec.image_pipeline_class is not None)
+    pipeline_class = spec.image_pipeline_class if image_to_video and not spec.image_to_video else spec.pipeline_class
+    if not image_to_video:
+        return False, pipeline_class, None
+    if not spec.first_latent_image:
+        return True, pipeline_class, request.image_channel
+    if request.image_channel == "image":
+        raise ValueError(f"image_channel must be estimate or roll for {spec.model_id or 'this model'}: its image is "
+                         f"the first latent itself (timestep 0) and rides with it around the cycle; got 'image'")
+    return True, pipeline_class, "roll"
+
+
 def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
     """Resolve ``request`` against ``spec`` (a ``loopui.models.ModelSpec``); ``ValueError`` names what is wrong."""
     from .decode import decoded_frame_count
@@ -78,8 +143,7 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
     for label, value in (("height", height), ("width", width)):
         if value % spec.size_multiple:
             raise ValueError(f"{label} must be a multiple of {spec.size_multiple} for {name}, got {value}")
-    if spec.image_to_video and request.image is None and request.video is None:
-        raise ValueError(f"image: {name} animates a reference image; add one first")
+    check_image_given(request, spec)
     length = latent_length(request.num_frames, spec.temporal_compression)
     skip, warnings = resolve_shift_skip(request, length)
     warnings += family.check_request(request, spec, length)
@@ -100,13 +164,47 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
         guidance_2 = float(request.guidance_scale if request.guidance_scale is not None
                            else spec.guidance_scale_2 if spec.guidance_scale_2 is not None else guidance)
     dynamic = spec.use_dynamic_cfg if request.use_dynamic_cfg is None else bool(request.use_dynamic_cfg)
+    image_to_video, pipeline_class, image_channel = resolve_image_mode(request, spec)
+    steps = int(request.num_inference_steps or spec.num_inference_steps)
     return LoopPlan(
-        height=height, width=width, num_latents=length, shift_skip=skip, rope_scale=rope_scale,
+        request=dataclasses.replace(request, shift_skip=skip, rope_scale=rope_scale, height=height, width=width,
+                                    num_inference_steps=steps),
+        spec=spec, height=height, width=width, num_latents=length, shift_skip=skip, rope_scale=rope_scale,
         guidance_scale=guidance, guidance_scale_2=guidance_2,
         use_dynamic_cfg=dynamic and family.name == "cogvideox",
         fps=int(request.fps or spec.native_fps), scheduler=scheduler, flow_shift=flow_shift,
         init_strength=float(request.init_strength if request.init_strength is not None
                             else CLIP_INIT_STRENGTH if request.video is not None else 1.0),
         num_output_frames=decoded_frame_count(length, spec.temporal_compression, request.frame_invariant_decoding),
+        num_inference_steps=steps, negative_prompt=request.negative_prompt or spec.negative_prompt,
+        image_to_video=image_to_video, pipeline_class=pipeline_class, image_channel=image_channel,
         warnings=tuple(warnings),
     )
+
+
+def resolve_request(request: LoopRequest, spec: Any) -> LoopPlan:
+    """Plan ``request`` for the model ``spec`` as the page, the API and the CLI do -- the one function the three
+    call, so all of them compute the same loop.
+
+    On top of :func:`plan_loop`: the prompt must not be empty, the mask model must exist, and a frame count not of
+    the form k·n + 1 is moved to the nearest one with a note. Raises ``ValueError`` naming the parameter.
+    """
+    request.validate()
+    if not request.prompt.strip():
+        raise ValueError("prompt is empty: describe what the loop should show")
+    from loopui.saliency import mask_model_info
+
+    try:
+        mask_model_info(request.mask_model)
+    except ValueError as exc:
+        raise ValueError(f"mask_model: {exc}") from None
+    notes = []
+    compression = int(spec.temporal_compression)
+    frames = nearest_frame_count(request.num_frames, compression)
+    if frames > knob_info("num_frames")["max"]:
+        frames -= compression
+    if frames != request.num_frames:
+        notes.append(f"num_frames {request.num_frames} is not of the form {compression}n+1: using {frames}")
+    plan = plan_loop(dataclasses.replace(request, num_frames=frames), spec)
+    plan.request.validate()
+    return dataclasses.replace(plan, notes=tuple(notes))

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .loop import LoopInterrupted, LoopResult, ProgressCallback, generate_loop
-from .settings import LoopRequest
+from .errors import LoopInterrupted
+from .loop import LoopResult, ProgressCallback, generate_loop
+from .plan import LoopPlan
+from .request import LoopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -35,22 +37,23 @@ def check_outputs(outputs: Sequence) -> list[Path]:
     return paths
 
 
-def render_loop(pipe, request: LoopRequest, outputs: Sequence, model_id: Optional[str] = None,
-                callback: Optional[ProgressCallback] = None,
-                cancel_event: Optional[threading.Event] = None) -> RenderResult:
+def render_loop(pipe, request: Optional[LoopRequest], outputs: Sequence, model_id: Optional[str] = None,
+                callback: Optional[ProgressCallback] = None, cancel_event: Optional[threading.Event] = None,
+                plan: Optional[LoopPlan] = None) -> RenderResult:
     """Generate with :func:`generate_loop`, export every output (by suffix) and write a JSON sidecar beside the first.
 
     The sidecar holds the model, every setting (resolved), the seed, the seam metrics, the papers' scores and timings:
-    enough to reproduce the loop. ``cancel_event`` is honoured while denoising, decoding and between files (the files
+    enough to reproduce the loop. A caller that planned already passes its ``plan`` (see :func:`generate_loop`).
+    ``cancel_event`` is honoured while denoising, decoding and between files (the files
     already written by this call are removed).
     """
     from loopui import __version__
     from loopui.media import export_video, write_sidecar
 
     paths = check_outputs(outputs)
-    result = generate_loop(pipe, request, output_type="np", callback=callback, cancel_event=cancel_event)
+    result = generate_loop(pipe, request, output_type="np", callback=callback, cancel_event=cancel_event, plan=plan)
     if model_id:
-        result.settings["model"] = model_id
+        result.model_id = model_id
     files: list[Path] = []
     for index, path in enumerate(paths):
         if cancel_event is not None and cancel_event.is_set():
@@ -60,15 +63,16 @@ def render_loop(pipe, request: LoopRequest, outputs: Sequence, model_id: Optiona
             raise LoopInterrupted(f"stopped while writing the files ({index} of {len(paths)} written, removed)")
         if callback:
             callback("export", index, len(paths))
-        files.append(Path(export_video(result.frames, path, fps=result.settings["fps"])))
+        files.append(Path(export_video(result.frames, path, fps=result.plan.fps)))
     if callback:
         callback("export", len(paths), len(paths))
+    settings = result.settings
     sidecar = write_sidecar(paths[0], {
         "loopui_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": result.settings.get("model"),
-        "seed": request.seed,
-        "settings": result.settings,
+        "model": settings["model"],
+        "seed": result.plan.request.seed,
+        "settings": settings,
         "seam_ratio": result.seam_ratio,
         "interior_ratio": result.interior_ratio,
         "worst_step": list(result.worst_step) if result.worst_step else None,

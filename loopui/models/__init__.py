@@ -1,5 +1,6 @@
-"""The models room: which models exist (registry), loading and caching them (manager), the tiny demo model, and a
-CLIP model for the loop scores (clip).
+"""The models room: which models exist (registry, with each family's config facts in families), building one
+pipeline (loader), placing it in memory (memory), caching and leasing loaded models (manager), the device pool
+(devices), the tiny demo model, and a CLIP model for the loop scores (clip).
 
 Names are re-exported lazily (PEP 562) so ``import loopui.models`` pulls in neither torch nor diffusers; they are
 imported on first use of the function that needs them.
@@ -12,15 +13,16 @@ from typing import Any
 
 _EXPORTS = {
     "ModelManager": "loopui.models.manager",
-    "LoadedModel": "loopui.models.manager",
-    "ModelLoadError": "loopui.models.manager",
-    "LoadCancelled": "loopui.models.manager",
-    "OutOfGPUMemory": "loopui.models.manager",
-    "is_out_of_memory": "loopui.models.manager",
+    "LoadedModel": "loopui.models.loader",
+    "ModelLoadError": "loopui.models.loader",
+    "LoadCancelled": "loopui.models.loader",
+    "PipelineLoader": "loopui.models.loader",
+    "OutOfGPUMemory": "loopui.models.memory",
+    "is_out_of_memory": "loopui.models.memory",
     "DevicePool": "loopui.models.devices",
     "parse_devices": "loopui.models.devices",
-    "choose_memory_policy": "loopui.models.manager",
-    "MEMORY_POLICIES": "loopui.models.manager",
+    "choose_memory_policy": "loopui.models.memory",
+    "MEMORY_POLICIES": "loopui.models.memory",
     "ModelSpec": "loopui.models.registry",
     "REGISTRY": "loopui.models.registry",
     "DEFAULT_MODEL_ID": "loopui.models.registry",

@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from loopui.models.manager import ModelLoadError, _load_error_types, _one_line
+from loopui.messages import REASON_LIMIT, one_line
+from loopui.models.loader import ModelLoadError, load_error_types
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +88,11 @@ def load_clip(model: str | Path, device: Optional[str] = None, local_files_only:
         clip = CLIPModel.from_pretrained(source, **kwargs).eval().to(device)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         processor = AutoImageProcessor.from_pretrained(source, **kwargs)
-    except _load_error_types() as exc:
+    except load_error_types() as exc:
         hint = ("check it holds a CLIPModel saved with save_pretrained plus its tokenizer and image processor"
                 if folder.exists() else
                 f"if this machine has no network, download it elsewhere with `hf download {name} --local-dir DIR` "
                 f"and pass that folder")
-        raise ModelLoadError(f"cannot load CLIP model {name}: {_one_line(exc)} -- {hint}") from exc
+        raise ModelLoadError(f"cannot load CLIP model {name}: {one_line(exc, REASON_LIMIT)} -- {hint}") from exc
     logger.info("loaded CLIP model %s on %s", name, device)
     return ClipEmbedder(clip, tokenizer, processor, device=device, name=name)

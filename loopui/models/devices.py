@@ -80,7 +80,7 @@ class DevicePool:
         """Hold a free device for the block; among free devices those where ``prefer(device)`` is true come first,
         then the one idle longest. ``on_wait()`` is called once if the job has to wait; a set ``cancel`` ends the
         wait with ``LoadCancelled``."""
-        from loopui.models.manager import LoadCancelled
+        from loopui.models.loader import LoadCancelled
 
         waited = False
         with self._cond:

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 ByteProgress = Callable[[int, int], None]  # (bytes done, bytes to download)
 # The disk must keep this much free after the download: the loader, logs and other programs need room too.
 DISK_MARGIN_BYTES = 2 * 2**30
-_REPORT_EVERY_SECONDS = 0.5
+# Byte progress is reported at most this often (a download has thousands of chunks).
+REPORT_EVERY_SECONDS = 0.5
 
 _local = threading.local()
 _install_lock = threading.Lock()
@@ -58,7 +59,7 @@ class _Watch:
         if self.progress is None:
             return
         now = time.monotonic()
-        if not force and now - self.last_report < _REPORT_EVERY_SECONDS:
+        if not force and now - self.last_report < REPORT_EVERY_SECONDS:
             return
         self.last_report = now
         # The hub keeps two byte counters (network bytes and bytes written); the larger is the truer one.

@@ -2,7 +2,9 @@
 
 A ``ModelSpec`` is pure data: no import of torch or diffusers here, so the UI and CLI can list models cheaply.
 ``spec_for`` resolves a hub id, the ``demo`` alias or a local diffusers folder; ``spec_for_pipeline`` reads the same
-facts off an already built pipeline (the engine's view).
+facts off an already built pipeline (the engine's view). What a family's configs say is asked of its class in
+``loopui.models.family_facts``; this module holds only the registry's own knowledge (the models, their
+recommendations, their fingerprints).
 """
 
 from __future__ import annotations
@@ -15,25 +17,12 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from loopui.models.demo import DEMO_MODEL_ID
+from loopui.models.family_facts import FAMILY_FACTS, facts_for_pipeline
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "THUDM/CogVideoX-5b"
 DEMO_ALIAS = "demo"
-
-# diffusers pipeline class name -> (family, does it take a conditioning image).
-SUPPORTED_PIPELINES: dict[str, tuple[str, bool]] = {
-    "CogVideoXPipeline": ("cogvideox", False),
-    "CogVideoXImageToVideoPipeline": ("cogvideox", True),
-    "WanPipeline": ("wan", False),
-    "WanImageToVideoPipeline": ("wan", True),
-}
-FAMILIES = ("cogvideox", "wan")
-
-# CogVideoX's VAE: 8x spatial, 4x temporal compression (block_out_channels has 4 entries -> 2**3).
-_DEFAULT_SPATIAL_COMPRESSION = 8
-# Wan 2.1/2.2 were trained on 81-frame clips (21 latents); a folder's configs do not say so.
-_WAN_TRAINED_FRAMES = 81
 
 
 @dataclass(frozen=True)
@@ -42,7 +31,7 @@ class ModelSpec:
 
     model_id: str
     pipeline_class: str  # diffusers class name, e.g. "CogVideoXPipeline"
-    family: str = "cogvideox"  # "cogvideox" | "wan": which engine family module drives it
+    family: str = "cogvideox"  # a key of family_facts.FAMILY_FACTS ("cogvideox" | "wan"): which family drives it
     image_to_video: bool = False
     trained_latent_frames: int = 13  # latent cycle length the model saw in training (49 frames -> 13)
     rotary: bool = True  # 3D RoPE (the temporal base can be NTK-scaled for longer cycles)
@@ -55,13 +44,21 @@ class ModelSpec:
     spatial_compression: int = 8
     size_multiple: int = 16  # height and width must be multiples of this (VAE compression x patch size)
     fixed_size: bool = False  # runs only at its native size (learned positional embeddings)
-    scheduler: Optional[str] = None  # a name of loopui.engine.schedulers, None = keep the pipeline's own
+    scheduler: Optional[str] = None  # a scheduler name the family accepts, None = keep the pipeline's own
     guidance_scale: float = 6.0
     use_dynamic_cfg: bool = False
     flow_shift: Optional[float] = None  # flow-matching shift for the native size (None = the scheduler config's)
     flow_shift_480p: Optional[float] = None  # the shift for 480p-sized outputs where it differs (Wan 14B: 3 vs 5)
     guidance_scale_2: Optional[float] = None  # low-noise expert's guidance (Wan 2.2 A14B)
+    num_inference_steps: int = 50  # the model's own sampling steps
+    negative_prompt: str = ""  # sent when the request gives none (Wan's sampler does so); "" = none
     experts: int = 1  # denoisers: 2 for Wan 2.2 A14B (high-noise and low-noise transformer)
+    # A model whose image is optional (Wan 2.2 TI2V-5B): the stock pipeline class of its image-to-video mode, which
+    # runs over the same components when an image is given.
+    image_pipeline_class: Optional[str] = None
+    # The image-to-video conditioning replaces the first latent with the image at timestep 0 (``expand_timesteps``):
+    # no separate image channel, so the image rides with its latent around the cycle.
+    first_latent_image: bool = False
     cuda_dtype: str = "bfloat16"  # torch dtype name used on CUDA (CPU always runs float32)
     license: str = ""
     description: str = ""
@@ -82,6 +79,17 @@ class ModelSpec:
 
 _COG_LICENSE = "CogVideoX license (research; commercial use needs registration)"
 _APACHE = "Apache-2.0"
+# Wan's standard negative prompt, sent by its own sampler whenever none is given: Wan-Video/Wan2.1 and
+# Wan-Video/Wan2.2 wan/configs/shared_config.py ``sample_neg_prompt`` (the same string in both).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静"
+    "止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多"
+    "余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的"
+    "肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着"
+    "走"
+)
+# Wan-Video/Wan2.1 wan/configs/wan_i2v_14B.py: "camera shake" put in front of the shared one.
+WAN21_I2V_NEGATIVE_PROMPT = "镜头晃动，" + WAN_NEGATIVE_PROMPT
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.model_id: spec
@@ -102,47 +110,90 @@ REGISTRY: dict[str, ModelSpec] = {
             cuda_dtype="bfloat16", vram_gb=26.0, offload_vram_gb=16.0, license=_COG_LICENSE,
             description="CogVideoX 5B image-to-video, 720x480 only, 49 frames: animates a reference image.",
         ),
+        # Wan recommendations, each from the official sampler (cited per value; the configs in
+        # loopui/testing/configs/ repeat them under "recommended" with their sources):
+        # - Wan-Video/Wan2.1 generate.py _validate_args (commit 9737cba9): sample_steps 50 for t2v, 40 for i2v;
+        #   --sample_guide_scale default 5.0; sample_shift 5.0, or 3.0 for i2v at 832*480.
+        # - Wan-Video/Wan2.1 wan/configs/shared_config.py: sample_fps 16, sample_neg_prompt (WAN_NEGATIVE_PROMPT);
+        #   wan/configs/wan_i2v_14B.py: sample_neg_prompt = "镜头晃动，" + the shared one.
+        # - Wan-Video/Wan2.2 wan/configs/ (commit 42bf4cfa): wan_t2v_A14B.py, wan_i2v_A14B.py, wan_ti2v_5B.py
+        #   (sample_steps, sample_shift, sample_guide_scale as (low noise, high noise), frame_num, sample_fps);
+        #   shared_config.py: the same sample_neg_prompt. Both repos' samplers send it when the negative prompt is
+        #   empty (wan/text2video.py, image2video.py, textimage2video.py: ``if n_prompt == "": n_prompt =
+        #   self.sample_neg_prompt``); diffusers' Wan examples pass an English rendering of it.
+        # - Flow shift at 480p: diffusers docs/source/en/api/pipelines/wan.md (3.0 for 480P, 5.0 for 720P) and the
+        #   hub scheduler configs (3.0); the Wan2.1 README suggests shift 8-12 and guidance 6 for T2V-1.3B instead.
         ModelSpec(
             model_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", pipeline_class="WanPipeline", family="wan",
             trained_latent_frames=21, native_height=480, native_width=832, native_num_frames=81, native_fps=16,
-            scheduler=None, guidance_scale=5.0, flow_shift=3.0, cuda_dtype="bfloat16", vram_gb=20.0,
-            offload_vram_gb=14.0, license=_APACHE,
+            scheduler=None,
+            guidance_scale=5.0,  # Wan2.1 generate.py --sample_guide_scale default
+            flow_shift=3.0,  # diffusers wan.md (480P) = the hub scheduler_config
+            num_inference_steps=50,  # Wan2.1 generate.py: t2v
+            negative_prompt=WAN_NEGATIVE_PROMPT,  # Wan2.1 wan/configs/shared_config.py
+            cuda_dtype="bfloat16", vram_gb=20.0, offload_vram_gb=14.0, license=_APACHE,
             description="Wan 2.1 1.3B text-to-video, 832x480, 81 frames at 16 fps; recommended under 20 GB of VRAM.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.1-T2V-14B-Diffusers", pipeline_class="WanPipeline", family="wan",
             trained_latent_frames=21, native_height=720, native_width=1280, native_num_frames=81, native_fps=16,
-            scheduler=None, guidance_scale=5.0, flow_shift=5.0, flow_shift_480p=3.0, cuda_dtype="bfloat16",
-            vram_gb=48.0, offload_vram_gb=34.0, license=_APACHE,
+            scheduler=None,
+            guidance_scale=5.0,  # Wan2.1 generate.py --sample_guide_scale default
+            flow_shift=5.0, flow_shift_480p=3.0,  # Wan2.1 generate.py (5.0); diffusers wan.md (3.0 at 480P)
+            num_inference_steps=50,  # Wan2.1 generate.py: t2v
+            negative_prompt=WAN_NEGATIVE_PROMPT,  # Wan2.1 wan/configs/shared_config.py
+            cuda_dtype="bfloat16", vram_gb=48.0, offload_vram_gb=34.0, license=_APACHE,
             description="Wan 2.1 14B text-to-video, 1280x720 (480p works too), 81 frames at 16 fps.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", pipeline_class="WanImageToVideoPipeline", family="wan",
             image_to_video=True, trained_latent_frames=21, native_height=480, native_width=832,
-            native_num_frames=81, native_fps=16, scheduler=None, guidance_scale=5.0, flow_shift=3.0,
+            native_num_frames=81, native_fps=16, scheduler=None,
+            guidance_scale=5.0,  # Wan2.1 generate.py --sample_guide_scale default
+            flow_shift=3.0,  # Wan2.1 generate.py: i2v at 832*480
+            num_inference_steps=40,  # Wan2.1 generate.py: i2v
+            negative_prompt=WAN21_I2V_NEGATIVE_PROMPT,  # Wan2.1 wan/configs/wan_i2v_14B.py
             cuda_dtype="bfloat16", vram_gb=52.0, offload_vram_gb=42.0, license=_APACHE,
             description="Wan 2.1 14B image-to-video, 832x480, 81 frames at 16 fps: animates a reference image.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers", pipeline_class="WanPipeline", family="wan",
-            trained_latent_frames=31, native_height=704, native_width=1280, native_num_frames=121, native_fps=24,
-            spatial_compression=16, size_multiple=32, scheduler=None, guidance_scale=5.0, flow_shift=5.0,
+            trained_latent_frames=31, native_height=704, native_width=1280, native_num_frames=121,
+            native_fps=24,  # Wan2.2 wan/configs/wan_ti2v_5B.py sample_fps, frame_num 121
+            spatial_compression=16, size_multiple=32, scheduler=None,
+            guidance_scale=5.0,  # Wan2.2 wan_ti2v_5B.py sample_guide_scale
+            flow_shift=5.0,  # Wan2.2 wan_ti2v_5B.py sample_shift
+            num_inference_steps=50,  # Wan2.2 wan_ti2v_5B.py sample_steps
+            negative_prompt=WAN_NEGATIVE_PROMPT,  # Wan2.2 wan/configs/shared_config.py
+            # Its image-to-video mode: diffusers' WanImageToVideoPipeline with expand_timesteps (model_index.json
+            # sets it): the image latent replaces the first latent, whose tokens are at timestep 0.
+            image_pipeline_class="WanImageToVideoPipeline", first_latent_image=True,
             cuda_dtype="bfloat16", vram_gb=30.0, offload_vram_gb=16.0, license=_APACHE,
-            description="Wan 2.2 5B text/image-to-video, 1280x704, 121 frames at 24 fps (16x VAE); a reference "
-                        "image anchors the loop.",
+            description="Wan 2.2 5B text/image-to-video, 1280x704, 121 frames at 24 fps (16x VAE); with a "
+                        "reference image it runs its own image-to-video mode.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers", pipeline_class="WanPipeline", family="wan",
             trained_latent_frames=21, native_height=720, native_width=1280, native_num_frames=81, native_fps=16,
-            scheduler=None, guidance_scale=4.0, guidance_scale_2=3.0, flow_shift=12.0, experts=2,
-            cuda_dtype="bfloat16", vram_gb=72.0, offload_vram_gb=34.0, license=_APACHE,
+            scheduler=None,
+            # Wan2.2 wan_t2v_A14B.py sample_guide_scale (3.0, 4.0) = (low noise, high noise): diffusers'
+            # guidance_scale drives the high-noise expert, guidance_scale_2 the low-noise one.
+            guidance_scale=4.0, guidance_scale_2=3.0,
+            flow_shift=12.0,  # Wan2.2 wan_t2v_A14B.py sample_shift
+            num_inference_steps=40,  # Wan2.2 wan_t2v_A14B.py sample_steps
+            negative_prompt=WAN_NEGATIVE_PROMPT,  # Wan2.2 wan/configs/shared_config.py
+            experts=2, cuda_dtype="bfloat16", vram_gb=72.0, offload_vram_gb=34.0, license=_APACHE,
             description="Wan 2.2 A14B text-to-video (two 14B experts), 1280x720, 81 frames at 16 fps.",
         ),
         ModelSpec(
             model_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers", pipeline_class="WanImageToVideoPipeline", family="wan",
             image_to_video=True, trained_latent_frames=21, native_height=720, native_width=1280,
-            native_num_frames=81, native_fps=16, scheduler=None, guidance_scale=3.5, guidance_scale_2=3.5,
-            flow_shift=5.0, experts=2, cuda_dtype="bfloat16", vram_gb=72.0, offload_vram_gb=34.0, license=_APACHE,
+            native_num_frames=81, native_fps=16, scheduler=None,
+            guidance_scale=3.5, guidance_scale_2=3.5,  # Wan2.2 wan_i2v_A14B.py sample_guide_scale (3.5, 3.5)
+            flow_shift=5.0,  # Wan2.2 wan_i2v_A14B.py sample_shift
+            num_inference_steps=40,  # Wan2.2 wan_i2v_A14B.py sample_steps
+            negative_prompt=WAN_NEGATIVE_PROMPT,  # Wan2.2 wan/configs/shared_config.py (no i2v prefix in 2.2)
+            experts=2, cuda_dtype="bfloat16", vram_gb=72.0, offload_vram_gb=34.0, license=_APACHE,
             description="Wan 2.2 A14B image-to-video (two 14B experts), 1280x720, 81 frames at 16 fps.",
         ),
         ModelSpec(
@@ -166,6 +217,7 @@ _FINGERPRINTS: dict[tuple, str] = {
     ("WanPipeline", 40, 40, 16, False): "Wan-AI/Wan2.1-T2V-14B-Diffusers",
     ("WanImageToVideoPipeline", 40, 40, 36, False): "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
     ("WanPipeline", 30, 24, 48, False): "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    ("WanImageToVideoPipeline", 30, 24, 48, False): "Wan-AI/Wan2.2-TI2V-5B-Diffusers",  # its image-to-video mode
     ("WanPipeline", 40, 40, 16, True): "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
     ("WanImageToVideoPipeline", 40, 40, 36, True): "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
 }
@@ -218,7 +270,7 @@ def _spec_from_folder(folder: Path) -> ModelSpec:
         raise ValueError(f"model folder {str(folder)!r} has no model_index.json (not a diffusers pipeline folder)")
     index = _read_json(index_path)
     pipeline_class = str(index.get("_class_name", ""))
-    _check_pipeline_class(pipeline_class)
+    facts_for_pipeline(pipeline_class)
     transformer_path = folder / "transformer" / "config.json"
     if not transformer_path.is_file() and (folder / "transformer_2" / "config.json").is_file():
         transformer_path = folder / "transformer_2" / "config.json"
@@ -227,7 +279,8 @@ def _spec_from_folder(folder: Path) -> ModelSpec:
     vae_config = _read_json(vae_path) if vae_path.is_file() else {}
     experts = 2 if _component_present(index, "transformer_2") else 1
     return _spec_from_config(str(folder), pipeline_class, transformer_config, vae_config, experts=experts,
-                             local_path=str(folder.resolve()), weight_bytes=_weight_bytes(folder))
+                             local_path=str(folder.resolve()), weight_bytes=_weight_bytes(folder),
+                             expand_timesteps=bool(index.get("expand_timesteps")))
 
 
 def _component_present(index: Mapping[str, Any], name: str) -> bool:
@@ -240,82 +293,27 @@ def _weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in folder.rglob(pattern))
 
 
-def _check_pipeline_class(pipeline_class: str) -> None:
-    if pipeline_class not in SUPPORTED_PIPELINES:
-        supported = ", ".join(SUPPORTED_PIPELINES)
-        raise ValueError(f"unsupported pipeline class {pipeline_class!r} (supported: {supported})")
-
-
-def _vae_compression(vae_config: Mapping[str, Any], family: str) -> tuple[Optional[int], Optional[int]]:
-    """(spatial, temporal) compression of a VAE config, None where the config does not say."""
-    if family == "wan":
-        downsample = vae_config.get("temperal_downsample")
-        spatial = vae_config.get("scale_factor_spatial") or (2 ** len(downsample) if downsample else None)
-        temporal = vae_config.get("scale_factor_temporal") or (2 ** sum(map(bool, downsample)) if downsample
-                                                               else None)
-        return (int(spatial) if spatial else None), (int(temporal) if temporal else None)
-    blocks = vae_config.get("block_out_channels")
-    spatial = 2 ** (len(blocks) - 1) if blocks else None
-    temporal = vae_config.get("temporal_compression_ratio")
-    return spatial, (int(temporal) if temporal else None)
-
-
-def _cogvideox_facts(cfg: Mapping[str, Any], spatial: Optional[int], model_id: str) -> dict[str, Any]:
-    if cfg.get("patch_size_t") is not None:
-        raise ValueError(f"{model_id!r} uses temporal patching (patch_size_t={cfg.get('patch_size_t')!r}, "
-                         "CogVideoX 1.5), which loopui does not support yet; use CogVideoX-5b, -2b or -5b-I2V")
-    temporal = int(cfg.get("temporal_compression_ratio", 4))
-    sample_frames = int(cfg.get("sample_frames", 49))
-    spatial = spatial or _DEFAULT_SPATIAL_COMPRESSION
-    patch = int(cfg.get("patch_size", 2))
-    learned = bool(cfg.get("use_learned_positional_embeddings", False))
-    return dict(
-        trained_latent_frames=(sample_frames - 1) // temporal + 1,
-        rotary=bool(cfg.get("use_rotary_positional_embeddings", False)),
-        learned_positions=learned,
-        fixed_size=learned,  # diffusers refuses any other size for a learned positional table
-        native_height=int(cfg.get("sample_height", 60)) * spatial,
-        native_width=int(cfg.get("sample_width", 90)) * spatial,
-        native_num_frames=sample_frames,
-        temporal_compression=temporal,
-        spatial_compression=spatial,
-        size_multiple=spatial * patch,
-    )
-
-
-def _wan_facts(cfg: Mapping[str, Any], spatial: Optional[int], temporal: Optional[int]) -> dict[str, Any]:
-    spatial = spatial or 8
-    temporal = temporal or 4
-    patch = cfg.get("patch_size") or (1, 2, 2)
-    multiple = spatial * int(patch[1])
-    return dict(
-        trained_latent_frames=(_WAN_TRAINED_FRAMES - 1) // temporal + 1,
-        rotary=True,
-        learned_positions=cfg.get("pos_embed_seq_len") is not None,
-        native_height=480, native_width=832, native_num_frames=_WAN_TRAINED_FRAMES, native_fps=16,
-        temporal_compression=temporal,
-        spatial_compression=spatial,
-        size_multiple=max(16, multiple),
-    )
-
-
 def _spec_from_config(model_id: str, pipeline_class: str, transformer_config: Mapping[str, Any],
                       vae_config: Mapping[str, Any], experts: int = 1, local_path: Optional[str] = None,
                       weight_bytes: int = 0, spatial: Optional[int] = None,
-                      temporal: Optional[int] = None) -> ModelSpec:
-    """One place that turns a family's configs into a spec (used for folders and for built pipelines)."""
+                      temporal: Optional[int] = None, expand_timesteps: bool = False) -> ModelSpec:
+    """One place that turns a family's configs into a spec (used for folders and for built pipelines).
+
+    ``expand_timesteps`` is the pipeline config's flag (Wan 2.2 TI2V): per-token timesteps, an optional image that
+    replaces the first latent at timestep 0 through ``WanImageToVideoPipeline``.
+    """
     cfg = transformer_config
-    family, image_to_video = SUPPORTED_PIPELINES[pipeline_class]
-    vae_spatial, vae_temporal = _vae_compression(vae_config, family)
+    family = facts_for_pipeline(pipeline_class)
+    vae_spatial, vae_temporal = family.vae_compression(vae_config)
     spatial, temporal = spatial or vae_spatial, temporal or vae_temporal
-    if family == "wan":
-        arch = _wan_facts(cfg, spatial, temporal)
-    else:
-        arch = _cogvideox_facts(cfg, spatial, model_id)
-        if temporal:
-            arch["temporal_compression"] = temporal
-    facts: dict[str, Any] = dict(model_id=model_id, pipeline_class=pipeline_class, family=family,
-                                 image_to_video=image_to_video, experts=experts, local_path=local_path, **arch)
+    arch = family.facts_from_config(cfg, spatial, temporal, model_id)
+    image_to_video = family.pipelines[pipeline_class]
+    first_latent_image = family.name == "wan" and expand_timesteps
+    facts: dict[str, Any] = dict(model_id=model_id, pipeline_class=pipeline_class, family=family.name,
+                                 image_to_video=image_to_video, experts=experts, local_path=local_path,
+                                 first_latent_image=first_latent_image,
+                                 image_pipeline_class=("WanImageToVideoPipeline" if first_latent_image
+                                                       and not image_to_video else None), **arch)
     fingerprint = (pipeline_class, cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("in_channels"),
                    experts > 1)
     known = REGISTRY.get(_FINGERPRINTS.get(fingerprint, ""))
@@ -323,13 +321,13 @@ def _spec_from_config(model_id: str, pipeline_class: str, transformer_config: Ma
         logger.info("%s looks like %s; using its recommended settings", model_id, known.model_id)
         # The registry's native size and trained length are the model card's; the rest is read from the config.
         keep = ("native_height", "native_width", "native_num_frames", "native_fps", "trained_latent_frames")
-        facts = {k: v for k, v in facts.items() if k not in keep or family == "cogvideox"}
+        facts = {k: v for k, v in facts.items() if k not in keep or family.config_states_training_shape}
         return dataclasses.replace(known, **facts, description=f"Local copy of {known.model_id}. "
                                                                f"{known.description}")
     # Unknown architecture: the pipeline's own scheduler, and a VRAM guess from the weights' size
     # (weights plus activations at the native size, which for these models are a few GiB).
     weights_gib = weight_bytes / 2**30
-    return ModelSpec(**facts, scheduler=None, guidance_scale=5.0 if family == "wan" else 6.0,
+    return ModelSpec(**facts, scheduler=None, guidance_scale=family.default_guidance_scale,
                      use_dynamic_cfg=False,
                      cuda_dtype="bfloat16" if facts["rotary"] else "float16",
                      vram_gb=round(weights_gib * 1.2 + 4.0, 1), offload_vram_gb=round(weights_gib * 0.6 + 4.0, 1),
@@ -342,7 +340,7 @@ def spec_for_pipeline(pipe: Any) -> ModelSpec:
     Registry recommendations are kept when the pipeline was loaded from a registry id (or is the demo model).
     """
     pipeline_class = type(pipe).__name__
-    _check_pipeline_class(pipeline_class)
+    facts_for_pipeline(pipeline_class)
     model_id = str(getattr(pipe, "name_or_path", None) or "")  # ModelManager records the hub id here
     transformer = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
     experts = 2 if getattr(pipe, "transformer_2", None) is not None else 1
@@ -351,13 +349,16 @@ def spec_for_pipeline(pipe: Any) -> ModelSpec:
     temporal = getattr(pipe, "vae_scale_factor_temporal", None)
     spec = _spec_from_config(model_id or pipeline_class, pipeline_class, dict(transformer.config),
                              dict(vae.config) if vae is not None else {}, experts=experts,
-                             spatial=int(spatial) if spatial else None, temporal=int(temporal) if temporal else None)
+                             spatial=int(spatial) if spatial else None, temporal=int(temporal) if temporal else None,
+                             expand_timesteps=bool(getattr(pipe, "config", {}).get("expand_timesteps")))
     registered = REGISTRY.get(model_id)
     if registered is not None:
-        # The config is the truth about the architecture; the registry adds recommendations and the preview size.
+        # The config is the truth about the architecture and the pipeline built (Wan 2.2 TI2V-5B under its hub id
+        # may be its WanImageToVideoPipeline); the registry adds recommendations and the preview size.
         arch = ("rotary", "learned_positions", "fixed_size", "temporal_compression", "spatial_compression",
-                "size_multiple", "experts")
-        if registered.family == "cogvideox":
+                "size_multiple", "experts", "pipeline_class", "image_to_video", "image_pipeline_class",
+                "first_latent_image")
+        if FAMILY_FACTS[registered.family].config_states_training_shape:
             arch += ("trained_latent_frames",)
         return dataclasses.replace(registered, **{k: getattr(spec, k) for k in arch})
     return spec

@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from loopui.engine.settings import LoopRequest, default_shift_skip, knob_info, latent_length, size_text
+from loopui.engine.request import LoopRequest, default_shift_skip, knob_info, latent_length, size_text
+from loopui.messages import one_line
 from loopui.studio.requests import AUTO_SCHEDULER, PUBLIC_LIMITS
 
 # Settings that make a generation take seconds on a CPU (a preview, not a finished loop).
@@ -75,6 +76,7 @@ class ModelView:
     frames: tuple[int, int, int]  # the loop-length slider's (minimum, maximum, step)
     num_frames: int  # the loop length the page starts with
     fps: int
+    steps: int  # the model's own number of denoising steps (what "automatic" plans)
     guidance: KnobState
     schedulers: list[tuple[str, str]]  # (label, value), the automatic choice first
     scheduler: str
@@ -174,7 +176,7 @@ def _refusal(spec: Any, **values: Any) -> Optional[str]:
 
 def _plain_reason(exc: BaseException) -> str:
     """An engine refusal as a note for a knob: one line, without the probe's own value ("(got 2.0)")."""
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     return re.sub(r"\s*\(got [^()]*\)", "", text)
 
 
@@ -363,6 +365,7 @@ class Knobs:
         return ModelView(
             model_id=model_id, text=model_text(model_id), resolutions=resolutions, resolution=resolution,
             size=size, size_step=int(model.size_multiple), frames=frames, num_frames=num_frames, fps=plan.fps,
+            steps=plan.num_inference_steps,
             guidance=KnobState(plan.guidance_scale, True, guidance_note), schedulers=schedulers,
             scheduler=model.scheduler or AUTO_SCHEDULER, dynamic_cfg=dynamic_cfg, flow_shift=flow_shift,
             image_channel=image_channel, preview=preview)
@@ -382,7 +385,8 @@ class Knobs:
             return rope_state(model_id, view.num_frames, self.default("window_mode", model_id)).value
         if name == "window_mode":
             return window_state(model_id, view.num_frames, knob_info("window_mode")["default"]).value
-        followed = {"scheduler": view.scheduler, "guidance_scale": view.guidance.value, "fps": view.fps,
+        followed = {"num_inference_steps": view.steps, "scheduler": view.scheduler,
+                    "guidance_scale": view.guidance.value, "fps": view.fps,
                     "use_dynamic_cfg": view.dynamic_cfg.value, "flow_shift": view.flow_shift.value,
                     "image_channel": view.image_channel.value}
         if name in followed:

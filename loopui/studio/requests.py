@@ -12,7 +12,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from loopui.engine.settings import LoopRequest, ResolvedRequest, request_from_values, resolve_request, size_text
+from loopui.engine.plan import LoopPlan, resolve_request
+from loopui.engine.request import LoopRequest, request_from_values, size_text
+from loopui.messages import one_line
 
 AUTO_SCHEDULER = "auto"  # dropdown value for "the model's own scheduler" (LoopRequest.scheduler = None)
 
@@ -47,10 +49,10 @@ def check_model(model_id: Any, served: Sequence[str], default: str) -> Any:
     return spec_for(name)
 
 
-def build_request(values: dict, spec: Any, public: bool = False) -> ResolvedRequest:
-    """A validated request for ``spec`` with every automatic value filled in (``loopui.engine.settings.
-    resolve_request``, the same function the CLI uses), from page or API values; ``ValueError`` naming the
-    parameter otherwise.
+def build_request(values: dict, spec: Any, public: bool = False) -> LoopPlan:
+    """The plan of a validated request for ``spec`` with every automatic value filled in
+    (``loopui.engine.plan.resolve_request``, the same function the CLI uses), from page or API values;
+    ``ValueError`` naming the parameter otherwise.
 
     Checked here, before anything is queued or loaded: the numbers and choices are in range, uploads are readable
     images, a clip is a video the engine can fit to the loop (read and resampled as the engine will), and in public
@@ -59,8 +61,8 @@ def build_request(values: dict, spec: Any, public: bool = False) -> ResolvedRequ
     data = {name: values[name] for name in REQUEST_FIELDS if name in values}
     if data.get("scheduler") == AUTO_SCHEDULER:
         data["scheduler"] = None
-    resolved = resolve_request(request_from_values(data), spec)
-    request = resolved.request
+    plan = resolve_request(request_from_values(data), spec)
+    request = plan.request
     if public:
         check_public_limits(request)
     for name in ("image", "mask", "video"):
@@ -69,12 +71,12 @@ def build_request(values: dict, spec: Any, public: bool = False) -> ResolvedRequ
             cap = PUBLIC_LIMITS["video_bytes" if name == "video" else "image_bytes"] if public else None
             _check_file_size(name, value, cap)
             if name == "video":
-                _check_clip(request, spec)
+                _check_clip(plan)
             else:
                 _check_upload(name, value)
     if spec.image_to_video and request.image is None and request.video is None:
         raise ValueError(f"image: {spec.model_id} animates a reference image; add one first")
-    return resolved
+    return plan
 
 
 def mask_settings(values: dict, image: Any) -> LoopRequest:
@@ -124,21 +126,20 @@ def _check_file_size(name: str, path: Any, max_bytes: Optional[int]) -> None:
                          f"{'clips' if name == 'video' else 'images'} up to {max_bytes / 10**6:.3g} MB")
 
 
-def _check_clip(request: LoopRequest, spec: Any) -> None:
+def _check_clip(plan: LoopPlan) -> None:
     """Refuse a clip the engine could not use -- not a video, truncated, too short, too large once decoded, an
-    unusable frame rate -- by reading and fitting it as the engine will (``loopui.engine.load_clip``), with one line
+    unusable frame rate -- by reading and fitting it as the engine will (``LoopPlan.with_clip``), with one line
     naming ``video`` and the file's own name."""
-    from loopui.engine import load_clip
     from loopui.media import ImageInputError, VideoInputError
 
-    path = request.video
+    path = plan.request.video
     if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError(f"video: {_upload_name(path)!r} is empty")
     try:
-        load_clip(request, spec)
+        plan.with_clip()
     except (VideoInputError, ImageInputError) as exc:
         name = _upload_name(path)
-        text = " ".join(str(exc).split()).removeprefix("video: ")
+        text = one_line(exc).removeprefix("video: ")
         if isinstance(path, (str, os.PathLike)):
             text = text.replace(f"video file {os.fspath(path)!r}", repr(name)).replace(os.fspath(path), name)
         if "Could not load meta information" in text:  # ffmpeg's answer to text, a picture or a cut-off MP4
@@ -156,7 +157,7 @@ def _check_upload(name: str, path: Any) -> None:
     try:
         (open_image if name == "image" else read_mask)(path)
     except ImageInputError as exc:
-        text = " ".join(str(exc).split())
+        text = one_line(exc)
         if isinstance(path, (str, os.PathLike)):
             full = os.fspath(path)
             text = text.replace(full, Path(full).name)

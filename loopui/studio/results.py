@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from loopui.engine.settings import size_text
+from loopui.engine.request import size_text
+from loopui.messages import one_line
 from loopui.studio.requests import REQUEST_FIELDS
 
 MAX_HISTORY = 12
@@ -123,12 +124,12 @@ def history_entry(outcome: LoopOutcome, values: dict, model_id: str) -> HistoryE
 
 def error_text(exc: BaseException) -> str:
     """A one-line message for the page from an exception raised by a generation."""
-    from loopui.engine.guards import NonFiniteOutput
+    from loopui.engine.errors import NonFiniteOutput
     from loopui.media import ImageInputError
     from loopui.models import ModelLoadError, OutOfGPUMemory
     from loopui.saliency import SaliencyUnavailable
 
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = one_line(exc)
     if isinstance(exc, ModelLoadError):
         return _load_error_text(exc, text)
     if isinstance(exc, (ValueError, SaliencyUnavailable, ImageInputError)):
@@ -146,6 +147,6 @@ def _load_error_text(exc: BaseException, text: str) -> str:
     advice = rest.partition(" -- ")[2]
     if cause is None or not rest:
         return text
-    reason = " ".join(str(cause).split()) or type(cause).__name__
+    reason = one_line(cause)
     reason = re.split(r"(?<=[a-z0-9)])\. |\s\(", reason, maxsplit=1)[0].rstrip(". ")
     return f"{head}: {reason}." + (f" To fix: {advice}" if advice else "")

@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from loopui.engine.settings import LoopRequest, ResolvedRequest
+from loopui.engine.plan import LoopPlan
+from loopui.engine.request import LoopRequest
 from loopui.studio import requests
 from loopui.studio.devices import cuda_available, device_pool
 from loopui.studio.files import DEFAULT_MAX_OUTPUT_AGE_S, DEFAULT_MAX_OUTPUT_BYTES, SessionFiles
@@ -95,9 +96,10 @@ class Studio:
         """The spec of a model a request names; only the dropdown's models are served (never a path from a client)."""
         return requests.check_model(model_id, self.knobs.served_models(), self.model_id)
 
-    def build_request(self, values: dict, model_id: Any = None) -> ResolvedRequest:
-        """A validated request with every automatic value filled in, from page or API values, for a model this
-        server offers (``loopui.studio.requests.build_request``); ``ValueError`` naming the parameter otherwise."""
+    def build_request(self, values: dict, model_id: Any = None) -> LoopPlan:
+        """The plan of a validated request (every automatic value filled in), from page or API values, for a model
+        this server offers (``loopui.studio.requests.build_request``); ``ValueError`` naming the parameter
+        otherwise."""
         return requests.build_request(values, self.check_model(model_id), public=self.public)
 
     def page_values(self, values: dict, model_id: str) -> dict:

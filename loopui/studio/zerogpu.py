@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-from loopui.engine.settings import latent_length
+from loopui.engine.request import latent_length
 
 logger = logging.getLogger(__name__)
 

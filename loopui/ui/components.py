@@ -11,7 +11,8 @@ from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from loopui.engine.settings import WHOLE_NUMBER_FIELDS, LoopRequest, knob_info
+from loopui.engine.request import WHOLE_NUMBER_FIELDS, LoopRequest, knob_info
+from loopui.messages import one_line
 from loopui.studio.knobs import Knobs, help_text
 from loopui.studio.requests import REQUEST_FIELDS
 
@@ -83,7 +84,7 @@ def _upload_error(param: str, payload: Any, exc: BaseException) -> str:
         return f"{param}: {name!r} has too many pixels to decode safely; use a smaller image"
     if "cannot identify image file" in str(exc) or "UnidentifiedImage" in type(exc).__name__:
         return f"{param}: {name!r} is not an image file (or it is empty)"
-    reason = " ".join(str(exc).split()).replace(str(getattr(payload, "path", "") or "\0"), name)
+    reason = one_line(exc).replace(str(getattr(payload, "path", "") or "\0"), name)
     return f"{param}: {name!r} cannot be read as an image ({reason[:200]})"
 
 

@@ -18,6 +18,7 @@ import gradio as gr
 import numpy as np
 
 from loopui.engine.plan import CLIP_INIT_STRENGTH
+from loopui.messages import one_line
 from loopui.studio import Studio, requests
 from loopui.studio.jobs import LeftLine, ProgressClock
 from loopui.studio.knobs import RESOLUTION_PRESETS, help_text, model_spec, shift_note
@@ -128,7 +129,7 @@ class Handlers:
             resolved = studio.build_request(values, model_id=model_id)
             job = studio.start(session_id(request), model_id, resolved.request)
         except ValueError as exc:
-            raise gr.Error(" ".join(str(exc).split()), print_exception=False) from None
+            raise gr.Error(one_line(exc), print_exception=False) from None
         notes = "".join(f"\n\nNote: {n}." for n in resolved.notes)
         clock = ProgressClock()
         try:
@@ -233,7 +234,7 @@ class Handlers:
             preview = self.studio.masks.preview(image, knobs_in.mask_model, knobs_in.mask_threshold,
                                                 knobs_in.mask_grow, knobs_in.mask_feather, knobs_in.motion_region)
         except ValueError as exc:
-            raise gr.Error(" ".join(str(exc).split()), print_exception=False) from None
+            raise gr.Error(one_line(exc), print_exception=False) from None
         if preview.mask is None:
             if knobs_in.motion_region == "everything":
                 return np.full(preview.image.shape[:2], 255, dtype=np.uint8)

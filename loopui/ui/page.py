@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from loopui.engine.plan import CLIP_INIT_STRENGTH
-from loopui.engine.settings import knob_info
+from loopui.engine.request import knob_info
 from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS
 from loopui.studio import Studio
 from loopui.studio.knobs import (

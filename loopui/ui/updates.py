@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import gradio as gr
 
-from loopui.engine.settings import default_shift_skip, knob_info, latent_length
+from loopui.engine.request import default_shift_skip, knob_info, latent_length
 from loopui.studio.jobs import JobEvent, ProgressClock
 from loopui.studio.knobs import (
     CUSTOM_RESOLUTION,

@@ -16,7 +16,7 @@ def family_for(pipe: Any) -> Family:
     for family in FAMILIES.values():
         if family.matches(pipe):
             return family
-    supported = ", ".join(name for family in FAMILIES.values() for name in family.pipeline_classes)
+    supported = ", ".join(name for family in FAMILIES.values() for name in family.pipelines)
     raise ValueError(f"unsupported pipeline {type(pipe).__name__} (supported: {supported})")
 
 

@@ -13,14 +13,18 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from loopui.models.family_facts import FamilyFacts
+
 from ..noise import NoiseLevel, level_at
 
 
-class Family:
-    """A model family's answers to the sampler's questions; subclasses fill in the layout-specific parts."""
+class Family(FamilyFacts):
+    """A model family's answers to the sampler's questions; subclasses fill in the layout-specific parts.
 
-    name: str = ""
-    pipeline_classes: tuple[str, ...] = ()
+    Its static facts (name, pipelines, what its configs say) come from the family's class in
+    ``loopui.models.family_facts``, which each family subclasses too: the registry reads them there.
+    """
+
     time_dim: int = 1  # axis of time in the latents the pipeline (and its transformer) use
     channel_dim: int = 2  # axis on which I2V conditioning is concatenated to the noisy latents
     flow_matching: bool = False  # schedulers write x = (1 - sigma) x0 + sigma noise and predict a velocity
@@ -30,7 +34,14 @@ class Family:
 
     # -- identity ---------------------------------------------------------------------------------------------
     def matches(self, pipe: Any) -> bool:
-        return type(pipe).__name__ in self.pipeline_classes
+        return type(pipe).__name__ in self.pipelines
+
+    def pipeline_for(self, pipe: Any, pipeline_class: str) -> Any:
+        """The pipeline that runs a request planned for ``pipeline_class``: ``pipe`` itself, unless the model has a
+        mode served by another stock pipeline over the same components (Wan 2.2 TI2V-5B with an image)."""
+        if not pipeline_class or type(pipe).__name__ == pipeline_class:
+            return pipe
+        raise ValueError(f"{type(pipe).__name__} cannot run as {pipeline_class}")
 
     # -- denoisers --------------------------------------------------------------------------------------------
     def denoisers(self, pipe: Any) -> list[torch.nn.Module]:

@@ -15,6 +15,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from loopui.models.family_facts import CogVideoXFacts
+
 from ..rope import DEFAULT_THETA, ntk_theta, temporal_frequencies
 from .base import Family, patch_attribute
 
@@ -65,9 +67,7 @@ def scaled_rope_preparer(pipe: Any, rope_scale: float):
     return prepare
 
 
-class CogVideoXFamily(Family):
-    name = "cogvideox"
-    pipeline_classes = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline")
+class CogVideoXFamily(Family, CogVideoXFacts):
     time_dim = 1
     channel_dim = 2
     flow_matching = False

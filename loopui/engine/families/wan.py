@@ -8,8 +8,11 @@
   advances per scheduler step (in the step callback), never per call. Wan 2.2 A14B has two experts, ``transformer``
   (high noise) and ``transformer_2`` (low noise); both are wrapped.
 - Wan 2.2 TI2V-5B (``expand_timesteps``) passes one timestep per token: the per-token timesteps follow the clip.
-- I2V: ``latent_model_input = cat([latents, mask (4 ch), condition latents (z ch)], dim=1)``; the image sits in the
-  first latent of the condition, the mask marks it.
+  With an image it runs diffusers' ``WanImageToVideoPipeline`` over the same components: the image latent replaces
+  the first latent of the cycle and its tokens are at timestep 0 -- in each rotated clip the image (and its
+  timestep 0) sits wherever its latent is. There is no separate image channel.
+- I2V (Wan 2.1 / 2.2 A14B): ``latent_model_input = cat([latents, mask (4 ch), condition latents (z ch)], dim=1)``;
+  the image sits in the first latent of the condition, the mask marks it.
 - The causal VAE (``AutoencoderKLWan``) decodes the first latent into 1 frame and every other into 4; latents are
   normalised with the VAE config's ``latents_mean`` / ``latents_std``.
 - Schedulers: UniPC (the pipelines' own, flow prediction with ``flow_shift``) or flow-matching Euler.
@@ -22,6 +25,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import torch
+
+from loopui.models.family_facts import WanFacts
 
 from ..rope import DEFAULT_THETA, ntk_theta, temporal_frequencies
 from .base import Family
@@ -41,9 +46,7 @@ def scaled_wan_rope(rope: Any, rope_scale: float) -> Any:
     return scaled
 
 
-class WanFamily(Family):
-    name = "wan"
-    pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
+class WanFamily(Family, WanFacts):
     time_dim = 2
     channel_dim = 1
     flow_matching = True
@@ -67,6 +70,24 @@ class WanFamily(Family):
             return FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
                                                    shift=float(shift))
         raise ValueError(f"scheduler must be one of {', '.join(self.schedulers)} for Wan; got {name!r}")
+
+    def pipeline_for(self, pipe: Any, pipeline_class: str) -> Any:
+        if pipeline_class != "WanImageToVideoPipeline" or type(pipe).__name__ != "WanPipeline" \
+                or not pipe.config.get("expand_timesteps"):
+            return super().pipeline_for(pipe, pipeline_class)
+        from diffusers import WanImageToVideoPipeline
+
+        # The stock I2V pipeline over the very same modules (no copy, no cast: ``from_pipe`` would cast every
+        # component to one dtype, and Wan keeps its VAE in float32), with the T2V pipeline's config.
+        view = WanImageToVideoPipeline(**pipe.components, boundary_ratio=pipe.config.get("boundary_ratio"),
+                                       expand_timesteps=True)
+        view.register_to_config(_name_or_path=pipe.config.get("_name_or_path", ""))
+        # Model CPU offload's bookkeeping, so the call ends by offloading the shared modules as the pipeline's own
+        # call would; progress-bar settings too.
+        for name in ("_all_hooks", "_offload_gpu_id", "_offload_device", "_progress_bar_config"):
+            if name in pipe.__dict__:
+                setattr(view, name, pipe.__dict__[name])
+        return view
 
     def check_request(self, request: Any, spec: Any, length: int) -> list[str]:
         if request.use_dynamic_cfg:
@@ -114,8 +135,8 @@ class WanFamily(Family):
             history[-1] = conditioning.pull_history(history[-1])
 
     def condition_latent_channels(self, pipe: Any) -> Optional[tuple[int, int]]:
-        if type(pipe).__name__ != "WanImageToVideoPipeline":
-            return None
+        if type(pipe).__name__ != "WanImageToVideoPipeline" or pipe.config.get("expand_timesteps"):
+            return None  # TI2V-5B: the image replaces the first latent itself; no channels are concatenated
         # The condition is cat([mask, latents]) on C; the mask has one channel per frame a latent covers.
         return int(pipe.vae_scale_factor_temporal), self.latent_channels(pipe)
 

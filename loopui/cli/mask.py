@@ -1,39 +1,39 @@
 """The ``mask`` subcommand: ``python -m loopui mask IMAGE --output MASK.png [--mask-model NAME] ...``.
 
-Writes the motion mask as an 8-bit grayscale PNG (white = may move). ``loopui/cli.py`` wires these two
-functions into its subparsers.
+Writes the motion mask as an 8-bit grayscale PNG (white = may move). Its defaults are ``LoopRequest``'s mask knobs
+(``mask_model``, ``mask_threshold``, ``mask_grow``, ``mask_feather``), the same as ``generate``'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .masks import DEFAULT_FEATHER, DEFAULT_GROW, DEFAULT_THRESHOLD, load_rgb_image
-from .models import DEFAULT_MASK_MODEL, MASK_MODEL_INFO, MASK_MODELS, SaliencyUnavailable
-from .resolve import resolve_mask
+from loopui.cli.common import EXIT_OK, EXIT_USAGE, fail, knob_default, one_line
+from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS, SaliencyUnavailable, load_rgb_image, resolve_mask
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``mask`` subcommand's arguments to ``parser`` (a subparser); returns it."""
     models = "; ".join(MASK_MODEL_INFO[name].label for name in MASK_MODELS)
+    model, threshold = knob_default("mask_model"), knob_default("mask_threshold")
+    grow, feather = knob_default("mask_grow"), knob_default("mask_feather")
     parser.add_argument("image", help="Reference image (PNG/JPEG/WebP...).")
     parser.add_argument("--output", "-o", required=True, help="Where to write the mask (8-bit grayscale PNG).")
-    parser.add_argument("--mask-model", default=DEFAULT_MASK_MODEL, choices=MASK_MODELS, metavar="NAME",
-                        help=f"Saliency model (default {DEFAULT_MASK_MODEL}): {models}.")
+    parser.add_argument("--mask-model", default=model, choices=MASK_MODELS, metavar="NAME",
+                        help=f"Saliency model (default {model}): {models}.")
     parser.add_argument("--model-path", default=None,
                         help="A custom U^2-Net-style ONNX file inside rembg's model folder (used instead of "
                              "--mask-model).")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                        help=f"Saliency cut-off in [0, 1] (default {DEFAULT_THRESHOLD}).")
-    parser.add_argument("--grow", type=int, default=DEFAULT_GROW,
-                        help=f"Grow (+) or shrink (-) the mask by this many pixels (default {DEFAULT_GROW}).")
-    parser.add_argument("--feather", type=int, default=DEFAULT_FEATHER,
-                        help=f"Soften the mask edge over this many pixels (default {DEFAULT_FEATHER}).")
+    parser.add_argument("--threshold", type=float, default=threshold,
+                        help=f"Saliency cut-off in [0, 1] (default {threshold}).")
+    parser.add_argument("--grow", type=int, default=grow,
+                        help=f"Grow (+) or shrink (-) the mask by this many pixels (default {grow}).")
+    parser.add_argument("--feather", type=int, default=feather,
+                        help=f"Soften the mask edge over this many pixels (default {feather}).")
     parser.add_argument("--invert", action="store_true",
                         help="Animate the background instead of the object.")
     return parser
@@ -55,8 +55,7 @@ def run_mask_command(args: argparse.Namespace) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.round(result.mask * 255.0).astype(np.uint8), mode="L").save(output)
     except (ValueError, SaliencyUnavailable, OSError) as err:
-        print(f"loopui: error: {err}", file=sys.stderr)
-        return 2
+        return fail(one_line(err), EXIT_USAGE)
     source = result.model_name if result.source == "model" else "your mask"
     print(f"{output}: mask coverage {100.0 * result.coverage:.1f}% ({source})")
-    return 0
+    return EXIT_OK

@@ -1,4 +1,7 @@
-"""One typed dataclass of every knob: the UI, the CLI and the Python API all read defaults and ranges from here."""
+"""One typed dataclass of every knob: the UI, the CLI and the Python API all read defaults and ranges from here.
+
+A leaf: no torch, no planning, no other room. Resolving a request against a model is ``loopui.engine.plan``.
+"""
 
 from __future__ import annotations
 
@@ -117,21 +120,26 @@ def default_shift_skip(length: int) -> int:
 class LoopRequest:
     """Every setting of one loop generation, with defaults and validation.
 
-    ``None`` in ``height``/``width``/``shift_skip``/``rope_scale``/``scheduler`` means "choose from the model"
-    (native size, the coprime skip nearest L/2, automatic RoPE scale, the pipeline's own scheduler).
+    ``None`` in ``height``/``width``/``shift_skip``/``rope_scale``/``scheduler``/``num_inference_steps`` means
+    "choose from the model" (native size, the coprime skip nearest L/2, automatic RoPE scale, the pipeline's own
+    scheduler, the model's steps); an empty ``negative_prompt`` is the model's standard one.
     """
 
     prompt: str = _knob("", "What the loop shows.")
-    negative_prompt: str = _knob("", "What to steer away from.")
+    negative_prompt: str = _knob("", "What to steer away from; empty = the model's standard negative prompt (Wan's "
+                                     "own, as its sampler sends it; CogVideoX has none).")
     num_frames: int = _knob(49, "Pixel frames requested; the cycle has L = (frames - 1) // 4 + 1 latents, "
                                 "and a frame-invariant loop plays 4·L frames (49 -> 52).", 5, 321, step=4)
     height: Optional[int] = _knob(None, "Output height in pixels (multiple of 16); empty = model's native.", 16, 2048,
                                   step=16)
     width: Optional[int] = _knob(None, "Output width in pixels (multiple of 16); empty = model's native.", 16, 2048,
                                  step=16)
-    num_inference_steps: int = _knob(50, "Denoising steps: more is slower and usually cleaner.", 1, 200, step=1)
+    num_inference_steps: Optional[int] = _knob(None, "Denoising steps: more is slower and usually cleaner; empty = "
+                                                     "the model's (50; 40 for Wan 2.1 I2V and Wan 2.2 A14B).", 1, 200,
+                                               step=1)
     guidance_scale: Optional[float] = _knob(None, "How strongly the prompt is followed (classifier-free guidance); "
-                                                  "empty = the model's recommendation (6 CogVideoX, 5 Wan).",
+                                                  "empty = the model's recommendation (6 CogVideoX, 5 Wan 2.1 and "
+                                                  "Wan 2.2 5B, 4 / 3 Wan 2.2 T2V-A14B, 3.5 I2V-A14B).",
                                             1.0, 20.0, step=0.5)
     use_dynamic_cfg: Optional[bool] = _knob(None, "Ramp guidance over the schedule (CogVideoX with the DPM "
                                                   "scheduler); empty = the model's recommendation.")
@@ -156,7 +164,8 @@ class LoopRequest:
                                      choices=SCHEDULERS)
     flow_shift: Optional[float] = _knob(None, "Flow-matching shift of the noise schedule (Wan only): higher spends "
                                               "more of the steps at high noise; empty = the model's recommendation "
-                                              "(3 at 480p, 5 at 720p).", 0.5, 20.0, step=0.5)
+                                              "(3 at 480p, 5 at 720p; 12 for Wan 2.2 T2V-A14B).", 0.5, 20.0,
+                                        step=0.5)
     seam_polish: str = _knob("fast", "Removes the small seam a loop can leave inside the cycle (where the model last "
                                      "saw it cut): the final steps blend several rotations of the cycle. Extra "
                                      "compute at 50 steps: fast +2% (one extra model pass, the default), balanced "
@@ -191,7 +200,10 @@ class LoopRequest:
                                            "clip the model sees. 'estimate' = the image when the anchored frame "
                                            "is first, else the loop's current estimate of the first frame (every "
                                            "call as in training); 'image' = always the image; 'roll' = the image "
-                                           "rides with its frame around the cycle.", choices=IMAGE_CHANNELS)
+                                           "rides with its frame around the cycle. Wan 2.2 TI2V-5B has no "
+                                           "image channel: its image is its first latent at timestep 0, which "
+                                           "always rides with it ('image' is refused there).",
+                               choices=IMAGE_CHANNELS)
 
     def validate(self) -> "LoopRequest":
         """Raise ``ValueError`` naming the offending value; return ``self`` so calls chain."""
@@ -231,10 +243,6 @@ class LoopRequest:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
         return self
 
-    @property
-    def num_latent_frames(self) -> int:
-        return latent_length(self.num_frames)
-
     def to_dict(self) -> dict:
         """JSON-ready settings (used by the sidecar and the UI gallery)."""
         out = {}
@@ -246,11 +254,6 @@ class LoopRequest:
             out[f.name] = value
         return out
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "LoopRequest":
-        """Build from a dict, ignoring unknown keys (so older sidecars still load)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def _field_kinds() -> tuple[dict[str, type], frozenset[str]]:
@@ -302,50 +305,6 @@ def request_from_values(values: Mapping[str, Any]) -> LoopRequest:
             value = real_number(name, value)
         data[name] = value
     return LoopRequest(**data).validate()
-
-
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A request with every automatic value filled in for one model, and the notes to show the user."""
-
-    request: LoopRequest
-    num_latent_frames: int
-    notes: tuple[str, ...] = ()
-
-
-def resolve_request(request: LoopRequest, spec: Any) -> ResolvedRequest:
-    """Fill the automatic values of ``request`` for the model ``spec`` -- the one function the page, the API and the
-    CLI call, so all three compute the same loop.
-
-    ``spec`` needs ``temporal_compression``, ``trained_latent_frames``, ``rotary``, ``native_height`` and
-    ``native_width`` (a ``loopui.models.ModelSpec``). A frame count not of the form k·n + 1 is moved to the nearest
-    one with a note; ``shift_skip`` None becomes the coprime skip nearest L/2 and must otherwise lie in [0, L-1];
-    ``rope_scale`` None becomes the automatic scale, and a model without rotary embeddings accepts only 1; an empty
-    size becomes the model's native size. Raises ``ValueError`` naming the parameter.
-    """
-    request.validate()
-    if not request.prompt.strip():
-        raise ValueError("prompt is empty: describe what the loop should show")
-    from loopui.saliency import mask_model_info
-
-    try:
-        mask_model_info(request.mask_model)
-    except ValueError as exc:
-        raise ValueError(f"mask_model: {exc}") from None
-    notes = []
-    compression = int(spec.temporal_compression)
-    frames = nearest_frame_count(request.num_frames, compression)
-    if frames > knob_info("num_frames")["max"]:
-        frames -= compression
-    if frames != request.num_frames:
-        notes.append(f"num_frames {request.num_frames} is not of the form {compression}n+1: using {frames}")
-    from .plan import plan_loop
-
-    # The family's own checks and automatic values (shift skip, RoPE scale, size, learned positions, schedulers).
-    plan = plan_loop(dataclasses.replace(request, num_frames=frames), spec)
-    resolved = dataclasses.replace(request, num_frames=frames, shift_skip=plan.shift_skip, rope_scale=plan.rope_scale,
-                                   height=plan.height, width=plan.width)
-    return ResolvedRequest(request=resolved.validate(), num_latent_frames=plan.num_latents, notes=tuple(notes))
 
 
 def number_text(value: float) -> str:
