@@ -1,7 +1,8 @@
 """loopui web app: ``python app.py`` (real models, lazy-loaded; on a ZeroGPU Space loaded at start-up) or
 ``python app.py --demo`` (tiny random model). ``--devices cuda:0,cuda:1`` serves one page from several GPUs.
 
-Thin on purpose: parse arguments, build the Blocks with ``loopui.ui.build_app``, launch.
+Thin on purpose: parse arguments, make the service (``loopui.studio.Studio``), build the Blocks with
+``loopui.ui.build_app`` (the page and its events), launch.
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not port_is_free(args.host, args.port):
         return _busy(args.port)
-    from loopui.ui import Studio, build_app, launch_options
-    from loopui.ui.spaces_compat import on_zero_gpu
+    from loopui.studio import Studio
+    from loopui.studio.zerogpu import on_zero_gpu
+    from loopui.ui import build_app, launch_options
 
     zero_gpu = on_zero_gpu()
     try:

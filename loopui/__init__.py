@@ -2,7 +2,8 @@
 
 Importing this package is cheap: it touches no GPU, no network and no weights. The heavy parts live in
 ``loopui.engine`` (sampling), ``loopui.models`` (loading), ``loopui.media`` (export, seam metrics),
-``loopui.saliency`` (masks), ``loopui.ui`` (the Gradio app) and ``loopui.cli``.
+``loopui.saliency`` (masks), ``loopui.studio`` (the app's service), ``loopui.ui`` (its Gradio page) and
+``loopui.cli``.
 """
 
 __version__ = "0.1.0"

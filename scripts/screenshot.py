@@ -53,7 +53,8 @@ def main() -> int:
             logger.info("u2netp weights not found: using the tiny stand-in for the mask preview")
         from playwright.sync_api import sync_playwright
 
-        from loopui.ui import Studio, build_app, launch_options
+        from loopui.studio import Studio
+        from loopui.ui import build_app, launch_options
 
         studio = Studio(demo=True)
         demo = build_app(studio)

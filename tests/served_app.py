@@ -41,6 +41,6 @@ def serve(studio, rembg_home: Optional[Path] = None) -> Iterator:
 
 def demo_studio(output_root: Path, **kwargs):
     """The demo model's studio without a GPU, its session files under ``output_root``."""
-    from loopui.ui import Studio
+    from loopui.studio import Studio
 
     return Studio(**{"demo": True, "has_gpu": False, "output_root": output_root, **kwargs})

@@ -102,6 +102,7 @@ def test_an_image_to_video_model_takes_a_clip_instead_of_an_image(app, clip_file
     """The engine conditions an I2V model on the clip's first frame when no image is given: the page and the API
     must not refuse such a request for "needs an image" (checked up to the plan: nothing is loaded)."""
     from loopui.engine.plan import CLIP_INIT_STRENGTH, plan_loop
+    from loopui.studio.knobs import model_text
 
     studio, _ = app
     model = "THUDM/CogVideoX-5b-I2V"
@@ -109,13 +110,13 @@ def test_an_image_to_video_model_takes_a_clip_instead_of_an_image(app, clip_file
     assert plan_loop(resolved.request, studio.spec(model)).init_strength == CLIP_INIT_STRENGTH
     with pytest.raises(ValueError, match=f"^image: {model} animates a reference image"):
         studio.build_request({"prompt": "a bar"}, model_id=model)
-    assert "or a clip" in studio.model_text(model)
+    assert "or a clip" in model_text(model)
 
 
 def test_a_knob_note_loses_its_automatic_clause_but_keeps_the_rest():
     """The page drops "empty = ..." (a slider always holds a value); a decimal in it ("0.7") used to end the cut
     early and leave ".7 with a clip." in Init strength's note."""
-    from loopui.ui.studio import help_text
+    from loopui.studio.knobs import help_text
 
     assert help_text("init_strength").endswith("lower values start from the noised image or clip (closer to it, "
                                                "less change).")
@@ -142,13 +143,13 @@ def test_painted_strokes_win_over_the_computed_mask(app):
     layer = np.zeros((320, 480, 4), np.uint8)
     layer[0:40, 0:60] = (40, 220, 120, 200)  # the "may move" brush over the sky
     layer[90:110, 230:250] = (40, 40, 40, 200)  # the "hold still" brush on the balloon
-    mask = studio.painted_user_mask(image, [layer], "u2netp", "object") / 255.0
+    mask = studio.masks.painted_mask(image, [layer], "u2netp", "object") / 255.0
     assert mask[20, 30] == 1.0 and mask[100, 240] == 0.0
     assert mask[60, 240] > 0.9 and mask[300, 400] < 0.1  # unpainted pixels keep the model's mask
     # With the background moving, a "may move" stroke means "not the object" (the engine inverts the mask).
-    inverted = studio.painted_user_mask(image, [layer], "u2netp", "background") / 255.0
+    inverted = studio.masks.painted_mask(image, [layer], "u2netp", "background") / 255.0
     assert inverted[20, 30] == 0.0 and inverted[100, 240] == 1.0
-    assert studio.painted_user_mask(image, [np.zeros_like(layer)], "u2netp", "object") is None
+    assert studio.masks.painted_mask(image, [np.zeros_like(layer)], "u2netp", "object") is None
 
 
 def test_stop_interrupts_a_long_generation_and_the_app_stays_ready(app):
@@ -187,18 +188,17 @@ def test_stop_interrupts_a_long_generation_and_the_app_stays_ready(app):
     assert read_back(video).shape[0] == 52
 
 
-def test_dependent_knobs_follow_the_model_and_loop_length(app):
-    from loopui.ui.blocks import _rope_update, _shift_update
-    from loopui.ui.studio import shift_note
+def test_dependent_knobs_follow_the_model_and_loop_length():
+    from loopui.studio.knobs import shift_note
+    from loopui.ui.updates import rope_update, shift_update
 
-    studio, _ = app
     # RoPE scaling is off (and locked) for a model without rotary embeddings, automatic for long cycles otherwise.
-    locked = _rope_update(studio, "THUDM/CogVideoX-2b", 97, "full")
+    locked = rope_update("THUDM/CogVideoX-2b", 97, "full")
     assert locked["interactive"] is False and locked["value"] == 1.0 and "no rotary" in locked["info"]
-    long_loop = _rope_update(studio, "THUDM/CogVideoX-5b", 97, "full")
+    long_loop = rope_update("THUDM/CogVideoX-5b", 97, "full")
     assert long_loop["interactive"] is True and long_loop["value"] == pytest.approx(25 / 13, abs=0.01)
     # The shift slider spans 0..L-1 and resets to the coprime skip nearest L/2.
-    shift = _shift_update(studio, "THUDM/CogVideoX-5b", 97)
+    shift = shift_update("THUDM/CogVideoX-5b", 97)
     assert shift["maximum"] == 24 and shift["value"] == 12
     assert "shares the factor 5" in shift_note(97, 10) and "⚠" not in shift_note(97, 12)
 
@@ -213,12 +213,12 @@ def test_missing_saliency_weights_leave_painting_usable(app, tmp_path, monkeypat
     image = tmp_path / "koi-copy.png"  # a new path, so no cached saliency from other tests
     shutil.copy(ASSETS / "koi.png", image)
     try:
-        preview = studio.mask_preview(str(image), "u2netp", 0.5, 0, 8, "object")
+        preview = studio.masks.preview(str(image), "u2netp", 0.5, 0, 8, "object")
         assert preview.mask is None and preview.image is not None  # the editor still gets the image to paint on
         assert preview.note.startswith("No automatic mask") and "u2netp" in preview.note
         layer = np.zeros((320, 480, 4), np.uint8)
         layer[100:200, 150:300] = (40, 220, 120, 200)
-        painted = studio.painted_user_mask(str(image), [layer], "u2netp", "object")
+        painted = studio.masks.painted_mask(str(image), [layer], "u2netp", "object")
         assert painted[150, 200] == 255 and painted[10, 10] == 0
         with pytest.raises(AppError, match="No automatic mask"):
             client.predict(image=handle_file(str(image)), api_name="/mask")
@@ -226,36 +226,3 @@ def test_missing_saliency_weights_leave_painting_usable(app, tmp_path, monkeypat
         from loopui.saliency import clear_session_cache
 
         clear_session_cache()
-
-
-def test_job_relays_progress_then_the_result_and_stops_on_cancel():
-    import threading
-
-    from loopui.ui.jobs import JobRegistry
-
-    registry = JobRegistry()
-
-    def counting(report, cancel: threading.Event):
-        for step in range(1, 4):
-            report("denoise", step, 3)
-        return "loop"
-
-    job = registry.start("s1", counting)
-    events = [e for e in job.events(heartbeat=0.01) if e is not None]
-    assert [(e.kind, e.step) for e in events] == [("progress", 1), ("progress", 2), ("progress", 3), ("done", 0)]
-    assert events[-1].payload == "loop"
-
-    started = threading.Event()
-
-    def endless(report, cancel: threading.Event):
-        started.set()
-        while not cancel.wait(0.01):
-            report("denoise", 1, 1)
-        raise RuntimeError("stopped")
-
-    job = registry.start("s1", endless)
-    assert started.wait(5) and registry.running() == 1
-    assert registry.stop("s1") and not registry.stop("other-session")
-    last = [e for e in job.events(heartbeat=0.01) if e is not None][-1]
-    assert last.kind == "error" and str(last.payload) == "stopped"
-    assert job.join(5) and registry.running() == 0

@@ -23,7 +23,7 @@ MODELS = [spec.model_id for spec in list_models()]
 
 
 def _studio(tmp_path, has_gpu: bool = True, public: bool = False):
-    from loopui.ui import Studio
+    from loopui.studio import Studio
 
     return Studio(has_gpu=has_gpu, public=public, output_root=tmp_path, manager=object())
 
@@ -41,11 +41,11 @@ def _page_request(studio, model_id: str, **values):
 def test_everything_the_page_offers_is_accepted_for_every_model(tmp_path, has_gpu):
     """Every resolution preset, the preview settings, the loop lengths at both ends of the slider and every scheduler
     the page offers for a model are accepted by the engine; the page starts at values it accepts too."""
-    from loopui.ui.studio import CUSTOM_RESOLUTION, RESOLUTION_PRESETS
+    from loopui.studio.knobs import CUSTOM_RESOLUTION, RESOLUTION_PRESETS, window_state
 
     studio = _studio(tmp_path, has_gpu=has_gpu)
     for model_id in MODELS:
-        view = studio.model_view(model_id)
+        view = studio.knobs.model_view(model_id)
         start = dict(num_frames=view.num_frames, guidance_scale=view.guidance.value, fps=view.fps,
                      scheduler=view.scheduler, use_dynamic_cfg=view.dynamic_cfg.value, flow_shift=None,
                      image_channel=view.image_channel.value)
@@ -60,15 +60,33 @@ def test_everything_the_page_offers_is_accepted_for_every_model(tmp_path, has_gp
         low, high, step = view.frames
         assert step == studio.spec(model_id).temporal_compression
         for frames in (low, high):
-            window = studio.window_state(model_id, frames, "full").value
+            window = window_state(model_id, frames, "full").value
             _page_request(studio, model_id, num_frames=frames, window_mode=window)
         for _, name in view.schedulers:
             _page_request(studio, model_id, scheduler=name)
 
 
+def test_the_steps_start_at_the_models_own_count_not_the_sliders_minimum(tmp_path):
+    """``num_inference_steps`` left empty is the model's own count (40 on Wan 2.2 A14B); the page and the API's
+    default start there -- a knob default of None used to leave the Steps slider at its minimum, 1 step."""
+    pytest.importorskip("gradio")
+    from loopui.ui import build_app
+
+    studio = _studio(tmp_path)
+    for model_id in ("THUDM/CogVideoX-5b", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"):
+        planned = plan_loop(_page_request(studio, model_id).request, studio.spec(model_id)).num_inference_steps
+        assert studio.knobs.default("num_inference_steps", model_id) == planned == studio.knobs.model_view(
+            model_id).steps
+    assert studio.knobs.default("num_inference_steps") == 50
+    assert _studio(tmp_path, has_gpu=False).knobs.default("num_inference_steps") == 4  # the preview settings
+    config = build_app(studio).get_config_file()
+    steps = [c["props"] for c in config["components"] if c["props"].get("elem_id") == "loopui-steps"]
+    assert [props["value"] for props in steps] == [50]
+
+
 def test_knobs_follow_each_family(tmp_path):
     studio = _studio(tmp_path)
-    cog, wan, wan22, a14b = (studio.model_view(m) for m in ("THUDM/CogVideoX-5b", WAN, "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    cog, wan, wan22, a14b = (studio.knobs.model_view(m) for m in ("THUDM/CogVideoX-5b", WAN, "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
                                                             "Wan-AI/Wan2.2-T2V-A14B-Diffusers"))
     # Default fps and trained frames: 8 / 49 CogVideoX, 16 / 81 Wan 2.1, 24 / 121 Wan 2.2 5B.
     assert [(v.fps, v.num_frames) for v in (cog, wan, wan22)] == [(8, 49), (16, 81), (24, 121)]
@@ -83,15 +101,15 @@ def test_knobs_follow_each_family(tmp_path):
     assert not cog.flow_shift.interactive and "flow_shift applies to flow-matching models" in cog.flow_shift.note
     assert wan.flow_shift.interactive and wan.flow_shift.value is None and "automatic: 3" in wan.flow_shift.note
     # Wan 2.1 14B: the automatic shift depends on the size (3 at 480p, 5 at 720p).
-    assert "3 at 832x480, 5 at 1280x720" in studio.model_view("Wan-AI/Wan2.1-T2V-14B-Diffusers").flow_shift.note
+    assert "3 at 832x480, 5 at 1280x720" in studio.knobs.model_view("Wan-AI/Wan2.1-T2V-14B-Diffusers").flow_shift.note
     # The second expert's guidance is said where it differs.
     assert a14b.guidance.value == 4.0 and "low-noise expert 3" in a14b.guidance.note
     # Wan 2.2 5B: 16x VAE, sizes in multiples of 32 -- 720x480 is not offered.
     assert wan22.size_step == 32 and "720x480" not in [key for _, key in wan22.resolutions]
     assert "multiple of 32" in wan22.size.note
     # The image channel belongs to image-to-video models.
-    assert studio.model_view(I2V).image_channel.interactive
-    assert studio.model_view("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers").image_channel.interactive
+    assert studio.knobs.model_view(I2V).image_channel.interactive
+    assert studio.knobs.model_view("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers").image_channel.interactive
     assert not wan.image_channel.interactive and "Off: only image-to-video models" in wan.image_channel.note
     # The model note: licence and VRAM with and without offload.
     assert "Licence: Apache-2.0. VRAM: about 20 GB on one GPU, 14 GB with CPU offload." in wan.text
@@ -99,33 +117,36 @@ def test_knobs_follow_each_family(tmp_path):
 
 
 def test_cogvideox_5b_i2v_offers_only_its_native_size_and_forces_windows_past_its_table(tmp_path):
+    from loopui.studio.knobs import rope_state, window_state
+
     for has_gpu in (True, False):
         studio = _studio(tmp_path, has_gpu=has_gpu)
-        view = studio.model_view(I2V)
+        view = studio.knobs.model_view(I2V)
         assert view.resolutions == [("Model's native size (720x480)", "native")]  # no preview sizes, no custom
         assert not view.size.interactive and "runs only at 720x480" in view.size.note
         assert view.preview["resolution"] == "native" and view.preview["height"] is None  # preview = native size
         assert view.frames[0] == 49 and view.num_frames == 49  # its learned table needs 13 latents
-        assert "(720x480, 49 frames, 4 steps)" in studio.banner(I2V) or has_gpu
-    free = studio.window_state(I2V, 49, "full")
+        assert "(720x480, 49 frames, 4 steps)" in studio.knobs.banner(I2V) or has_gpu
+    free = window_state(I2V, 49, "full")
     assert free.interactive and free.value == "full"
-    forced = studio.window_state(I2V, 97, "full")
+    forced = window_state(I2V, 97, "full")
     assert not forced.interactive and forced.value == "window" and "learned positional embeddings" in forced.note
     # In window mode its learned table takes no RoPE scale: the slider is locked with the engine's reason.
-    rope = studio.rope_state(I2V, 97, "window")
+    rope = rope_state(I2V, 97, "window")
     assert not rope.interactive and rope.value == 1.0 and "(got" not in rope.note
-    assert studio.rope_state("THUDM/CogVideoX-5b", 97, "full").value == pytest.approx(1.92)
+    assert rope_state("THUDM/CogVideoX-5b", 97, "full").value == pytest.approx(1.92)
 
 
 def test_public_mode_offers_only_what_the_caps_allow(tmp_path):
-    from loopui.ui.studio import PUBLIC_LIMITS, RESOLUTION_PRESETS
+    from loopui.studio.knobs import RESOLUTION_PRESETS
+    from loopui.studio.requests import PUBLIC_LIMITS
 
     studio = _studio(tmp_path, public=True)
-    view = studio.model_view("Wan-AI/Wan2.1-T2V-14B-Diffusers")  # native 1280x720: over the public pixel cap
+    view = studio.knobs.model_view("Wan-AI/Wan2.1-T2V-14B-Diffusers")  # native 1280x720: over the public pixel cap
     offered = [key for _, key in view.resolutions if key in RESOLUTION_PRESETS]
     assert "native" not in offered and view.resolution == "720x480"
     assert view.frames[1] <= PUBLIC_LIMITS["num_frames"]
-    assert studio.model_view("Wan-AI/Wan2.2-TI2V-5B-Diffusers").num_frames == 121  # its native length fits
+    assert studio.knobs.model_view("Wan-AI/Wan2.2-TI2V-5B-Diffusers").num_frames == 121  # its native length fits
     _page_request(studio, "Wan-AI/Wan2.1-T2V-14B-Diffusers", num_frames=view.num_frames,
                   height=RESOLUTION_PRESETS[view.resolution][0], width=RESOLUTION_PRESETS[view.resolution][1])
 
@@ -136,7 +157,7 @@ def test_the_guidance_slider_at_the_models_value_keeps_both_experts_recommendati
     studio = _studio(tmp_path)
     a14b = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     spec = REGISTRY[a14b]
-    shown = studio.model_view(a14b).guidance.value
+    shown = studio.knobs.model_view(a14b).guidance.value
     plan = plan_loop(_page_request(studio, a14b, guidance_scale=shown).request, spec)
     assert (plan.guidance_scale, plan.guidance_scale_2) == (4.0, 3.0)
     plan = plan_loop(_page_request(studio, a14b, guidance_scale=3.5).request, spec)
@@ -145,22 +166,22 @@ def test_the_guidance_slider_at_the_models_value_keeps_both_experts_recommendati
 
 def test_a_model_change_updates_every_knob_and_keeps_what_still_fits(tmp_path):
     pytest.importorskip("gradio")
-    from loopui.ui.blocks import FOLLOW_MODEL, _model_updates
+    from loopui.ui.updates import FOLLOW_MODEL, model_updates
 
     studio = _studio(tmp_path, has_gpu=False)
-    to_wan = _model_updates(studio, WAN, "96x64", 64, 96)
+    to_wan = model_updates(studio.knobs, WAN, "96x64", 64, 96)
     assert set(to_wan) == set(FOLLOW_MODEL)
     assert to_wan["resolution"]["value"] == "96x64" and to_wan["fps"]["value"] == 16
     assert [v for _, v in to_wan["scheduler"]["choices"]] == ["auto", "unipc", "euler"]
     assert to_wan["use_dynamic_cfg"] == {"value": False, "interactive": False,
-                                         "info": studio.model_view(WAN).dynamic_cfg.note, "__type__": "update"}
+                                         "info": studio.knobs.model_view(WAN).dynamic_cfg.note, "__type__": "update"}
     assert to_wan["flow_shift"]["interactive"] is True and to_wan["image_channel"]["interactive"] is False
     # A custom size the model accepts stays; one it refuses falls back to the model's own start.
-    assert _model_updates(studio, WAN, "custom", 128, 128)["resolution"]["value"] == "custom"
-    to_i2v = _model_updates(studio, I2V, "custom", 128, 128)
+    assert model_updates(studio.knobs, WAN, "custom", 128, 128)["resolution"]["value"] == "custom"
+    to_i2v = model_updates(studio.knobs, I2V, "custom", 128, 128)
     assert to_i2v["resolution"]["value"] == "native" and to_i2v["height"]["value"] is None
     assert to_i2v["height"]["interactive"] is False and to_i2v["num_frames"]["minimum"] == 49
-    to_wan22 = _model_updates(studio, "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "custom", 48, 80)
+    to_wan22 = model_updates(studio.knobs, "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "custom", 48, 80)
     assert to_wan22["resolution"]["value"] == "96x64" and to_wan22["width"]["step"] == 32
 
 

@@ -191,11 +191,11 @@ def test_mask_endpoint_bad_input_is_one_line(client, files, case, change, answer
 
 
 def test_public_caps_are_answered_by_name(served, client, files, monkeypatch):
-    from loopui.ui import studio as studio_module
+    from loopui.studio import requests as studio_requests
 
     studio, _ = served
     # The clip cap (50 MB) lowered below the small test clip, so no 50 MB file is needed to reach it.
-    monkeypatch.setitem(studio_module.PUBLIC_LIMITS, "video_bytes", files["clip_good"].stat().st_size - 1)
+    monkeypatch.setitem(studio_requests.PUBLIC_LIMITS, "video_bytes", files["clip_good"].stat().st_size - 1)
     studio.public = True
     try:
         for case, change, answer in [
@@ -322,7 +322,7 @@ def test_files_are_served_only_from_the_allowlist(served, client):
     import httpx
 
     _, url = served
-    for path in (ROOT / "app.py", Path("/etc/hostname"), ROOT / "loopui" / "ui" / "studio.py"):
+    for path in (ROOT / "app.py", Path("/etc/hostname"), ROOT / "loopui" / "studio" / "studio.py"):
         BAD_INPUTS_TRIED.append(f"api: GET file={path.name}")
         response = httpx.get(f"{url.rstrip('/')}/gradio_api/file={path}")
         assert response.status_code == 403, path

@@ -113,7 +113,7 @@ def test_page_previews_the_mask_and_plays_a_looping_video(served_demo, tmp_path)
     painted = np.asarray(Image.open(sidecar["settings"]["mask"]).convert("L"))
     assert painted.shape == (320, 480)
     # The stroke crosses the sky, which the (tiny) saliency model calls background: those pixels now may move.
-    sky_painted = (painted == 255) & (studio.mask_preview(str(ASSETS / "balloon.png"), "u2netp", 0.5, 0, 0,
+    sky_painted = (painted == 255) & (studio.masks.preview(str(ASSETS / "balloon.png"), "u2netp", 0.5, 0, 0,
                                                           "object").mask == 0)
     assert sky_painted.sum() > 300, f"stroke not in the mask (rows {np.nonzero(sky_painted.any(1))[0]})"
     assert painted[5, 5] == 0  # unpainted sky stays still
@@ -289,13 +289,13 @@ def test_a_gpu_server_generates_at_the_native_size_from_empty_size_boxes(tmp_pat
     browser used to send a box built empty as 0, so the first Generate failed with "Value 0 is less than minimum
     value 16."."""
     pytest.importorskip("gradio")
-    from loopui.ui import Studio
+    from loopui.studio import Studio
     from loopui.testing.browser import CHROMIUM_ARGS, VIEWPORT
 
     sync_playwright, chromium = _playwright_and_chromium()
 
     studio = Studio(model_id="demo", has_gpu=True, devices="cpu", output_root=tmp_path / "sessions")
-    assert studio.default_resolution() == "native"
+    assert studio.knobs.default_resolution() == "native"
     with serve(studio) as demo:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)

@@ -144,8 +144,7 @@ def test_stop_during_a_download_ends_it_and_the_next_load_resumes(hub, tmp_path)
 
 def test_stop_while_downloading_in_the_app_reads_stopped(hub, tmp_path, monkeypatch):
     from loopui.models import ModelManager
-    from loopui.ui.jobs import LoopJob
-    from loopui.ui.studio import Studio
+    from loopui.studio import LoopJob, Studio
 
     studio = Studio(manager=ModelManager(cache_dir=tmp_path / "hub-cache"), model_id=HUB_MODEL, has_gpu=False,
                     output_root=tmp_path / "out")
@@ -193,6 +192,7 @@ def zero_gpu(monkeypatch, fake_cuda):
 
 def test_zero_gpu_loads_the_model_at_start_up_and_sizes_the_gpu_time(zero_gpu, monkeypatch, tmp_path):
     import app
+    import loopui.studio
     import loopui.ui
     from loopui.ui import build_app as real_build_app
 
@@ -214,7 +214,7 @@ def test_zero_gpu_loads_the_model_at_start_up_and_sizes_the_gpu_time(zero_gpu, m
         return FakeDemo()
 
     monkeypatch.setattr(loopui.ui, "build_app", build_app)
-    monkeypatch.setattr(loopui.ui.Studio, "warm_up", lambda self: None)
+    monkeypatch.setattr(loopui.studio.Studio, "warm_up", lambda self: None)
     monkeypatch.chdir(tmp_path)
     assert app.main(["--demo", "--port", str(free_port())]) == 0  # never the README app's 7860: it may be running
     studio = built["studio"]
@@ -238,7 +238,7 @@ def test_zero_gpu_loads_the_model_at_start_up_and_sizes_the_gpu_time(zero_gpu, m
 
 def test_gpu_seconds_grow_with_steps_frames_size_and_model():
     from loopui.models import spec_for
-    from loopui.ui.studio import ZERO_GPU_MAX_SECONDS, estimate_gpu_seconds
+    from loopui.studio.zerogpu import ZERO_GPU_MAX_SECONDS, estimate_gpu_seconds
 
     five, two = spec_for("THUDM/CogVideoX-5b"), spec_for("THUDM/CogVideoX-2b")
     base = estimate_gpu_seconds(five, {"num_inference_steps": 50})
@@ -256,7 +256,8 @@ def test_gpu_seconds_grow_with_steps_frames_size_and_model():
 
 
 def test_gpu_seconds_of_malformed_values_do_not_crash_the_call(fake_cuda):
-    from loopui.ui.studio import ZERO_GPU_MAX_SECONDS, Studio
+    from loopui.studio import Studio
+    from loopui.studio.zerogpu import ZERO_GPU_MAX_SECONDS
 
     studio = Studio(demo=True, devices="cuda:0")
     assert studio.gpu_seconds("THUDM/CogVideoX-5b", {"num_inference_steps": "lots"}) == ZERO_GPU_MAX_SECONDS
@@ -269,7 +270,8 @@ def test_gpu_seconds_of_malformed_values_do_not_crash_the_call(fake_cuda):
 def test_app_devices_flag_sets_the_pool_and_the_queue_runs_one_job_per_device(fake_cuda, monkeypatch):
     import app
     import loopui.ui
-    from loopui.ui import Studio, build_app
+    from loopui.studio import Studio
+    from loopui.ui import build_app
 
     studio = Studio(demo=True, devices="cuda:0,cuda:1")
     assert studio.pool.devices == ["cuda:0", "cuda:1"]

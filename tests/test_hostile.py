@@ -207,7 +207,7 @@ def test_stop_acts_between_transformer_blocks_and_the_checks_go_away(three_block
 def test_a_request_far_beyond_the_models_own_cost_is_warned_before_it_runs(tmp_path):
     from loopui.engine.plan import plan_loop
     from loopui.models import spec_for
-    from loopui.ui import Studio
+    from loopui.studio import Studio
 
     spec = spec_for("THUDM/CogVideoX-5b")
     huge = LoopRequest(prompt="x", num_frames=321, height=2048, width=2048, num_inference_steps=1)
@@ -255,13 +255,14 @@ def test_the_mask_preview_without_weights_names_no_server_path_or_url(tmp_path, 
     from saliency_fixtures import use_rembg_home
 
     from loopui.saliency import SaliencyUnavailable
-    from loopui.ui import Studio
+    from loopui.studio import Studio
+    from loopui.studio.results import error_text
 
     home = use_rembg_home(monkeypatch, tmp_path / "empty-home")  # no u2netp there, downloads fail
     image = tmp_path / "koi.png"
     shutil.copy(Path(__file__).resolve().parents[1] / "assets" / "koi.png", image)
     studio = Studio(demo=True, has_gpu=False, output_root=tmp_path / "sessions")
-    note = studio.mask_preview(str(image), "u2netp", 0.5, 0, 8, "object").note
+    note = studio.masks.preview(str(image), "u2netp", 0.5, 0, 8, "object").note
     assert note.startswith("No automatic mask: u2netp is not available on this server")
     for leak in (str(home), "http", "Error", "U2NET_HOME", "/"):
         assert leak not in note, (leak, note)
@@ -271,7 +272,7 @@ def test_the_mask_preview_without_weights_names_no_server_path_or_url(tmp_path, 
     try:
         raise ValueError(f"background freeze needs a motion mask: {cause}") from cause
     except ValueError as exc:
-        text = studio.error_text(exc)
+        text = error_text(exc)
     assert text.startswith("mask_model: the mask model is not available on this server")
     assert str(home) not in text and "http" not in text and "ConnectionError" not in text
 
@@ -284,7 +285,7 @@ def small_line_app(tmp_path_factory):
     pytest.importorskip("gradio_client")
     from served_app import demo_studio, serve
 
-    from loopui.ui.jobs import WaitingLine
+    from loopui.studio.jobs import WaitingLine
 
     studio = demo_studio(tmp_path_factory.mktemp("sessions"), line=WaitingLine(slots=1, capacity=2))
     with serve(studio) as demo:

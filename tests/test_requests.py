@@ -1,20 +1,22 @@
 """One request resolver for the page, the API and the CLI; the whole-number rule; housekeeping; public mode; the
-waiting line in front of the GPU. No server here (see test_bad_inputs.py for the API end to end)."""
+studio without gradio. No server here (see test_bad_inputs.py for the API end to end, test_jobs.py for the waiting
+line)."""
 
 from __future__ import annotations
 
 import os
-import threading
+import subprocess
+import sys
 import time
 
 import pytest
 
-from loopui.engine.settings import (
+from loopui.engine.plan import resolve_request
+from loopui.engine.request import (
     LoopRequest,
     WHOLE_NUMBER_FIELDS,
     nearest_frame_count,
     request_from_values,
-    resolve_request,
     whole_number,
 )
 from loopui.models import REGISTRY, spec_for
@@ -56,7 +58,7 @@ def test_frame_counts_move_to_the_nearest_4n_plus_1(frames, expected):
 
 def test_a_frame_count_not_of_the_form_kn_plus_1_is_moved_with_a_note():
     resolved = resolve_request(request_from_values({"prompt": "x", "num_frames": 50}), FIVE_B)
-    assert resolved.request.num_frames == 49 and resolved.num_latent_frames == 13
+    assert resolved.request.num_frames == 49 and resolved.num_latents == 13
     assert resolved.notes == ("num_frames 50 is not of the form 4n+1: using 49",)
     assert resolve_request(LoopRequest(prompt="x", num_frames=49), FIVE_B).notes == ()
 
@@ -80,7 +82,7 @@ def test_the_model_facts_come_from_the_spec_not_from_cogvideox_constants():
     eight = dataclasses.replace(FIVE_B, temporal_compression=8, trained_latent_frames=5, native_height=64,
                                 native_width=96)
     resolved = resolve_request(LoopRequest(prompt="x", num_frames=50), eight)
-    assert resolved.request.num_frames == 49 and resolved.num_latent_frames == 7  # 8n+1 counts
+    assert resolved.request.num_frames == 49 and resolved.num_latents == 7  # 8n+1 counts
     assert resolved.request.rope_scale == pytest.approx(7 / 5)
     assert (resolved.request.height, resolved.request.width) == (64, 96)
 
@@ -110,15 +112,15 @@ def test_auto_is_spelled_none_empty_or_auto():
 def test_page_api_and_cli_compute_the_same_loop(tmp_path):
     """97 frames on CogVideoX-5b with shift and RoPE left automatic: shift 12 and RoPE 25/13 on every path."""
     from loopui.cli import build_parser, build_request
-    from loopui.ui import Studio
-    from loopui.ui.blocks import _rope_update, _shift_update
+    from loopui.studio import Studio
+    from loopui.ui.updates import rope_update, shift_update
 
     studio = Studio(model_id="THUDM/CogVideoX-5b", has_gpu=True, output_root=tmp_path, manager=object())
     base = {"prompt": "waves", "num_frames": 97, "window_mode": "full"}
     api = studio.build_request({**base}, "THUDM/CogVideoX-5b").request
     # The page sends what its sliders show after a loop-length change.
-    shown = {**base, "shift_skip": _shift_update(studio, "THUDM/CogVideoX-5b", 97)["value"],
-             "rope_scale": _rope_update(studio, "THUDM/CogVideoX-5b", 97, "full")["value"]}
+    shown = {**base, "shift_skip": shift_update("THUDM/CogVideoX-5b", 97)["value"],
+             "rope_scale": rope_update("THUDM/CogVideoX-5b", 97, "full")["value"]}
     page = studio.build_request(studio.page_values(shown, "THUDM/CogVideoX-5b"), "THUDM/CogVideoX-5b").request
     args = build_parser().parse_args(["generate", "--prompt", "waves", "--frames", "97", "-o", "x.mp4"])
     cli = build_request(args, spec_for(args.model)).request
@@ -137,7 +139,7 @@ def _file(path, size: int, age_s: float, now: float):
 
 
 def test_sweep_deletes_old_files_then_the_oldest_beyond_the_size_cap(tmp_path):
-    from loopui.ui.studio import sweep_folder
+    from loopui.studio.files import sweep_folder
 
     now = time.time()
     old = _file(tmp_path / "a" / "old.mp4", 10, 7200, now)
@@ -153,7 +155,7 @@ def test_sweep_deletes_old_files_then_the_oldest_beyond_the_size_cap(tmp_path):
 
 
 def test_studio_sweeps_outputs_when_a_job_starts(tmp_path):
-    from loopui.ui import Studio
+    from loopui.studio import Studio
 
     studio = Studio(demo=True, has_gpu=False, output_root=tmp_path, max_output_age_s=60, manager=object())
     stale = _file(tmp_path / "gone-session" / "loop-001.mp4", 10, 3600, time.time())
@@ -170,11 +172,26 @@ class _FailingManager:
         raise RuntimeError("no model in this test")
 
 
+def test_the_studio_service_runs_without_gradio(tmp_path):
+    """``loopui.studio`` is the app's service without the page: importing it and making a studio with its knobs,
+    requests and session files loads no gradio (only ``loopui.ui`` may)."""
+    code = ("import sys\n"
+            "from loopui.studio import Studio\n"
+            f"studio = Studio(demo=True, has_gpu=False, output_root={str(tmp_path)!r}, manager=object())\n"
+            "studio.knobs.model_view(studio.model_id)\n"
+            "studio.build_request({'prompt': 'x'})\n"
+            "print(sorted(name for name in sys.modules if name.split('.')[0] == 'gradio'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 # -- public mode ------------------------------------------------------------------------------------------------
 
 def test_public_mode_caps_requests_and_refuses_folders(tmp_path, tiny_model_dir):
-    from loopui.ui import Studio
-    from loopui.ui.studio import PUBLIC_LIMITS
+    from loopui.studio import Studio
+    from loopui.studio.requests import PUBLIC_LIMITS
 
     with pytest.raises(ValueError, match="public mode serves registry models only"):
         Studio(model_id=str(tiny_model_dir), public=True, has_gpu=False, output_root=tmp_path, manager=object())
@@ -216,63 +233,6 @@ def test_a_busy_port_is_one_line_naming_the_flag(capsys):
         assert app.main(["--demo", "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"loopui: error: port {port} is busy: use --port (for example --port {port + 1})"]
-
-
-# -- the waiting line -------------------------------------------------------------------------------------------
-
-def test_line_is_first_come_first_served_and_reports_positions():
-    from loopui.ui.jobs import LeftLine, LineFull, WaitingLine
-
-    line = WaitingLine(slots=1, capacity=2)
-    first = line.join()
-    line.wait(first, threading.Event())  # a free slot: in at once
-    second, third = line.join(), line.join()
-    with pytest.raises(LineFull, match="busy: 2 loops are already waiting"):
-        line.join()
-    heard: list[tuple[int, int]] = []
-    order: list[str] = []
-    cancel_third = threading.Event()
-
-    def wait_second():
-        line.wait(second, threading.Event(), lambda ahead, waiting: heard.append((ahead, waiting)), poll=0.01)
-        order.append("second")
-
-    def wait_third():
-        try:
-            line.wait(third, cancel_third, poll=0.01)
-        except LeftLine:
-            order.append("third left")
-
-    threads = [threading.Thread(target=wait_second), threading.Thread(target=wait_third)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.1)
-    assert heard == [(1, 2)]  # one loop (the running one) ahead, two waiting
-    cancel_third.set()
-    threads[1].join(5)
-    assert order == ["third left"] and line.waiting == 1
-    line.done(first)
-    threads[0].join(5)
-    assert order == ["third left", "second"] and line.waiting == 0
-    line.done(second)
-    line.wait(line.join(), threading.Event())  # the slot was given back
-
-
-def test_progress_clock_reports_elapsed_and_what_is_left():
-    from loopui.ui.blocks import _progress_view
-    from loopui.ui.jobs import JobEvent, ProgressClock
-
-    now = [100.0]
-    clock = ProgressClock(clock=lambda: now[0])
-    _, line = _progress_view(JobEvent("progress", stage="queue", step=2, total=3), clock)
-    assert line.startswith("Queued: 2 loops ahead of yours (position 3)")
-    _progress_view(JobEvent("progress", stage="load", step=0, total=100, message="Loading"), clock)
-    now[0] = 110.0
-    _progress_view(JobEvent("progress", stage="denoise", step=1, total=21), clock)
-    now[0] = 112.0
-    (args, kwargs), _ = _progress_view(JobEvent("progress", stage="denoise", step=5, total=21), clock)
-    assert args == ((5, 21),)
-    assert kwargs["desc"] == "Denoising · 12 s elapsed · about 8 s left"  # 0.5 s a step, 16 steps to go
 
 
 # -- a mask the user gives always wins --------------------------------------------------------------------------

@@ -23,9 +23,9 @@ QUICK = dict(SMALL, num_frames=9, num_inference_steps=3)  # 3 latents: the app's
 @pytest.fixture(autouse=True)
 def one_export_per_job(monkeypatch):
     """The app's jobs write one GIF instead of MP4 + GIF + WebP (export is tested in test_media / test_app)."""
-    import loopui.ui.studio
+    import loopui.studio.files
 
-    monkeypatch.setattr(loopui.ui.studio, "OUTPUT_SUFFIXES", (".gif",))
+    monkeypatch.setattr(loopui.studio.files, "OUTPUT_SUFFIXES", (".gif",))
 
 
 def _wait(predicate, timeout: float) -> bool:
@@ -88,8 +88,7 @@ def test_two_models_at_once_on_one_device_both_correct_and_the_running_one_not_e
     import loopui.engine
     import loopui.models.memory as memory
     from loopui.models import ModelManager
-    from loopui.ui.jobs import LoopJob
-    from loopui.ui.studio import Studio
+    from loopui.studio import LoopJob, Studio
 
     # The folder model is the start-up model, so the studio serves it (clients may not name other folders).
     studio = Studio(manager=ModelManager(max_models=1, offload="model"), model_id=str(tiny_model_dir), demo=True,
@@ -268,8 +267,7 @@ def test_two_jobs_run_at_once_on_two_devices_each_with_its_own_pipeline_and_poli
                                                                                   tmp_path, monkeypatch):
     import loopui.engine
     from loopui.models import ModelManager
-    from loopui.ui.jobs import LoopJob
-    from loopui.ui.studio import Studio
+    from loopui.studio import LoopJob, Studio
 
     fake_cuda.totals = {"cuda:0": 80 * GIB, "cuda:1": 3 * GIB}  # the second card is too small to hold it all
     studio = Studio(manager=ModelManager(max_models=1), model_id=str(tiny_model_dir), has_gpu=True,
@@ -348,7 +346,7 @@ def oom_studio(fake_cuda, tmp_path, monkeypatch):
     from diffusers import CogVideoXTransformer3DModel
 
     from loopui.models import ModelManager
-    from loopui.ui.studio import Studio
+    from loopui.studio import Studio
 
     injector = _OOMInjector(CogVideoXTransformer3DModel.forward, fail_calls=())
     monkeypatch.setattr(CogVideoXTransformer3DModel, "forward",
@@ -392,11 +390,13 @@ def test_out_of_memory_mid_run_cleans_up_tells_the_user_and_retries_once_with_of
 
 def test_out_of_memory_twice_gives_one_clear_message_and_the_app_keeps_serving(oom_studio, fake_cuda):
     studio, injector, seen = oom_studio
+    from loopui.studio.results import error_text
+
     request = studio.build_request(dict(QUICK)).request
     injector.fail_calls = set(range(1, 1000))
     events = _finish(studio.start("s", "demo", request))
     assert events[-1].kind == "error"
-    text = studio.error_text(events[-1].payload)
+    text = error_text(events[-1].payload)
     assert text.startswith("Out of GPU memory on cuda:0 even after retrying with model CPU offload")
     assert "smaller size or fewer frames" in text and "\n" not in text
     assert injector.calls == 2  # the first try and exactly one retry

@@ -1,10 +1,9 @@
-"""The Gradio app (the only package besides ``app.py`` that imports gradio).
+"""The Gradio page (the only package besides ``app.py`` that imports gradio) over :class:`loopui.studio.Studio`.
 
-``Studio`` holds the app's state and logic (gradio-free); ``build_app(studio)`` makes the queued Blocks page.
+``page.py`` lays out the Blocks, ``events.py`` holds the handlers and wires them, ``updates.py`` builds the
+``gr.update`` values, ``components.py`` the upload and API inputs; ``build_app(studio)`` makes the queued page.
 """
 
-from loopui.ui.blocks import QUEUE_MAX_SIZE, build_app, launch_options
-from loopui.ui.jobs import JobRegistry, LoopJob
-from loopui.ui.studio import PREVIEW_SETTINGS, Studio
+from loopui.ui.page import QUEUE_MAX_SIZE, build_app, launch_options
 
-__all__ = ["PREVIEW_SETTINGS", "QUEUE_MAX_SIZE", "JobRegistry", "LoopJob", "Studio", "build_app", "launch_options"]
+__all__ = ["QUEUE_MAX_SIZE", "build_app", "launch_options"]

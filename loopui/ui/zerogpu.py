@@ -1,27 +1,15 @@
-"""Hugging Face Spaces support that costs nothing elsewhere: ``spaces.GPU`` when installed, else a no-op."""
+"""``spaces.GPU`` for the page's generate event when the ``spaces`` package is installed, else a no-op: it costs
+nothing off Hugging Face Spaces. (It wraps a Gradio event and reads Gradio's request context, hence the page's.)"""
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, TypeVar, Union
 
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 Duration = Union[int, Callable[..., int]]
-
-
-def on_zero_gpu() -> bool:
-    """Whether this process runs on a ZeroGPU Space (``SPACES_ZERO_GPU`` set and the ``spaces`` package present)."""
-    if os.environ.get("SPACES_ZERO_GPU", "").strip().lower() not in ("1", "true", "yes"):
-        return False
-    try:
-        import spaces  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        logger.warning("SPACES_ZERO_GPU is set but the spaces package is missing: running as a plain GPU app")
-        return False
-    return True
 
 
 def gpu_decorator(duration: Duration = 120) -> Callable[[F], F]:

@@ -1,0 +1,169 @@
+"""A request from page or API values: the served model, the engine's own resolution of every automatic value, the
+public caps, and the uploads and clip read as the engine will read them -- all before anything is queued or loaded.
+
+Every refusal is a ``ValueError`` of one line naming the parameter (the page turns it into ``gr.Error``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from loopui.engine.plan import LoopPlan, resolve_request
+from loopui.engine.request import LoopRequest, request_from_values, size_text
+from loopui.messages import one_line
+
+AUTO_SCHEDULER = "auto"  # dropdown value for "the model's own scheduler" (LoopRequest.scheduler = None)
+
+# The /generate parameters that are LoopRequest fields, in the order the UI and the API list them.
+REQUEST_FIELDS: tuple[str, ...] = (
+    "prompt", "negative_prompt", "image", "mask", "video", "shift_skip", "rope_scale", "num_frames", "num_inference_steps",
+    "guidance_scale", "seed", "height", "width", "scheduler", "flow_shift", "use_dynamic_cfg",
+    "frame_invariant_decoding", "shift_start", "shift_end", "window_mode", "fps", "seam_polish", "anchor_strength",
+    "init_strength", "loop_region", "background_freeze", "image_channel", "motion_region", "mask_model", "mask_threshold",
+    "mask_grow", "mask_feather",
+)
+
+# Public mode (a shared server, e.g. a Space): what one request may ask for at most.
+# Wan 2.1 1.3B's native 832x480 at 81 frames and Wan 2.2 5B's 121 frames fit; 720p and longer cycles do not.
+# Uploads are capped per input by file size (a clip is larger than an image); the decoded size has the engine's own
+# caps (64 megapixels per image; 8K frames per clip, of which only the frames the loop uses are decoded).
+PUBLIC_LIMITS: dict[str, int] = {"num_inference_steps": 50, "num_frames": 121, "pixels": 480 * 832,
+                                 "prompt_chars": 2000, "image_bytes": 20 * 10**6, "video_bytes": 50 * 10**6}
+
+
+def check_model(model_id: Any, served: Sequence[str], default: str) -> Any:
+    """The spec of the model a request names (``default`` when it names none); only the ``served`` models (the
+    dropdown's) are served, never a path from a client."""
+    from loopui.models import resolve_model_id, spec_for
+
+    allowed = list(served)
+    name = resolve_model_id(model_id.strip()) if isinstance(model_id, str) and model_id.strip() else None
+    if name is None:
+        name = default
+    if name not in allowed:
+        raise ValueError(f"model {model_id!r} is not served here; choose one of: {', '.join(allowed)}")
+    return spec_for(name)
+
+
+def build_request(values: dict, spec: Any, public: bool = False) -> LoopPlan:
+    """The plan of a validated request for ``spec`` with every automatic value filled in
+    (``loopui.engine.plan.resolve_request``, the same function the CLI uses), from page or API values;
+    ``ValueError`` naming the parameter otherwise.
+
+    Checked here, before anything is queued or loaded: the numbers and choices are in range, uploads are readable
+    images, a clip is a video the engine can fit to the loop (read and resampled as the engine will), and in public
+    mode the request and its uploads are within their caps.
+    """
+    data = {name: values[name] for name in REQUEST_FIELDS if name in values}
+    if data.get("scheduler") == AUTO_SCHEDULER:
+        data["scheduler"] = None
+    plan = resolve_request(request_from_values(data), spec)
+    request = plan.request
+    if public:
+        check_public_limits(request)
+    for name in ("image", "mask", "video"):
+        value = getattr(request, name)
+        if value is not None and not isinstance(value, np.ndarray):
+            cap = PUBLIC_LIMITS["video_bytes" if name == "video" else "image_bytes"] if public else None
+            _check_file_size(name, value, cap)
+            if name == "video":
+                _check_clip(plan)
+            else:
+                _check_upload(name, value)
+    # Said before the run (the status line's notes): a step far beyond the model's own, a clip that is not used.
+    warned = tuple(w for w in plan.warnings if w.startswith(("cost:", "video:")))
+    return dataclasses.replace(plan, notes=plan.notes + warned) if warned else plan
+
+
+def mask_settings(values: dict, image: Any) -> LoopRequest:
+    """The mask knobs of a ``/mask`` call, checked like a generation's (``ValueError`` naming the parameter), and
+    the image checked to be readable."""
+    from loopui.saliency import mask_model_info
+
+    request = request_from_values(values)
+    try:
+        mask_model_info(request.mask_model)
+    except ValueError as exc:
+        raise ValueError(f"mask_model: {exc}") from None
+    _check_upload("image", image)
+    return request
+
+
+def check_public_limits(request: LoopRequest) -> None:
+    """Refuse a request over ``PUBLIC_LIMITS`` (steps, frames, pixels, prompt length), naming the parameter."""
+    limits = PUBLIC_LIMITS
+    for name in ("num_inference_steps", "num_frames"):
+        if getattr(request, name) > limits[name]:
+            raise ValueError(f"{name} must be <= {limits[name]} on this public server, got "
+                             f"{getattr(request, name)}")
+    if request.height * request.width > limits["pixels"]:
+        raise ValueError(f"height x width must be at most {limits['pixels']} pixels on this public server "
+                         f"(832x480), got {size_text(request.width, request.height)}")
+    if len(request.prompt) + len(request.negative_prompt) > limits["prompt_chars"]:
+        raise ValueError(f"prompt must be at most {limits['prompt_chars']} characters on this public server, "
+                         f"got {len(request.prompt) + len(request.negative_prompt)}")
+
+
+def _upload_name(path: Any) -> str:
+    """An upload's own file name (never the server's temp path)."""
+    return Path(os.fspath(path)).name if isinstance(path, (str, os.PathLike)) else "upload"
+
+
+def _check_file_size(name: str, path: Any, max_bytes: Optional[int]) -> None:
+    """Refuse an upload over ``max_bytes`` (public mode), naming the parameter."""
+    if max_bytes is None or not isinstance(path, (str, os.PathLike)):
+        return
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return  # a missing file is answered by the readers, in their words
+    if size > max_bytes:
+        raise ValueError(f"{name}: {_upload_name(path)!r} is {size / 10**6:.3g} MB; this public server takes "
+                         f"{'clips' if name == 'video' else 'images'} up to {max_bytes / 10**6:.3g} MB")
+
+
+def _check_clip(plan: LoopPlan) -> None:
+    """Refuse a clip the engine could not use -- not a video, truncated, too short, too large once decoded, an
+    unusable frame rate -- by reading and fitting it as the engine will (``LoopPlan.with_clip``), with one line
+    naming ``video`` and the file's own name."""
+    from loopui.media import ImageInputError, VideoInputError
+
+    path = plan.request.video
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"video: {_upload_name(path)!r} is empty")
+    try:
+        plan.with_clip()
+    except (VideoInputError, ImageInputError) as exc:
+        name = _upload_name(path)
+        text = one_line(exc).removeprefix("video: ")
+        if isinstance(path, (str, os.PathLike)):
+            text = text.replace(f"video file {os.fspath(path)!r}", repr(name)).replace(os.fspath(path), name)
+        if "not a video file" in text:  # text, a picture or a cut-off MP4
+            text = f"{name!r} is not a video file (or it is truncated)"
+        elif "truncated" in text:
+            text = f"{name!r} is truncated (an incomplete upload?)"
+        raise ValueError(f"video: {text}") from None
+
+
+def _check_upload(name: str, path: Any) -> None:
+    """Refuse an upload that is not a readable image, with one line naming the parameter and the file's own name
+    (never the server's temp path)."""
+    from loopui.media import ImageInputError, open_image, read_mask
+
+    try:
+        (open_image if name == "image" else read_mask)(path)
+    except ImageInputError as exc:
+        text = one_line(exc)
+        if isinstance(path, (str, os.PathLike)):
+            full = os.fspath(path)
+            text = text.replace(full, Path(full).name)
+        if "cannot identify image file" in text:
+            text = f"{Path(os.fspath(path)).name!r} is not an image file (or it is empty)"
+        elif "truncated" in text:
+            text = f"{Path(os.fspath(path)).name!r} is truncated (an incomplete upload?)"
+        raise ValueError(f"{name}: {text}") from None
