@@ -156,8 +156,8 @@ def test_stop_while_downloading_in_the_app_reads_stopped(hub, tmp_path, monkeypa
             self.cancel()
 
     monkeypatch.setattr(LoopJob, "_progress", press_stop)
-    request = studio.build_request(dict(prompt="waves", height=32, width=48, num_inference_steps=2)).request
-    events = [e for e in studio.start("s", HUB_MODEL, request).events(heartbeat=0.01) if e is not None]
+    plan = studio.build_request(dict(prompt="waves", height=32, width=48, num_inference_steps=2))
+    events = [e for e in studio.start("s", HUB_MODEL, plan).events(heartbeat=0.01) if e is not None]
     from loopui.engine import LoopInterrupted
 
     assert events[-1].kind == "error" and isinstance(events[-1].payload, LoopInterrupted)
@@ -224,8 +224,8 @@ def test_zero_gpu_loads_the_model_at_start_up_and_sizes_the_gpu_time(zero_gpu, m
     (model,) = studio.manager.loaded()
     assert (model.device, model.policy) == ("cuda:0", "none")
     # A generation (inside the GPU call) finds it loaded.
-    request = studio.build_request(dict(prompt="waves", height=32, width=48, num_frames=9, num_inference_steps=2)).request
-    last = [e for e in studio.start("s", studio.model_id, request).events(heartbeat=0.01) if e is not None][-1]
+    plan = studio.build_request(dict(prompt="waves", height=32, width=48, num_frames=9, num_inference_steps=2))
+    last = [e for e in studio.start("s", studio.model_id, plan).events(heartbeat=0.01) if e is not None][-1]
     assert last.kind == "done" and studio.manager.load_count == 1
     # The GPU time asked for follows the request, through generate's own arguments.
     duration = zero_gpu["duration"]

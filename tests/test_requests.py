@@ -160,7 +160,7 @@ def test_studio_sweeps_outputs_when_a_job_starts(tmp_path):
     studio = Studio(demo=True, has_gpu=False, output_root=tmp_path, max_output_age_s=60, manager=object())
     stale = _file(tmp_path / "gone-session" / "loop-001.mp4", 10, 3600, time.time())
     studio.manager = _FailingManager()
-    job = studio.start("s", studio.model_id, LoopRequest(prompt="x"))
+    job = studio.start("s", studio.model_id, studio.build_request(dict(prompt="x")))
     assert job.join(10)
     assert not stale.exists()
     with pytest.raises(ValueError, match="must be positive"):

@@ -104,7 +104,7 @@ def test_two_models_at_once_on_one_device_both_correct_and_the_running_one_not_e
             out = render(pipe, request, **kwargs)
         finally:
             running.discard(id(pipe))
-        latents[request.seed] = out.result.latents
+        latents[out.result.plan.request.seed] = out.result.latents
         return out
 
     def watched_dispose(entries, verb):
@@ -114,8 +114,8 @@ def test_two_models_at_once_on_one_device_both_correct_and_the_running_one_not_e
     monkeypatch.setattr(loopui.engine, "render_loop", tracked_render)
     monkeypatch.setattr(memory, "dispose", watched_dispose)
     model_a, model_b = str(tiny_model_dir), "demo"
-    request_a = studio.build_request(dict(QUICK, seed=11), model_id=model_a).request
-    request_b = studio.build_request(dict(QUICK, seed=12), model_id=model_b).request
+    plan_a = studio.build_request(dict(QUICK, seed=11), model_id=model_a)
+    plan_b = studio.build_request(dict(QUICK, seed=12), model_id=model_b)
 
     def finish(job) -> None:
         last = [e for e in job.events(heartbeat=0.01) if e is not None][-1]
@@ -123,7 +123,7 @@ def test_two_models_at_once_on_one_device_both_correct_and_the_running_one_not_e
 
     # The reference loops: each model loaded alone on the device, its request run alone.
     alone = {}
-    for model, request in ((model_a, request_a), (model_b, request_b)):
+    for model, request in ((model_a, plan_a.request), (model_b, plan_b.request)):
         pipe = studio.manager.get(model, device="cuda:0").pipe
         alone[request.seed] = generate_loop(pipe, request, output_type="latent").latents
 
@@ -137,11 +137,11 @@ def test_two_models_at_once_on_one_device_both_correct_and_the_running_one_not_e
         if session == "bbbb" and stage == "encode":
             b_has_model.set()
         if session == "aaaa" and stage == "denoise" and step == 2:
-            studio.start("bbbb", model_b, request_b)
+            studio.start("bbbb", model_b, plan_b)
             b_has_model.wait(1.0)
 
     monkeypatch.setattr(LoopJob, "_progress", gated)
-    finish(studio.start("aaaa", model_a, request_a))
+    finish(studio.start("aaaa", model_a, plan_a))
     assert _wait(lambda: 12 in latents or studio.jobs.running() == 0, 60)
     assert _wait(lambda: studio.jobs.running() == 0, 60)
     assert evicted_while_running == []
@@ -273,14 +273,14 @@ def test_two_jobs_run_at_once_on_two_devices_each_with_its_own_pipeline_and_poli
     studio = Studio(manager=ModelManager(max_models=1), model_id=str(tiny_model_dir), has_gpu=True,
                     devices="cuda:0,cuda:1", output_root=tmp_path / "out")
     assert studio.pool.size == 2
-    requests = [studio.build_request(dict(QUICK, seed=seed)).request for seed in (21, 22)]
+    plans = [studio.build_request(dict(QUICK, seed=seed)) for seed in (21, 22)]
     ran_on, latents = {}, {}
     render = loopui.engine.render_loop
 
     def recording_render(pipe, request, **kwargs):
         out = render(pipe, request, **kwargs)
-        latents[request.seed] = out.result.latents
-        ran_on[request.seed] = id(pipe)
+        latents[out.result.plan.request.seed] = out.result.latents
+        ran_on[out.result.plan.request.seed] = id(pipe)
         return out
 
     monkeypatch.setattr(loopui.engine, "render_loop", recording_render)
@@ -297,11 +297,11 @@ def test_two_jobs_run_at_once_on_two_devices_each_with_its_own_pipeline_and_poli
             overlapped.append(second_denoising.wait(20))  # only true if B runs while A is mid-loop
 
     monkeypatch.setattr(LoopJob, "_progress", gated)
-    jobs = [studio.start("aaaa", studio.model_id, requests[0])]
+    jobs = [studio.start("aaaa", studio.model_id, plans[0])]
     for event in jobs[0].events(heartbeat=0.01):
         if event is not None and event.stage == "denoise":
             break
-    jobs.append(studio.start("bbbb", studio.model_id, requests[1]))
+    jobs.append(studio.start("bbbb", studio.model_id, plans[1]))
     outcomes = [[e for e in job.events(heartbeat=0.01) if e is not None][-1] for job in jobs]
     assert [o.kind for o in outcomes] == ["done", "done"], [o.payload for o in outcomes]
     assert overlapped == [True]
@@ -311,9 +311,9 @@ def test_two_jobs_run_at_once_on_two_devices_each_with_its_own_pipeline_and_poli
     assert {o.payload.model_text.split(" on ")[1].split(",")[0] for o in outcomes} == {"cuda:0", "cuda:1"}
     # The same loops as one run at a time on one device.
     pipe = studio.manager.get(studio.model_id, device="cuda:0").pipe
-    for request in requests:
-        reference = generate_loop(pipe, request, output_type="latent").latents
-        torch.testing.assert_close(latents[request.seed], reference, rtol=0, atol=0)
+    for plan in plans:
+        reference = generate_loop(pipe, plan.request, output_type="latent").latents
+        torch.testing.assert_close(latents[plan.request.seed], reference, rtol=0, atol=0)
 
 
 # -- 3. GPU faults --------------------------------------------------------------------------------------------------------

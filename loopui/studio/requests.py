@@ -72,7 +72,7 @@ def build_request(values: dict, spec: Any, public: bool = False) -> LoopPlan:
             cap = PUBLIC_LIMITS["video_bytes" if name == "video" else "image_bytes"] if public else None
             _check_file_size(name, value, cap)
             if name == "video":
-                _check_clip(plan)
+                plan = _check_clip(plan)  # read and fitted once: the generation uses these frames
             else:
                 _check_upload(name, value)
     # Said before the run (the status line's notes): a step far beyond the model's own, a clip that is not used.
@@ -127,17 +127,17 @@ def _check_file_size(name: str, path: Any, max_bytes: Optional[int]) -> None:
                          f"{'clips' if name == 'video' else 'images'} up to {max_bytes / 10**6:.3g} MB")
 
 
-def _check_clip(plan: LoopPlan) -> None:
-    """Refuse a clip the engine could not use -- not a video, truncated, too short, too large once decoded, an
-    unusable frame rate -- by reading and fitting it as the engine will (``LoopPlan.with_clip``), with one line
-    naming ``video`` and the file's own name."""
+def _check_clip(plan: LoopPlan) -> LoopPlan:
+    """The plan with its clip read and fitted (``LoopPlan.with_clip``); a clip the engine could not use -- not a
+    video, truncated, too short, too large once decoded, an unusable frame rate -- is refused with one line naming
+    ``video`` and the file's own name."""
     from loopui.media import ImageInputError, VideoInputError
 
     path = plan.request.video
     if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError(f"video: {_upload_name(path)!r} is empty")
     try:
-        plan.with_clip()
+        return plan.with_clip()
     except (VideoInputError, ImageInputError) as exc:
         name = _upload_name(path)
         text = one_line(exc).removeprefix("video: ")

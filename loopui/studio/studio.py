@@ -15,7 +15,6 @@ from typing import Any, Optional
 import numpy as np
 
 from loopui.engine.plan import LoopPlan
-from loopui.engine.request import LoopRequest
 from loopui.studio import requests
 from loopui.studio.devices import cuda_available, device_pool
 from loopui.studio.files import DEFAULT_MAX_OUTPUT_AGE_S, DEFAULT_MAX_OUTPUT_BYTES, SessionFiles
@@ -109,14 +108,15 @@ class Studio:
 
     # -- generation -----------------------------------------------------------------------------------------------
 
-    def start(self, session: str, model_id: str, request: LoopRequest) -> LoopJob:
-        """Start a generation in a worker thread: wait in line, then for a free device; load (cached) and render there,
-        export, seam strip. The device is held from the load to the last file, so no other job loads a model over it.
+    def start(self, session: str, model_id: str, plan: LoopPlan) -> LoopJob:
+        """Start the generation ``plan`` (:meth:`build_request`'s) in a worker thread: wait in line, then for a free
+        device; load (cached) and render there, export, seam strip. The device is held from the load to the last file,
+        so no other job loads a model over it. The plan is used as it is: not planned again, its clip not read again.
 
         Raises ``LineFull`` (a ``ValueError``) at once when the line is full.
         """
         ticket = self.line.join()
-        index, stem, outputs = self.files.next_loop(session, request.seed)
+        index, stem, outputs = self.files.next_loop(session, plan.request.seed)
 
         def run(report: ProgressCallback, cancel: threading.Event) -> LoopOutcome:
             from loopui.engine import LoopInterrupted, render_loop
@@ -135,8 +135,8 @@ class Studio:
             def work(loaded: Any) -> LoopOutcome:
                 if cancel.is_set():
                     raise LoopInterrupted("stopped before sampling started")
-                render = render_loop(loaded.pipe, request, outputs=outputs, model_id=loaded.spec.model_id,
-                                     callback=report, cancel_event=cancel)
+                render = render_loop(loaded.pipe, None, outputs=outputs, model_id=loaded.spec.model_id,
+                                     callback=report, cancel_event=cancel, plan=plan)
                 return loop_outcome(index, render, stem, loaded, notes)
 
             try:

@@ -127,7 +127,7 @@ class Handlers:
             if origin == "page":
                 values = studio.page_values(values, model_id)
             resolved = studio.build_request(values, model_id=model_id)
-            job = studio.start(session_id(request), model_id, resolved.request)
+            job = studio.start(session_id(request), model_id, resolved)
         except ValueError as exc:
             raise gr.Error(one_line(exc), print_exception=False) from None
         notes = "".join(f"\n\nNote: {n}." for n in resolved.notes)
