@@ -83,13 +83,16 @@ def test_generate_returns_a_looping_mp4_and_reuses_the_model(app):
     assert not np.array_equal(frames, frames2)
 
 
-def test_generate_loops_an_uploaded_clip(app, clip_files):
+def test_generate_loops_an_uploaded_clip(app, clip_files, counted):
     """``video=handle_file(path)``: the clip (written by imageio, not our exporter) comes back as a looping MP4 of
-    4·L frames; ``loop_region`` reaches the engine and ``init_strength`` left out is the clip's 0.7."""
+    4·L frames; ``loop_region`` reaches the engine and ``init_strength`` left out is the clip's 0.7. With an image
+    too, the generation is planned once and the clip read once."""
     _, client = app
     video, seam, strip, files, status = client.predict(
         prompt="a bar sliding", video=handle_file(str(clip_files["good"])), loop_region=0.5, num_frames=17,
-        height=32, width=48, num_inference_steps=2, api_name="/generate")
+        image=handle_file(str(ASSETS / "balloon.png")), height=32, width=48, num_inference_steps=2,
+        api_name="/generate")
+    assert counted == {"plan_loop": 1, "clip_reads": 1}
     assert read_back(video).shape == (20, 32, 48, 3)  # 17 frames -> L = 5 latents -> 20 frames
     assert "Done." in status and "⚠ video: the loop uses the clip's first 2.12 s of 2.50 s" in status
     sidecar = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
