@@ -11,13 +11,12 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from loopui.media import SCORE_KEYS, VideoInputError, export_video, format_scores, load_video, loop_scores
+from loopui.media.flow import dynamic_degree, motion_smoothness
 from loopui.media.scores import (
     clip_scores,
-    dynamic_degree,
     first_last_mse,
     first_last_ssim,
     frame_ssim,
-    motion_smoothness,
     mse_f0,
     ssim_motion,
 )

@@ -9,14 +9,13 @@ from loopui.media.export import (
     SUPPORTED_SUFFIXES,
     VideoInputError,
     export_video,
-    load_video,
     read_video,
     seam_strip,
     write_sidecar,
 )
 from loopui.media.images import (ImageInputError, load_mask_image, load_reference_image, open_image, read_mask,
                                  resample_clip)
-from loopui.media.clips import read_clip
+from loopui.media.clips import load_video, read_clip
 from loopui.media.metrics import LoopMetrics, loop_metrics, seam_ratio
 from loopui.media.scores import SCORE_KEYS, SCORES, format_scores, loop_scores, loop_warnings, pixel_loop_metrics
 

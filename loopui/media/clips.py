@@ -233,3 +233,49 @@ def read_clip(path: str | os.PathLike[str], num_frames: int, fps: float, width: 
             _decode(path, stretched, int(stretched.max()), out, what, max_frame_pixels)
     logger.debug("read %s: %d frames decoded for a loop of %d", path.name, count, num_frames)
     return out, notes
+
+
+# 2 GiB of decoded RGB: about 2000 frames of 720x480, far beyond a loop, and well within a machine's memory.
+DEFAULT_MAX_VIDEO_BYTES = 2 * 2**30
+
+
+def load_video(path: str | os.PathLike[str],
+               max_bytes: int = DEFAULT_MAX_VIDEO_BYTES) -> tuple[np.ndarray, Optional[float]]:
+    """Read any video or animated image (MP4, WebM, MOV, GIF, WebP, ...) as uint8 RGB ``(F, H, W, 3)`` and its fps.
+
+    Unlike :func:`read_video` (our own exports), every failure is one :class:`VideoInputError` line naming the
+    file: missing, a folder, not a video, no frames, or more than ``max_bytes`` once decoded (checked while
+    decoding, so a huge file stops early). The fps is None when the file does not record one.
+    """
+    import imageio.v3 as iio
+
+    path = Path(path)
+    what = f"video file {str(path)!r}"
+    if not path.exists():
+        raise VideoInputError(f"{what} not found")
+    if not path.is_file():
+        raise VideoInputError(f"{what} is not a file")
+    if path.stat().st_size == 0:
+        raise VideoInputError(f"cannot read {what}: the file is empty")
+    frames: list[np.ndarray] = []
+    size = 0
+    with decode_slot():
+        fps = probe_clip(path)[0]
+        try:
+            for frame in iio.imiter(path):
+                frame = _rgb_frame(frame, what)
+                size += frame.nbytes
+                if size > max_bytes:
+                    raise VideoInputError(f"{what} is over {max_bytes / 2**30:.1f} GiB once decoded; use a shorter "
+                                          f"or smaller clip")
+                frames.append(frame)
+        except VideoInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- decoders raise anything on a broken file; the user needs one line
+            logger.debug("cannot decode %s", path, exc_info=exc)
+            raise VideoInputError(f"cannot read {what}: {_reason(exc)}") from exc
+    if not frames:
+        raise VideoInputError(f"{what} contains no frames")
+    if any(f.shape != frames[0].shape for f in frames):
+        raise VideoInputError(f"{what} has frames of different sizes")
+    return np.stack(frames), fps

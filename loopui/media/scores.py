@@ -69,23 +69,16 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
 
 import numpy as np
 
+from loopui.media._arrays import as_frames, check_fps, luma
+from loopui.media.flow import DEFAULT_FPS, dynamic_degree, motion_smoothness
+
 if TYPE_CHECKING:
     from loopui.media.metrics import LoopMetrics
 
 logger = logging.getLogger(__name__)
 
-# Optical flow is computed on frames scaled down to this short side: VBench's thresholds are proportional to size,
-# and TV-L1 at 480x720 costs seconds per pair on a CPU.
-FLOW_SHORT_SIDE = 128
-# SSIM's 11x11 Gaussian window (sigma 1.5) needs frames at least this big; optical flow needs a little room too.
+# SSIM's 11x11 Gaussian window (sigma 1.5) needs frames at least this big.
 MIN_SSIM_SIDE = 11
-MIN_FLOW_SIDE = 16
-# VBench dynamic degree: 6 pixels at a 256-pixel short side and 8 fps; the top 5 % of flow magnitudes.
-DYNAMIC_THRESHOLD_PX = 6.0
-DYNAMIC_REFERENCE_SIDE = 256.0
-DYNAMIC_REFERENCE_FPS = 8.0
-DYNAMIC_TOP_FRACTION = 0.05
-DEFAULT_FPS = 8.0
 # Half a grey level (mean absolute difference over the frame) is what H.264 alone moves a still by, mostly at the
 # wrap (its first frame is the only key frame): the seam ratios count smaller steps as this much, so that codec noise
 # does not divide into absurd ratios (a still MP4 read seam 41), and a typical step under it makes a near-still.
@@ -174,26 +167,6 @@ def format_scores(scores: dict[str, Any]) -> str:
 
 # -- frames -----------------------------------------------------------------------------------------------------------
 
-def _frames(frames: Any, minimum: int = 2) -> np.ndarray:
-    from loopui.media.export import _to_uint8_frames
-
-    x = _to_uint8_frames(frames)
-    if x.shape[0] < minimum:
-        raise ValueError(f"scores need at least {minimum} frames, got {x.shape[0]}")
-    return x
-
-
-def _check_fps(fps: Any) -> None:
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
-
-
-def _luma(frame: np.ndarray) -> np.ndarray:
-    """BT.601 luma in float64, 0..255."""
-    f = frame.astype(np.float64)
-    return 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
-
-
 def _fit_reference(reference: Any, width: int, height: int) -> np.ndarray:
     from loopui.media.images import load_reference_image
 
@@ -213,142 +186,37 @@ def frame_ssim(a: np.ndarray, b: np.ndarray) -> float:
 
     if min(a.shape[:2]) < MIN_SSIM_SIDE:
         raise ValueError(f"SSIM needs frames of at least {MIN_SSIM_SIDE}x{MIN_SSIM_SIDE} pixels, got {a.shape[:2]}")
-    return float(structural_similarity(_luma(a), _luma(b), data_range=255.0, gaussian_weights=True, sigma=1.5,
+    return float(structural_similarity(luma(a), luma(b), data_range=255.0, gaussian_weights=True, sigma=1.5,
                                        use_sample_covariance=False))
 
 
 def first_last_mse(frames: Any) -> float:
     """Mobius Table 1 MSE: mean (frame 0 - frame F-1)^2 over pixels and channels, 0..255 values."""
-    x = _frames(frames)
+    x = as_frames(frames)
     return _mse(x[0], x[-1])
 
 
 def first_last_ssim(frames: Any) -> float:
     """A pixel stand-in for LoopAnimate's Loop-C (first/last frame consistency): SSIM(frame 0, frame F-1),
     1 = identical."""
-    x = _frames(frames)
+    x = as_frames(frames)
     return frame_ssim(x[0], x[-1])
 
 
 def ssim_motion(frames: Any) -> float:
     """An amount of motion: mean over consecutive pairs of 1 - SSIM (0 = a still clip)."""
-    x = _frames(frames)
+    x = as_frames(frames)
     return float(np.mean([1.0 - frame_ssim(x[t], x[t + 1]) for t in range(len(x) - 1)]))
 
 
 def mse_f0(frames: Any, reference: Any) -> float:
     """LoopAnimate's MSE_F0: mean (frame 0 - reference)^2, 0..255, the reference (path, PIL image or array)
     fitted to the frame size by cover-and-centre-crop."""
-    x = _frames(frames, minimum=1)
+    x = as_frames(frames, minimum=1)
     return _mse(x[0], _fit_reference(reference, x.shape[2], x.shape[1]))
 
 
 # -- optical flow (weight-free stand-ins for VBench's networks) -------------------------------------------------------
-
-def _flow_size(height: int, width: int) -> tuple[int, int]:
-    """(h, w) for flow: the short side brought down to FLOW_SHORT_SIDE (never up), aspect kept."""
-    scale = min(1.0, FLOW_SHORT_SIDE / min(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def _downscale(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    if gray.shape == size:
-        return gray.astype(np.float32) / 255.0
-    image = Image.fromarray(gray.astype(np.float32), mode="F")
-    return np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-
-
-def _tvl1(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
-    """TV-L1 flow ``(2, h, w)`` (rows, columns) with moving(x + flow(x)) ~ reference(x)."""
-    from skimage.registration import optical_flow_tvl1
-
-    return np.asarray(optical_flow_tvl1(reference, moving), dtype=np.float32)
-
-
-def _warp(frame: np.ndarray, displacement: np.ndarray) -> np.ndarray:
-    """``frame(y + displacement(y))`` for an ``(H, W, 3)`` frame and a ``(2, H, W)`` displacement (bilinear)."""
-    from scipy.ndimage import map_coordinates
-
-    height, width = frame.shape[:2]
-    rows, cols = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
-    coords = np.stack([rows + displacement[0], cols + displacement[1]])
-    f = frame.astype(np.float32)
-    return np.stack([map_coordinates(f[..., c], coords, order=1, mode="nearest") for c in range(f.shape[-1])], -1)
-
-
-def _upscale_flow(flow: np.ndarray, height: int, width: int) -> np.ndarray:
-    """A flow computed at (h, w) as a flow of the full (height, width) frame: resized and its lengths scaled."""
-    from PIL import Image
-
-    h, w = flow.shape[1:]
-    if (h, w) == (height, width):
-        return flow
-    out = [np.asarray(Image.fromarray(flow[i], mode="F").resize((width, height), Image.Resampling.BILINEAR))
-           for i in range(2)]
-    return np.stack([out[0] * (height / h), out[1] * (width / w)]).astype(np.float32)
-
-
-def _check_flow_size(x: np.ndarray) -> None:
-    if min(x.shape[1:3]) < MIN_FLOW_SIDE:
-        raise ValueError(f"optical flow needs frames of at least {MIN_FLOW_SIDE}x{MIN_FLOW_SIDE} pixels, "
-                         f"got {x.shape[1]}x{x.shape[2]}")
-
-
-def motion_smoothness(frames: Any) -> float:
-    """VBench motion smoothness with a weight-free interpolator (see the module table): each odd frame is re-created
-    from its two neighbours by warping them half way along a TV-L1 flow, score = (255 - mean |error|) / 255.
-
-    Raises ``ValueError`` for fewer than 3 frames or frames under 16 pixels on a side.
-    """
-    x = _frames(frames, minimum=3)
-    _check_flow_size(x)
-    height, width = x.shape[1:3]
-    size = _flow_size(height, width)
-    small = {t: _downscale(_luma(x[t]), size) for t in range(0, len(x), 2)}
-    errors = []
-    for t in range(1, len(x) - 1, 2):
-        # A point at p in frame t-1 sits at p + flow(p) in frame t+1, so at p + flow/2 in frame t; reading each
-        # neighbour half way along the flow (the flow taken at the output pixel) re-creates frame t.
-        flow = _upscale_flow(_tvl1(small[t - 1], small[t + 1]), height, width)
-        middle = 0.5 * _warp(x[t - 1], -0.5 * flow) + 0.5 * _warp(x[t + 1], 0.5 * flow)
-        predicted = np.clip(np.round(middle), 0, 255)
-        errors.append(float(np.mean(np.abs(predicted - x[t].astype(np.float32)))))
-    return (255.0 - float(np.mean(errors))) / 255.0
-
-
-def dynamic_degree(frames: Any, fps: float = DEFAULT_FPS) -> tuple[bool, float]:
-    """VBench dynamic degree with TV-L1 instead of RAFT (see the module table).
-
-    Returns:
-        ``(moving, flow_magnitude)``: whether enough consecutive pairs exceed VBench's threshold, and the mean over
-        pairs of the top-5 % flow magnitudes in pixels at a 256-pixel short side.
-
-    Raises:
-        ValueError: fewer than 2 frames (after sub-sampling to about 8 fps), frames under 16 pixels, bad fps.
-    """
-    _check_fps(fps)
-    x = _frames(frames)
-    _check_flow_size(x)
-    x = x[::max(1, round(fps / DYNAMIC_REFERENCE_FPS))]
-    if len(x) < 2:
-        raise ValueError(f"dynamic degree needs at least 2 frames at about 8 fps, got {len(x)}")
-    size = _flow_size(*x.shape[1:3])
-    to_reference = DYNAMIC_REFERENCE_SIDE / min(size)  # flow pixels -> pixels at a 256-pixel short side
-    small = [_downscale(_luma(f), size) for f in x]
-    tops = []
-    for a, b in zip(small[:-1], small[1:]):
-        magnitude = np.hypot(*_tvl1(a, b)).ravel() * to_reference
-        count = max(1, int(magnitude.size * DYNAMIC_TOP_FRACTION))
-        tops.append(float(np.mean(np.partition(magnitude, magnitude.size - count)[-count:])))
-    threshold = DYNAMIC_THRESHOLD_PX * max(1.0, DYNAMIC_REFERENCE_FPS / fps)
-    needed = max(1, round(4 * len(x) / 16))
-    moving = sum(top > threshold for top in tops) >= needed
-    return bool(moving), float(np.mean(tops))
-
-
-# -- CLIP ---------------------------------------------------------------------------------------------------------
 
 def _unit(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64)
@@ -362,7 +230,7 @@ def clip_scores(frames: Any, clip: FrameEmbedder, prompt: Optional[str] = None,
 
     See the module table for the definitions; ``clip`` embeds frames and text (``loopui.models.load_clip``).
     """
-    x = _frames(frames)
+    x = as_frames(frames)
     e = _unit(clip.embed_images(x))
     if e.shape[0] != len(x):
         raise ValueError(f"the CLIP embedder returned {e.shape[0]} embeddings for {len(x)} frames")
@@ -412,7 +280,7 @@ def pixel_loop_metrics(frames: Any, rotation: int = 0) -> "LoopMetrics":
 
     from loopui.media.metrics import loop_metrics
 
-    x = _frames(frames)
+    x = as_frames(frames)
     rotation = _rotation(rotation, len(x))
     metrics = loop_metrics(np.roll(x, rotation, axis=0), floor=CODEC_NOISE_STEP)
     if rotation == 0:
@@ -434,8 +302,8 @@ def _small_luma(x: np.ndarray) -> np.ndarray:
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     out = []
     for frame in x:
-        luma = Image.fromarray(_luma(frame).astype(np.float32), mode="F")
-        out.append(np.asarray(luma if scale == 1.0 else luma.resize(size, Image.Resampling.BOX), dtype=np.float32))
+        image = Image.fromarray(luma(frame).astype(np.float32), mode="F")
+        out.append(np.asarray(image if scale == 1.0 else image.resize(size, Image.Resampling.BOX), dtype=np.float32))
     return np.stack(out)
 
 
@@ -458,7 +326,7 @@ def loop_warnings(frames: Any, metrics: Optional["LoopMetrics"] = None) -> list[
     Each warning is one line starting with its kind (``still:``, ``near-still:``, ``noise:``); none for an ordinary
     moving video. ``metrics`` (from :func:`pixel_loop_metrics`) saves measuring the steps again.
     """
-    x = _frames(frames)
+    x = as_frames(frames)
     metrics = pixel_loop_metrics(x) if metrics is None else metrics
     if metrics.max_step == 0.0:
         return ["still: no frame differs from the next, so every loop score is trivially perfect and says nothing"]
@@ -499,9 +367,9 @@ def loop_scores(frames: Any, reference: Any = None, prompt: Optional[str] = None
         ValueError: frames of the wrong shape or dtype, fewer than 2 frames, a bad fps or rotation.
         loopui.media.ImageInputError: an unreadable reference image.
     """
-    played = _frames(frames)
+    played = as_frames(frames)
     fps = DEFAULT_FPS if fps is None else fps
-    _check_fps(fps)
+    check_fps(fps)
     seams = pixel_loop_metrics(played, rotation)
     x = np.roll(played, rotation, axis=0)  # the generated cycle: frame F-1 to frame 0 is its real wrap
     scores: dict[str, Any] = dict(num_frames=int(x.shape[0]), fps=float(fps), width=int(x.shape[2]),

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from loopui.engine.plan import LoopPlan
-from loopui.studio import requests
+import loopui.studio.requests as requests
 from loopui.studio.devices import cuda_available, device_pool
 from loopui.studio.files import DEFAULT_MAX_OUTPUT_AGE_S, DEFAULT_MAX_OUTPUT_BYTES, SessionFiles
 from loopui.studio.jobs import JobRegistry, LoopJob, ProgressCallback, WaitingLine
