@@ -83,6 +83,20 @@ def test_generate_returns_a_looping_mp4_and_reuses_the_model(app):
     assert not np.array_equal(frames, frames2)
 
 
+def test_one_api_client_submitting_a_batch_gets_every_loop_back(app):
+    """Eight ``client.submit`` from one ``Client`` share one session: each job runs (none cancels another), and
+    every one comes back as its own loop (they used to answer "Stopped while queued" but for the first and last)."""
+    _, client = app
+    small = dict(num_inference_steps=1, height=32, width=48, num_frames=9)
+    jobs = [client.submit(prompt="ocean waves", seed=100 + i, api_name="/generate", **small) for i in range(8)]
+    results = [job.result(timeout=300) for job in jobs]
+    videos = [result[0] for result in results]
+    assert len(set(videos)) == 8 and all("Done." in result[4] for result in results)
+    for i, result in enumerate(results):
+        sidecar = json.loads(Path(next(f for f in result[3] if f.endswith(".json"))).read_text())
+        assert sidecar["seed"] == 100 + i and read_back(result[0]).shape[0] == 12
+
+
 def test_generate_loops_an_uploaded_clip(app, clip_files, counted):
     """``video=handle_file(path)``: the clip (written by imageio, not our exporter) comes back as a looping MP4 of
     4·L frames; ``loop_region`` reaches the engine and ``init_strength`` left out is the clip's 0.7. With an image

@@ -67,6 +67,35 @@ def test_a_new_job_of_a_session_cancels_the_running_one_and_stays_registered_aft
     assert second.join(5) and registry.running() == 0 and registry.stop("s1") is None
 
 
+def test_jobs_started_without_replace_all_run_and_stop_cancels_them_all():
+    """An API client's batch (one session, several jobs): none cancels another; Stop reaches every one."""
+    from loopui.studio.jobs import JobRegistry
+
+    registry = JobRegistry()
+    release = threading.Event()
+
+    def waiting(index: int):
+        def target(report, cancel: threading.Event):
+            release.wait(5)
+            return index
+
+        return target
+
+    batch = [registry.start("client", waiting(i), replace=False) for i in range(3)]
+    assert registry.running() == 3 and not any(job.cancel_event.is_set() for job in batch)
+    release.set()
+    assert [[e for e in job.events(heartbeat=0.01) if e is not None][-1].payload for job in batch] == [0, 1, 2]
+
+    def endless(report, cancel: threading.Event):
+        while not cancel.wait(0.01):
+            pass
+        return "stopped"
+
+    running = [registry.start("client", endless, replace=False) for _ in range(2)]
+    assert registry.stop("client") is running[-1]
+    assert all(job.join(5) for job in running) and registry.running() == 0
+
+
 def test_a_silent_worker_gets_heartbeats_and_a_failing_one_ends_with_its_error():
     from loopui.studio.jobs import LoopJob
 

@@ -208,43 +208,48 @@ class LoopJob:
 
 
 class JobRegistry:
-    """The running job of each session, so a Stop request can reach the worker of the same session."""
+    """The running jobs of each session, so a Stop request can reach the workers of the same session."""
 
     def __init__(self) -> None:
-        self._jobs: dict[str, LoopJob] = {}
+        self._jobs: dict[str, list[LoopJob]] = {}
         self._lock = threading.Lock()
 
-    def start(self, session: str, target: JobTarget) -> LoopJob:
-        """Start ``target`` as the session's job (a still-running previous job of the session is cancelled).
+    def start(self, session: str, target: JobTarget, replace: bool = True) -> LoopJob:
+        """Start ``target`` as a job of the session. With ``replace`` (the page's Generate: one loop per tab) the
+        session's still-running jobs are cancelled first; without it (an API client submitting a batch) they go on.
 
-        The job stays registered until its worker thread ends, even when the page stopped listening to it.
+        A job stays registered until its worker thread ends, even when the page stopped listening to it.
         """
         job = LoopJob(target, name=f"loopui-job-{session[:8]}", on_exit=lambda j: self._finish(session, j))
         with self._lock:
-            previous = self._jobs.get(session)
-            if previous is not None and previous.running:
-                previous.cancel()
-            self._jobs[session] = job
+            jobs = self._jobs.setdefault(session, [])
+            if replace:
+                for previous in jobs:
+                    if previous.running:
+                        previous.cancel()
+            jobs.append(job)
         return job.start()
 
     def _finish(self, session: str, job: LoopJob) -> None:
-        """Forget ``job`` if it is still the session's current one (called by the worker as it exits)."""
+        """Forget ``job`` (called by the worker as it exits)."""
         with self._lock:
-            if self._jobs.get(session) is job:
-                del self._jobs[session]
+            jobs = self._jobs.get(session, [])
+            if job in jobs:
+                jobs.remove(job)
+            if not jobs:
+                self._jobs.pop(session, None)
 
     def stop(self, session: str) -> Optional[LoopJob]:
-        """Cancel the session's running job and return it (its ``stage`` says whether it was still waiting in
-        line); None when there was none."""
+        """Cancel every running job of the session; return the newest of them (its ``stage`` says whether it was
+        still waiting in line), None when there was none."""
         with self._lock:
-            job = self._jobs.get(session)
-        if job is None or not job.running:
-            return None
-        job.cancel()
-        logger.info("stop requested for session %s (stage %s)", session[:8], job.stage or "start")
-        return job
+            jobs = [job for job in self._jobs.get(session, []) if job.running]
+        for job in jobs:
+            job.cancel()
+            logger.info("stop requested for session %s (stage %s)", session[:8], job.stage or "start")
+        return jobs[-1] if jobs else None
 
     def running(self) -> int:
         """How many worker threads are running now (all sessions)."""
         with self._lock:
-            return sum(job.running for job in self._jobs.values())
+            return sum(job.running for jobs in self._jobs.values() for job in jobs)

@@ -108,10 +108,11 @@ class Studio:
 
     # -- generation -----------------------------------------------------------------------------------------------
 
-    def start(self, session: str, model_id: str, plan: LoopPlan) -> LoopJob:
+    def start(self, session: str, model_id: str, plan: LoopPlan, replace: bool = True) -> LoopJob:
         """Start the generation ``plan`` (:meth:`build_request`'s) in a worker thread: wait in line, then for a free
         device; load (cached) and render there, export, seam strip. The device is held from the load to the last file,
         so no other job loads a model over it. The plan is used as it is: not planned again, its clip not read again.
+        ``replace`` cancels the session's earlier jobs (the page); an API client's batch keeps them (``False``).
 
         Raises ``LineFull`` (a ``ValueError``) at once when the line is full.
         """
@@ -153,7 +154,7 @@ class Studio:
                 self.line.done(ticket)
 
         try:
-            return self.jobs.start(session, run)
+            return self.jobs.start(session, run, replace=replace)
         except BaseException:
             self.line.done(ticket)
             raise

@@ -127,7 +127,9 @@ class Handlers:
             if origin == "page":
                 values = studio.page_values(values, model_id)
             resolved = studio.build_request(values, model_id=model_id)
-            job = studio.start(session_id(request), model_id, resolved)
+            # The page's Generate replaces the tab's running loop; an API client's jobs (a batch from one Client shares
+            # one session) all run, each stopped by its own cancel or by Stop.
+            job = studio.start(session_id(request), model_id, resolved, replace=origin == "page")
         except ValueError as exc:
             raise gr.Error(one_line(exc), print_exception=False) from None
         notes = "".join(f"\n\nNote: {n}." for n in resolved.notes)
