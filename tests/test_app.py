@@ -67,11 +67,16 @@ def test_generate_returns_a_looping_mp4_and_reuses_the_model(app):
     # Frame-invariant decoding of L = 13 latents plays 4·L = 52 frames at the requested size.
     assert frames.shape == (52, 64, 96, 3)
     assert "Seam ratio" in seam and "Done." in status
+    # The verdict reads the cycle ratio (the largest jump anywhere, the same wherever the loop starts); the sidecar
+    # has the same number.
+    cycle = float(seam.split("**Cycle ratio ")[1].split("**")[0])
+    assert "× the steps around it" in seam
     assert "\n\nScores: first/last MSE " in seam  # the papers' metrics, one line under the seam ratio
     suffixes = sorted(Path(f).suffix for f in files)
     assert suffixes == [".gif", ".json", ".mp4", ".webp"]
     sidecar = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
     assert sidecar["seed"] == 7 and sidecar["settings"]["shift_skip"] == 6
+    assert sidecar["cycle_ratio"] == pytest.approx(cycle, abs=0.006)
     assert studio.manager.load_count == 1
 
     # Second call, with a reference image: same cached model, a different loop.
@@ -243,3 +248,29 @@ def test_missing_saliency_weights_leave_painting_usable(app, tmp_path, monkeypat
         from loopui.saliency import clear_session_cache
 
         clear_session_cache()
+
+
+def test_an_anchored_loops_seam_strip_straddles_its_real_wrap(tmp_path):
+    """An anchored loop is played from its image (``anchor_frame_shift`` frames in): the strip's top row shows the
+    generated cycle's wrap, not the played video's first and last frames."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from loopui.engine import LoopRequest, plan_loop
+    from loopui.models import spec_for
+    from loopui.studio.results import loop_outcome
+
+    frames = np.zeros((8, 4, 4, 3), dtype=np.uint8)
+    frames[:, :, :, 1] = (30 * np.arange(8))[:, None, None]  # frame t is green 30·t
+    result = SimpleNamespace(frames=frames, anchor_frame_shift=3, worst_step=None, timings={}, scores={},
+                             warnings=[], seam_ratio=1.0, interior_ratio=1.0, cycle_ratio=1.0,
+                             plan=plan_loop(LoopRequest(prompt="x", num_frames=9), spec_for("demo")),
+                             describe_worst_step=lambda: "")
+    render = SimpleNamespace(result=result, files=[tmp_path / "loop.mp4"], sidecar=tmp_path / "loop.json")
+    outcome = loop_outcome(1, render, tmp_path / "loop", SimpleNamespace(describe=lambda: "demo on cpu"))
+    strip = np.asarray(Image.open(outcome.strip))
+    # Played frame 4 is the cycle's last (frames 0..4 are cycle frames 3..7), played frame 5 its first.
+    left, right = strip[0, 2 * 4, 1], strip[0, 3 * 4 + 2, 1]
+    assert (left, right) == (120, 150)
+    assert "Cycle ratio 1.00" in outcome.seam_text and outcome.shift_skip == 1

@@ -36,7 +36,7 @@ class LoopOutcome:
     details: str
     warnings: list[str]
     model_text: str
-    settings: dict
+    shift_skip: int
 
 
 @dataclass
@@ -55,17 +55,24 @@ class HistoryEntry:
     used_video: bool = False
 
 
-def seam_summary(seam_ratio: Optional[float], worst_text: str = "", interior_ratio: Optional[float] = None) -> str:
-    """The seam and interior ratios with their meaning in one line (markdown)."""
+def seam_summary(seam_ratio: Optional[float], worst_text: str = "", interior_ratio: Optional[float] = None,
+                 cycle_ratio: Optional[float] = None) -> str:
+    """The seam, interior and cycle ratios with their meaning in one line (markdown). The verdict reads the cycle
+    ratio when there is one (the largest jump anywhere, wrap included: where the loop starts cannot hide it)."""
     if seam_ratio is None:
         return "Seam ratio: not measured (too few frames)."
-    verdict = ("seamless" if seam_ratio < 1.3 else "a slight bump at the wrap" if seam_ratio < 2.0
-               else "a visible cut at the wrap")
+    judged = seam_ratio if cycle_ratio is None else cycle_ratio
+    where = "at the wrap" if cycle_ratio is None else "in the loop"
+    verdict = ("seamless" if judged < 1.3 else f"a slight bump {where}" if judged < 2.0 else f"a visible cut {where}")
     line = (f"**Seam ratio {seam_ratio:.2f}** — the jump from the last frame back to the first is "
-            f"{seam_ratio:.2f}× an ordinary frame-to-frame step (≈ 1 is seamless): {verdict}.")
+            f"{seam_ratio:.2f}× the steps around it (≈ 1 is seamless)")
+    line += "." if cycle_ratio is not None else f": {verdict}."
     if interior_ratio is not None:
         line += (f" **Interior ratio {interior_ratio:.2f}** — the largest jump inside the loop, same scale "
                  f"(a hidden seam shows here; seam polish lowers it).")
+    if cycle_ratio is not None:
+        line += (f" **Cycle ratio {cycle_ratio:.2f}** — the largest jump anywhere in the loop, wrap included, "
+                 f"against the steps around it (the same wherever the loop starts): {verdict}.")
     return f"{line} {worst_text[:1].upper()}{worst_text[1:]}." if worst_text else line
 
 
@@ -84,30 +91,31 @@ def loop_outcome(index: int, render: Any, stem: Path, loaded: Any, notes: Option
 
     from loopui.media import seam_strip
 
-    result = render.result
+    result, plan = render.result, render.result.plan
     strip = stem.with_name(stem.name + "-seam.png")
-    # Top: the wrap (last 3 frames, then the first 3); below: around the largest jump inside the loop.
-    rows = [seam_strip(result.frames, n=3)]
+    # Top: the generated cycle's wrap (last 3 frames, then the first 3; an anchored loop plays from its image, which
+    # moves the wrap inside the played loop); below: around the largest jump inside the loop.
+    count, shift = len(result.frames), result.anchor_frame_shift
+    rows = [seam_strip(result.frames, n=3, around=((count - shift - 1) % count, (count - shift) % count))]
     if result.worst_step is not None:
         rows.append(seam_strip(result.frames, n=3, around=result.worst_step))
     gap = np.full((4, rows[0].shape[1], 3), 255, dtype=np.uint8)
     Image.fromarray(np.concatenate([rows[0], gap, *rows[1:]]) if len(rows) > 1 else rows[0]).save(strip)
     thumb = stem.with_name(stem.name + "-thumb.png")
     Image.fromarray(result.frames[0]).save(thumb)
-    s = result.settings
     timings = result.timings
-    details = (f"{len(result.frames)} frames · {size_text(s.get('width'), s.get('height'))} · L = "
-               f"{s.get('num_latent_frames')} latents · shift {s.get('shift_skip')} · RoPE scale "
-               f"{float(s.get('rope_scale', 1.0)):.2f} · {timings.get('total', 0.0):.1f} s (denoise "
-               f"{timings.get('denoise', 0.0):.1f} s, decode {timings.get('decode', 0.0):.1f} s)")
+    details = (f"{len(result.frames)} frames · {size_text(plan.width, plan.height)} · L = {plan.num_latents} "
+               f"latents · shift {plan.shift_skip} · RoPE scale {plan.rope_scale:.2f} · "
+               f"{timings.get('total', 0.0):.1f} s (denoise {timings.get('denoise', 0.0):.1f} s, decode "
+               f"{timings.get('decode', 0.0):.1f} s)")
     files = [Path(f) for f in render.files] + [Path(render.sidecar)]
     return LoopOutcome(index=index, video=Path(render.files[0]), files=files, strip=strip, thumb=thumb,
                        seam_ratio=result.seam_ratio,
                        seam_text=seam_summary(result.seam_ratio, result.describe_worst_step(),
-                                              result.interior_ratio) + _scores_line(result.scores),
-                       details=details, warnings=list(notes or []) + list(result.warnings),
-                       model_text=loaded.describe(),
-                       settings=dict(s))
+                                              result.interior_ratio, result.cycle_ratio) + _scores_line(result.scores),
+                       details=details,
+                       warnings=list(notes or []) + list(result.warnings) + list(result.scores.get("warnings", [])),
+                       model_text=loaded.describe(), shift_skip=plan.shift_skip)
 
 
 def history_entry(outcome: LoopOutcome, values: dict, model_id: str) -> HistoryEntry:
@@ -116,8 +124,7 @@ def history_entry(outcome: LoopOutcome, values: dict, model_id: str) -> HistoryE
     prompt = str(values.get("prompt") or "")
     short = prompt if len(prompt) <= 40 else prompt[:39] + "…"
     seam = "" if outcome.seam_ratio is None else f" · seam {outcome.seam_ratio:.2f}"
-    shift = outcome.settings.get("shift_skip")
-    caption = f"#{outcome.index} “{short}” · seed {values.get('seed')} · shift {shift}{seam}"
+    caption = f"#{outcome.index} “{short}” · seed {values.get('seed')} · shift {outcome.shift_skip}{seam}"
     return HistoryEntry(index=outcome.index, model=model_id, values=kept, video=str(outcome.video),
                         files=[str(f) for f in outcome.files], strip=str(outcome.strip),
                         thumb=str(outcome.thumb), caption=caption,
