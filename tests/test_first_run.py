@@ -253,6 +253,10 @@ def test_gpu_seconds_grow_with_steps_frames_size_and_model():
     assert cost(97, "window") > cost(97, "full") and cost(241, "window") < cost(241, "full")
     assert estimate_gpu_seconds(five, {"num_inference_steps": 50, "seam_polish": "strong"}) > base
     assert estimate_gpu_seconds(five, {"num_inference_steps": 200, "num_frames": 241}) == ZERO_GPU_MAX_SECONDS
+    # Steps left empty are the model's own: 40 for Wan 2.2 A14B, not 50.
+    a14b = spec_for("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
+    assert estimate_gpu_seconds(a14b, {}) == estimate_gpu_seconds(a14b, {"num_inference_steps": 40}) < \
+        estimate_gpu_seconds(a14b, {"num_inference_steps": 50})
 
 
 def test_gpu_seconds_of_malformed_values_do_not_crash_the_call(fake_cuda):
