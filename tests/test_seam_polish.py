@@ -16,7 +16,7 @@ from instrument import (HEIGHT, LENGTH_SCALE, WIDTH, GaussianProcessDenoiser, in
                         posterior_mean_matrix, prior_covariance, seed_means)
 from loopui.engine import LoopRequest, generate_loop
 from loopui.engine.polish import SEAM_POLISH_PRESETS, polish_cost
-from loopui.engine.settings import SEAM_POLISH_LEVELS, knob_info
+from loopui.engine.request import SEAM_POLISH_LEVELS, knob_info
 from loopui.engine.shift import CycleDenoiser, SeamPolish, ShiftSchedule, StepState, edge_taper
 
 SEEDS = (0, 1, 2)

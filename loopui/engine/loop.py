@@ -33,7 +33,8 @@ from .noise import clean_estimate
 from .plan import LoopPlan, plan_loop
 from .polish import SEAM_POLISH_PRESETS
 from .request import LoopRequest
-from .shift import CycleDenoiser, ImageChannel, ShiftSchedule, StepState
+from .schedules import scheduled
+from .shift import CycleDenoiser, ImageChannel, ShiftSchedule, StepState, noise_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,9 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
     device = pipe._execution_device
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     schedule = ShiftSchedule(length=length, skip=skip, num_steps=steps, start=request.shift_start,
-                             end=request.shift_end, polish=SEAM_POLISH_PRESETS[request.seam_polish])
+                             end=request.shift_end, polish=SEAM_POLISH_PRESETS[request.seam_polish],
+                             noise_levels=lambda: [noise_fraction(family.level(pipe.scheduler, i))
+                                                   for i in range(steps + 1)])
     state = StepState()
 
     with _scheduler_swapped(pipe, scheduler):
@@ -339,6 +342,7 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
             for module, denoiser in zip(family.denoisers(pipe), denoisers):
                 hooks.enter_context(patch_attribute(module, "forward", denoiser))
             hooks.enter_context(family.rope_scaled(pipe, plan.rope_scale))
+            hooks.enter_context(scheduled(sched, plan.sigmas, generator))
             record_clean = image_channel is not None and image_channel.policy == "estimate"
             if conditioning is not None or record_clean:
                 hooks.enter_context(_watch_scheduler(sched, family, state, prediction_type, conditioning,

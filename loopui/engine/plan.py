@@ -40,11 +40,13 @@ class LoopPlan:
     use_dynamic_cfg: bool
     fps: int
     scheduler: Optional[str]  # a family scheduler name, None = the pipeline's own
-    flow_shift: Optional[float]  # flow-matching families only
+    flow_shift: Optional[float]  # flow-matching families only (1 with a sigma list: its values are final)
     init_strength: float  # 1 = pure noise; the clip's default is lower (it is the point of giving one)
     num_output_frames: int
     warnings: tuple[str, ...] = field(default_factory=tuple)
     notes: tuple[str, ...] = field(default_factory=tuple)  # how the request was fitted (e.g. the frame count)
+    sigmas: Optional[tuple[float, ...]] = None  # the noise level of every step (a distilled model's), None = spaced
+    step_cache: str = "off"
     # The clip as the loop uses it -- (F, H, W, 3) uint8 at the loop's frame count, fps and size -- and how it was
     # fitted; None until with_clip() read it (or without a clip).
     clip: Any = field(default=None, repr=False, compare=False)
@@ -126,7 +128,17 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
         raise ValueError(f"scheduler must be one of {', '.join(family.schedulers)} for {name} ({family.name}); "
                          f"got {scheduler!r}")
     flow_shift = None
-    if family.flow_matching:
+    sigmas = None
+    if request.sigmas is not None:
+        if not family.flow_matching:
+            raise ValueError(f"sigmas apply to flow-matching models (Wan) only; {name} uses "
+                             f"{'/'.join(family.schedulers)} timesteps: leave sigmas empty")
+        if request.flow_shift is not None:
+            raise ValueError("flow_shift does not apply with sigmas: the sigmas are the final noise levels (shift "
+                             "them yourself, or leave flow_shift empty)")
+        sigmas = tuple(float(v) for v in request.sigmas)
+        flow_shift = 1.0
+    elif family.flow_matching:
         flow_shift = request.flow_shift
         if flow_shift is None:
             small = height * width <= 480 * 832  # the shift is tuned per resolution (Wan: 3 at 480p, 5 at 720p)
@@ -146,7 +158,7 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
         init_strength=float(request.init_strength if request.init_strength is not None
                             else CLIP_INIT_STRENGTH if request.video is not None else 1.0),
         num_output_frames=decoded_frame_count(length, spec.temporal_compression, request.frame_invariant_decoding),
-        warnings=tuple(warnings),
+        warnings=tuple(warnings), sigmas=sigmas, step_cache=request.step_cache,
     )
 
 
