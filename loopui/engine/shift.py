@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -108,26 +108,47 @@ class ShiftSchedule:
     end: float = 1.0
     polish: SeamPolish = field(default_factory=SeamPolish)
     noise_levels: Optional[Callable[[], Sequence[float]]] = None
+    step_cache: bool = False  # the loop cache answers some steps without the model (loopui.engine.stepcache)
     _polished: Optional[frozenset] = field(default=None, init=False, repr=False)
+    _skipped: Optional[frozenset] = field(default=None, init=False, repr=False)
+    _sigmas: Optional[list] = field(default=None, init=False, repr=False)
 
     def shifting(self, step: int) -> bool:
         """Whether ``step`` lies in the shift window ``[start, end)`` (fractions of the schedule)."""
         return self.start * self.num_steps <= step < self.end * self.num_steps
 
     def offset(self, step: int) -> int:
-        """``o_i = (i * k) mod L`` inside the shift window, 0 outside it."""
+        """``o_i = (i * k) mod L`` inside the shift window, 0 outside it. With the loop cache ``i`` counts computed
+        steps only, so consecutive model calls see the cycle cut a shift skip apart."""
         if self.skip == 0 or self.length <= 1 or not self.shifting(step):
             return 0
+        if self.step_cache:
+            step -= sum(1 for s in self.skipped_steps() if s < step)
         return (step * self.skip) % self.length
+
+    def sigmas(self) -> Optional[list]:
+        """The noise fractions of the schedule (``num_steps + 1``), read once; None without ``noise_levels``."""
+        if self._sigmas is None and self.noise_levels is not None:
+            self._sigmas = [float(x) for x in self.noise_levels()]
+        return self._sigmas
 
     def polished_steps(self) -> frozenset[int]:
         """Every step seam polish rewrites (none for plain sampling)."""
         if self.skip == 0 or self.length <= 1:
             return frozenset()
         if self._polished is None:
-            sigmas = None if self.noise_levels is None else [float(x) for x in self.noise_levels()]
-            self._polished = self.polish.polished_steps(self.num_steps, sigmas)
+            self._polished = self.polish.polished_steps(self.num_steps, self.sigmas())
         return self._polished
+
+    def skipped_steps(self) -> frozenset[int]:
+        """The steps the loop cache answers without calling the model (none without it or without noise levels)."""
+        if self._skipped is None:
+            from .stepcache import cache_skips
+
+            sigmas = self.sigmas()
+            self._skipped = frozenset() if not self.step_cache or sigmas is None else cache_skips(
+                sigmas, self.num_steps, keep=self.polished_steps())
+        return self._skipped
 
     def polishing(self, step: int) -> bool:
         """Whether ``step`` is one of the steps that seam polish rewrites (never for plain sampling)."""
@@ -237,6 +258,7 @@ class CycleDenoiser:
         image_channel: Optional[ImageChannel] = None,
         channel_dim: int = 2,
         observe: Optional[Callable[[int, torch.Tensor, Optional[torch.Tensor]], None]] = None,
+        cache: Optional[Any] = None,
     ) -> None:
         self.forward = forward
         self.schedule = schedule
@@ -249,7 +271,9 @@ class CycleDenoiser:
         self.clip_kwargs = clip_kwargs or (lambda kwargs, frames, length: kwargs)
         self.image_channel = image_channel
         self.observe = observe
+        self.cache = cache  # a loopui.engine.stepcache.LoopStepCache, or None
         self.model_calls = 0
+        self._branch_step, self._branch = -1, 0
 
     def __call__(self, *args, **kwargs):
         if args:
@@ -263,9 +287,19 @@ class CycleDenoiser:
         noisy, condition = self._split(hidden_states)
         if self.observe is not None:
             self.observe(step, noisy, condition)
+        # Guidance branches are counted per step (Wan calls once per branch); polish rotations happen inside one call.
+        self._branch = self._branch + 1 if step == self._branch_step else 0
+        self._branch_step = step
         prediction = self.override(step, noisy, timestep) if self.override is not None else None
+        if prediction is None and self.cache is not None and step in self.schedule.skipped_steps() \
+                and self.cache.can_reuse(self._branch):
+            prediction = self.cache.reuse(self._branch, step, noisy)
         if prediction is None:
             prediction = self._predict(noisy, condition, kwargs, step)
+            if self.cache is not None:
+                length = noisy.shape[self.time_dim]
+                weights = self.cache.frame_weights(self.clips(step, length), length)
+                self.cache.store(self._branch, step, noisy, prediction, weights)
 
         if return_dict:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
