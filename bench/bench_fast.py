@@ -11,7 +11,7 @@ Two tables:
   automatic defaults (seam polish ``fast``): seam and interior ratios, model calls per step, and for the cache the
   distance to the uncached run and the lag correlation at the shift skip (ghosting).
 
-    python bench/bench_fast.py                          # speed table (21 latents, 64x64)
+    python bench/bench_fast.py                          # speed table (21 latents, 128x128)
     python bench/bench_fast.py --instrument             # + the instrument table (a few minutes on a CPU)
     python bench/bench_fast.py --smoke                  # seconds: tiny sizes, 1 repeat, 1 seed (the test runs this)
     python bench/bench_fast.py --json out.json
@@ -124,8 +124,8 @@ def instrument_markdown(rows: list[dict], seeds: list[int]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latents", type=int, default=21)
-    parser.add_argument("--size", type=int, default=64, help="height = width of the speed runs (multiple of 16)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=128, help="height = width of the speed runs (multiple of 16)")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--instrument", action="store_true", help="also the instrument's seam table")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat and seed: seconds")

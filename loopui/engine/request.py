@@ -172,7 +172,8 @@ class LoopRequest:
     seam_polish: str = _knob("fast", "Removes the small seam a loop can leave inside the cycle (where the model last "
                                      "saw it cut): the final steps blend several rotations of the cycle. Extra "
                                      "compute at 50 steps: fast +2% (one extra model pass, the default), balanced "
-                                     "+12%, strong +30%; off = the papers' exact latent-shift trajectory.",
+                                     "+12%, strong +30%; at few steps every big low-noise step is polished (4-8 "
+                                     "steps: 1.5-1.7x model calls); off = the papers' exact latent-shift trajectory.",
                              choices=SEAM_POLISH_LEVELS)
     step_cache: str = _knob("off", "Skip model calls on steps whose noise level barely changes: 'loop' reuses the "
                                    "last two computed clean estimates, each in the cycle's own frame order "
