@@ -135,13 +135,23 @@ class GaussianProcessDenoiser:
         return (v,)
 
 
+class _LiveScheduler:
+    """Whatever scheduler the pipeline holds at call time (the engine swaps in the plan's for one call)."""
+
+    def __init__(self, pipe) -> None:
+        self._pipe = pipe
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipe.scheduler, name)
+
+
 @contextmanager
 def installed(pipe, length_scale: float = LENGTH_SCALE) -> Iterator[GaussianProcessDenoiser]:
     """Replace ``pipe.transformer.forward`` by a fresh instrument for the block, then restore the real one."""
     from loopui.engine.families import family_for
 
     family = family_for(pipe)
-    instrument = GaussianProcessDenoiser(pipe.scheduler, length_scale=length_scale,
+    instrument = GaussianProcessDenoiser(_LiveScheduler(pipe), length_scale=length_scale,
                                          out_channels=int(pipe.transformer.config.out_channels),
                                          time_dim=family.time_dim, flow=family.flow_matching)
     had = "forward" in pipe.transformer.__dict__
@@ -166,14 +176,44 @@ class Measurement:
     model_calls: int
     frames_seen: int
     seconds: float
+    latents: Optional[torch.Tensor] = None  # (T, ...) final latents, time first
+    shift_skip: int = 0
+
+    def lag_correlation(self, lag: Optional[int] = None) -> float:
+        """See :func:`lag_correlation` (at the shift skip by default)."""
+        return lag_correlation(self.latents, self.shift_skip if lag is None else lag)
+
+    def relative_error(self, other: "Measurement") -> float:
+        """See :func:`relative_error`."""
+        return relative_error(self.latents, other.latents)
+
+
+def lag_correlation(latents: torch.Tensor, lag: int) -> float:
+    """Pearson correlation of a loop ``(T, ...)`` with itself rotated by ``lag`` frames around the cycle.
+
+    A cache that reuses a prediction made in another rotation's frame order leaves a copy of the loop shifted by the
+    shift skip on top of it (ghosting, a double exposure); an exact sample of the prior is uncorrelated at that lag
+    (``exp(-lag^2 / (2 l^2))``: 0.004 at lag 10, l = 3). Seam ratios do not see it.
+    """
+    x = latents.double().flatten(1)
+    y = torch.roll(x, shifts=-int(lag), dims=0)
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()))
+
+
+def relative_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||latents - reference|| / ||reference||`` (how far a cached run lands from the uncached one)."""
+    return float((latents.double() - reference.double()).norm() / reference.double().norm())
 
 
 def measure(pipe, num_latents: int = 13, seed: int = 0, shift_skip: Optional[int] = None, seam_polish: str = "off",
             window_mode: str = "full", num_inference_steps: int = 50, length_scale: float = LENGTH_SCALE,
-            height: int = HEIGHT, width: int = WIDTH, polish=None) -> Measurement:
+            height: int = HEIGHT, width: int = WIDTH, polish=None, scheduler: Optional[str] = None,
+            sigmas=None, step_cache: str = "off") -> Measurement:
     """One loop generation on the instrument; ``shift_skip=0`` is plain sampling.
 
-    ``polish`` (a ``SeamPolish``) overrides the ``seam_polish`` preset for sweeps.
+    ``polish`` (a ``SeamPolish``) overrides the ``seam_polish`` preset for sweeps; ``scheduler``, ``sigmas`` and
+    ``step_cache`` are the request's knobs.
     """
     from loopui.engine import LoopRequest, generate_loop
     from loopui.engine import polish as polish_module
@@ -182,17 +222,19 @@ def measure(pipe, num_latents: int = 13, seed: int = 0, shift_skip: Optional[int
     request = LoopRequest(prompt="gaussian process", num_frames=4 * (num_latents - 1) + 1, height=height,
                           width=width, num_inference_steps=num_inference_steps, guidance_scale=1.0, seed=seed,
                           shift_skip=shift_skip, window_mode=window_mode, seam_polish=seam_polish,
-                          frame_invariant_decoding=False)
+                          frame_invariant_decoding=False, scheduler=scheduler, sigmas=sigmas, step_cache=step_cache)
     with installed(pipe, length_scale) as instrument, _preset(polish_module, seam_polish, polish):
         start = time.perf_counter()
         result = generate_loop(pipe, request, output_type="latent")
         seconds = time.perf_counter() - start
     from loopui.engine.families import family_for
 
-    metrics = loop_metrics(family_for(pipe).time_first(result.latents))
+    latents = family_for(pipe).time_first(result.latents)
+    metrics = loop_metrics(latents)
     return Measurement(seam_ratio=float(metrics.seam_ratio), interior_ratio=float(metrics.interior_ratio),
                        worst_step=tuple(metrics.worst_interior_step), model_calls=int(result.settings["model_calls"]),
-                       frames_seen=instrument.frames_seen, seconds=seconds)
+                       frames_seen=instrument.frames_seen, seconds=seconds, latents=latents,
+                       shift_skip=int(result.plan.shift_skip))
 
 
 @contextmanager

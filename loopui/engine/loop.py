@@ -33,7 +33,9 @@ from .noise import clean_estimate
 from .plan import LoopPlan, plan_loop
 from .polish import SEAM_POLISH_PRESETS
 from .request import LoopRequest
-from .shift import CycleDenoiser, ImageChannel, ShiftSchedule, StepState
+from .schedules import scheduled
+from .stepcache import LoopStepCache, check_no_diffusers_cache
+from .shift import CycleDenoiser, ImageChannel, ShiftSchedule, StepState, noise_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +274,7 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
             raise ValueError("pass either a request or the plan made of it (plan.request), not a different request")
         if plan.spec.family != family.name:
             raise ValueError(f"the plan was made for a {plan.spec.family} model, not for this {family.name} pipeline")
+    check_no_diffusers_cache(pipe, family.denoisers(pipe), plan.shift_skip)
     plan = plan.with_clip()
     request, spec = plan.request, plan.spec
     length, skip = plan.num_latents, plan.shift_skip
@@ -289,7 +292,10 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
     device = pipe._execution_device
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     schedule = ShiftSchedule(length=length, skip=skip, num_steps=steps, start=request.shift_start,
-                             end=request.shift_end, polish=SEAM_POLISH_PRESETS[request.seam_polish])
+                             end=request.shift_end, polish=SEAM_POLISH_PRESETS[request.seam_polish],
+                             noise_levels=lambda: [noise_fraction(family.level(pipe.scheduler, i))
+                                                   for i in range(steps + 1)],
+                             step_cache=plan.step_cache == "loop")
     state = StepState()
 
     with _scheduler_swapped(pipe, scheduler):
@@ -319,7 +325,9 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
                     cond, condition[0], condition[1])
         denoisers = [CycleDenoiser(module.forward, schedule, state, time_dim=family.time_dim,
                                    channel_dim=family.channel_dim, window=window, override=override,
-                                   clip_kwargs=family.clip_kwargs, image_channel=image_channel, observe=observe)
+                                   clip_kwargs=family.clip_kwargs, image_channel=image_channel, observe=observe,
+                                   cache=None if plan.step_cache != "loop" else LoopStepCache(
+                                       lambda i: family.level(sched, i), prediction_type, family.time_dim))
                      for module in family.denoisers(pipe)]
 
         def on_step_end(pipeline, i: int, t, kwargs: dict) -> dict:
@@ -349,6 +357,7 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
                 hooks.enter_context(patch_attribute(module, "forward", denoiser))
                 hooks.enter_context(cancel_checkpoint(transformer_blocks(module), cancel_event, stop_in_call))
             hooks.enter_context(family.rope_scaled(pipe, plan.rope_scale))
+            hooks.enter_context(scheduled(sched, plan.sigmas, generator))
             record_clean = image_channel is not None and image_channel.policy == "estimate"
             if conditioning is not None or record_clean:
                 hooks.enter_context(_watch_scheduler(sched, family, state, prediction_type, conditioning,

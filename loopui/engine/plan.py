@@ -44,7 +44,7 @@ class LoopPlan:
     use_dynamic_cfg: bool
     fps: int
     scheduler: Optional[str]  # a family scheduler name, None = the pipeline's own
-    flow_shift: Optional[float]  # flow-matching families only
+    flow_shift: Optional[float]  # flow-matching families only (1 with a sigma list: its values are final)
     init_strength: float  # 1 = pure noise; the clip's default is lower (it is the point of giving one)
     num_output_frames: int
     num_inference_steps: int = 50
@@ -54,6 +54,8 @@ class LoopPlan:
     image_channel: Optional[str] = None  # what the I2V conditioning carries per clip; None without I2V
     warnings: tuple[str, ...] = field(default_factory=tuple)
     notes: tuple[str, ...] = field(default_factory=tuple)  # how the request was fitted (e.g. the frame count)
+    sigmas: Optional[tuple[float, ...]] = None  # the noise level of every step (a distilled model's), None = spaced
+    step_cache: str = "off"
     # The clip as the loop uses it -- (F, H, W, 3) uint8 at the loop's frame count, fps and size -- and how it was
     # fitted; None until with_clip() read it (or without a clip).
     clip: Any = field(default=None, repr=False, compare=False)
@@ -208,7 +210,17 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
         raise ValueError(f"scheduler must be one of {', '.join(family.schedulers)} for {name} ({family.name}); "
                          f"got {scheduler!r}")
     flow_shift = None
-    if family.flow_matching:
+    sigmas = None
+    if request.sigmas is not None:
+        if not family.flow_matching:
+            raise ValueError(f"sigmas apply to flow-matching models (Wan) only; {name} uses "
+                             f"{'/'.join(family.schedulers)} timesteps: leave sigmas empty")
+        if request.flow_shift is not None:
+            raise ValueError("flow_shift does not apply with sigmas: the sigmas are the final noise levels (shift "
+                             "them yourself, or leave flow_shift empty)")
+        sigmas = tuple(float(v) for v in request.sigmas)
+        flow_shift = 1.0
+    elif family.flow_matching:
         flow_shift = request.flow_shift
         if flow_shift is None:
             small = height * width <= 480 * 832  # the shift is tuned per resolution (Wan: 3 at 480p, 5 at 720p)
@@ -220,7 +232,8 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
                            else spec.guidance_scale_2 if spec.guidance_scale_2 is not None else guidance)
     dynamic = spec.use_dynamic_cfg if request.use_dynamic_cfg is None else bool(request.use_dynamic_cfg)
     image_to_video, pipeline_class, image_channel = resolve_image_mode(request, spec)
-    steps = int(request.num_inference_steps or spec.num_inference_steps)
+    # Steps left empty: a sigma list's length, else the model's own.
+    steps = int(request.num_inference_steps or (len(sigmas) if sigmas else spec.num_inference_steps))
     init_strength = float(request.init_strength if request.init_strength is not None
                           else CLIP_INIT_STRENGTH if request.video is not None else 1.0)
     warnings += _clip_warning(request, spec, length, init_strength, steps)
@@ -236,7 +249,7 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
         num_output_frames=decoded_frame_count(length, spec.temporal_compression, request.frame_invariant_decoding),
         num_inference_steps=steps, negative_prompt=request.negative_prompt or spec.negative_prompt,
         image_to_video=image_to_video, pipeline_class=pipeline_class, image_channel=image_channel,
-        warnings=tuple(warnings),
+        warnings=tuple(warnings), sigmas=sigmas, step_cache=request.step_cache,
     )
 
 

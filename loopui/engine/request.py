@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 WINDOW_MODES = ("full", "window")
-# CogVideoX: DDIM / DPM (v-prediction); Wan: UniPC / Euler (flow matching). A family refuses the others.
-SCHEDULERS = ("ddim", "dpm", "unipc", "euler")
+# CogVideoX: DDIM / DPM (v-prediction); Wan: UniPC / Euler / LCM (flow matching). A family refuses the others.
+# "lcm" is the few-step sampler of distilled models: the model's clean estimate, re-noised to the next level.
+SCHEDULERS = ("ddim", "dpm", "unipc", "euler", "lcm")
 IMAGE_CHANNELS = ("estimate", "image", "roll")
 SEAM_POLISH_LEVELS = ("off", "fast", "balanced", "strong")
+STEP_CACHES = ("off", "loop")
 MOTION_REGIONS = ("object", "background", "everything")
 
 
@@ -159,9 +161,16 @@ class LoopRequest:
                                                  "so the loop has no doubled or odd first frame.")
     fps: Optional[int] = _knob(None, "Playback frames per second of the exported loop; empty = the model's "
                                      "(8 CogVideoX, 16 Wan 2.1, 24 Wan 2.2 5B).", 1, 60, step=1)
-    scheduler: Optional[str] = _knob(None, "Sampler: 'ddim' or 'dpm' for CogVideoX (trailing timesteps), 'unipc' or "
-                                           "'euler' for Wan (flow matching); empty = the model's recommendation.",
-                                     choices=SCHEDULERS)
+    scheduler: Optional[str] = _knob(None, "Sampler: 'ddim' or 'dpm' for CogVideoX (trailing timesteps), 'unipc', "
+                                           "'euler' or 'lcm' for Wan (flow matching; 'lcm' re-noises the model's "
+                                           "clean estimate at every step, the sampler of 4-step distilled models); "
+                                           "empty = the model's recommendation.", choices=SCHEDULERS)
+    sigmas: Optional[tuple] = field(default=None, metadata={
+        "help": "Flow-matching models only: the noise levels the model is called at, one per step, from 1 down "
+                "(final values: no flow shift is applied to them), e.g. 1,0.9375,0.8333,0.625 for a 4-step "
+                "distilled Wan (lightx2v: timesteps 1000,750,500,250 at shift 5); as many as the steps; empty = "
+                "the scheduler's own spacing.", "min": 0.0, "max": 1.0, "choices": None, "step": None,
+        "list": float})
     flow_shift: Optional[float] = _knob(None, "Flow-matching shift of the noise schedule (Wan only): higher spends "
                                               "more of the steps at high noise; empty = the model's recommendation "
                                               "(3 at 480p, 5 at 720p; 12 for Wan 2.2 T2V-A14B).", 0.5, 20.0,
@@ -169,8 +178,14 @@ class LoopRequest:
     seam_polish: str = _knob("fast", "Removes the small seam a loop can leave inside the cycle (where the model last "
                                      "saw it cut): the final steps blend several rotations of the cycle. Extra "
                                      "compute at 50 steps: fast +2% (one extra model pass, the default), balanced "
-                                     "+12%, strong +30%; off = the papers' exact latent-shift trajectory.",
+                                     "+12%, strong +30%; at few steps every big low-noise step is polished (4-8 "
+                                     "steps: 1.5-1.7x model calls); off = the papers' exact latent-shift trajectory.",
                              choices=SEAM_POLISH_LEVELS)
+    step_cache: str = _knob("off", "Skip model calls on steps whose noise level barely changes: 'loop' reuses the "
+                                   "last two computed clean estimates, each in the cycle's own frame order "
+                                   "(never another rotation's), blended by where each clip saw the frame; about a "
+                                   "third fewer model calls at 50 steps, none skipped at few steps. 'off' = every "
+                                   "step calls the model.", choices=STEP_CACHES)
     # Reference-image mode (all inert without an image).
     image: Any = field(default=None, metadata={"help": "Reference image (path, PIL image or HxWx3 array): the loop "
                                                        "starts and ends on it.", "json": False})
@@ -222,7 +237,7 @@ class LoopRequest:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None or isinstance(value, (str, bool)) or not isinstance(value, (int, float)):
-                continue
+                continue  # (sigmas, a list, is checked on its own below)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value!r}")
             lo, hi = f.metadata.get("min"), f.metadata.get("max")
@@ -236,6 +251,8 @@ class LoopRequest:
                 raise ValueError(f"{name} must be a multiple of 16, got {value!r}")
         if self.shift_start > self.shift_end:
             raise ValueError(f"shift_start must not exceed shift_end, got {self.shift_start!r} > {self.shift_end!r}")
+        if self.sigmas is not None:
+            check_sigmas(self.sigmas, self.num_inference_steps)
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -254,6 +271,39 @@ class LoopRequest:
             out[f.name] = value
         return out
 
+
+
+def check_sigmas(sigmas: Any, num_inference_steps: Optional[int]) -> tuple[float, ...]:
+    """A sigma list as floats: one per step (any count while the steps are automatic: the list sets them), strictly
+    decreasing, within (0, 1]; ``ValueError`` naming ``sigmas``."""
+    if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
+        raise ValueError(f"sigmas must be a list of numbers, got {sigmas!r}")
+    values = tuple(real_number("sigmas", v) for v in sigmas)
+    if not values:
+        raise ValueError("sigmas must hold at least one noise level")
+    if num_inference_steps is not None and len(values) != num_inference_steps:
+        raise ValueError(f"sigmas must have one value per step: {len(values)} given for num_inference_steps "
+                         f"{num_inference_steps}")
+    if any(not 0.0 < v <= 1.0 for v in values):
+        raise ValueError(f"sigmas must lie in (0, 1], got {list(values)}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"sigmas must decrease from step to step, got {list(values)}")
+    return values
+
+
+def parse_sigmas(value: Any) -> Optional[tuple[float, ...]]:
+    """``"1, 0.94, 0.83"`` or a list of numbers as a tuple of floats (None for an empty value); ``ValueError``
+    naming ``sigmas`` for text that is not a list of numbers."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().strip("[]()")
+        if text.lower() in ("", "auto"):
+            return None
+        value = [part for part in text.replace(",", " ").split()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"sigmas must be a list of numbers, got {value!r}")
+    return tuple(real_number("sigmas", v) for v in value)
 
 
 def _field_kinds() -> tuple[dict[str, type], frozenset[str]]:
@@ -293,6 +343,9 @@ def request_from_values(values: Mapping[str, Any]) -> LoopRequest:
     data: dict[str, Any] = {}
     for name, value in values.items():
         kind = _FIELD_KINDS.get(name)
+        if name == "sigmas":
+            data[name] = parse_sigmas(value)
+            continue
         if name in TEXT_FIELDS:
             value = "" if value is None else value
         elif isinstance(value, str):

@@ -10,24 +10,42 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 
+# Below this noise fraction a prediction is nearly the identity (Euler's last call on a flow schedule sits at
+# sigma ~ 0.009): the model's view of the cycle cannot leave a seam there, so polishing it buys nothing.
+INFORMATIVE_SIGMA = 0.02
+
+
+def noise_fraction(level) -> float:
+    """The flow-matching sigma with the same signal-to-noise ratio as ``x = a x0 + s noise``: ``s / (a + s)``.
+
+    1 is pure noise, 0 clean; for a flow-matching scheduler (``a = 1 - sigma``, ``s = sigma``) it is sigma itself,
+    so one polish rule serves DDPM-style (CogVideoX) and flow-matching (Wan) schedules alike."""
+    a, s = float(level.a), float(level.s)
+    return s / (a + s) if a + s > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class SeamPolish:
     """Remove the seam the last steps leave where the model saw the cycle cut.
 
-    During the last ``fraction`` of the steps (at least the final step) the prediction combines ``num_offsets``
-    evenly spaced rotations of the cycle instead of one. With ``feather > 0`` each clip the model saw (the rotated
-    cycle, or each wrapping window of it) counts with a weight that fades towards the clip's two ends,
-    ``(distance to the nearer end / half the clip) ** feather``: a frame next to one rotation's cut is taken from the
-    rotations that saw it in the middle of their clip, where the model had context on both sides. ``feather = 0``
-    is a plain mean. Measured on an exact toy denoiser (docs/seam_polish.md): the seam is made at the final step, so
-    feathering two rotations there removes it; equal weights need many more rotations for less.
+    Polished steps combine ``num_offsets`` evenly spaced rotations of the cycle instead of one. With ``feather > 0``
+    each clip the model saw (the rotated cycle, or each wrapping window of it) counts with a weight that fades
+    towards the clip's two ends, ``(distance to the nearer end / half the clip) ** feather``: a frame next to one
+    rotation's cut is taken from the rotations that saw it in the middle of their clip, where the model had context
+    on both sides. ``feather = 0`` is a plain mean. Measured on an exact toy denoiser (docs/seam_polish.md).
+
+    Which steps are polished is chosen by noise level when the schedule's levels are known (``polished_steps``):
+    every informative step (noise fraction at least ``INFORMATIVE_SIGMA``) that is no noisier than ``max_sigma``
+    and lowers the noise fraction by at least ``min_drop`` -- the big steps of a few-step schedule, where one cut
+    is not healed by the steps after it -- plus the last ``fraction`` of the informative steps (at least the last
+    one, where the seam of a long schedule forms). Without levels, the last ``fraction`` of all steps.
 
     ``spread=True`` uses one rotation per step (the evenly spaced set is walked across consecutive steps) instead of
     all of them at every step: no extra compute, but it leaves the final step's cut in place (it does not help).
@@ -37,6 +55,8 @@ class SeamPolish:
     fraction: float = 0.0
     spread: bool = False
     feather: float = 0.0
+    max_sigma: float = 1.0
+    min_drop: float = math.inf
 
     @property
     def active(self) -> bool:
@@ -49,6 +69,20 @@ class SeamPolish:
             return 0
         return min(num_steps, max(1, round(self.fraction * num_steps)))
 
+    def polished_steps(self, num_steps: int, sigmas: Optional[Sequence[float]] = None) -> frozenset[int]:
+        """The steps this polish rewrites. ``sigmas``: the noise fraction (:func:`noise_fraction`) before each step
+        and after the last one (``num_steps + 1`` values); None = unknown, the last ``fraction`` of the steps."""
+        if not self.active or num_steps <= 0:
+            return frozenset()
+        if sigmas is None or len(sigmas) < num_steps + 1:
+            return frozenset(range(num_steps - self.num_polish_steps(num_steps), num_steps))
+        informative = [i for i in range(num_steps) if sigmas[i] >= INFORMATIVE_SIGMA]
+        if not informative:
+            return frozenset({num_steps - 1})
+        final = informative[-self.num_polish_steps(len(informative)):]
+        big = [i for i in informative if sigmas[i] <= self.max_sigma and sigmas[i] - sigmas[i + 1] >= self.min_drop]
+        return frozenset(final + big)
+
 
 def edge_taper(size: int, power: float, device=None) -> torch.Tensor:
     """``(size,)`` float32 weights ``(d / d_max) ** power`` with ``d`` the distance of a frame from the clip's nearer
@@ -60,7 +94,12 @@ def edge_taper(size: int, power: float, device=None) -> torch.Tensor:
 
 @dataclass
 class ShiftSchedule:
-    """Which rotations of the cycle the model sees at each denoising step."""
+    """Which rotations of the cycle the model sees at each denoising step.
+
+    ``noise_levels`` (optional) returns the noise fraction before each step and after the last (``num_steps + 1``
+    values); it is read once, at the first question about polishing (a pipeline sets its timesteps inside its call),
+    so the polished steps follow the noise schedule rather than a fraction of it.
+    """
 
     length: int
     skip: int
@@ -68,22 +107,52 @@ class ShiftSchedule:
     start: float = 0.0
     end: float = 1.0
     polish: SeamPolish = field(default_factory=SeamPolish)
+    noise_levels: Optional[Callable[[], Sequence[float]]] = None
+    step_cache: bool = False  # the loop cache answers some steps without the model (loopui.engine.stepcache)
+    _polished: Optional[frozenset] = field(default=None, init=False, repr=False)
+    _skipped: Optional[frozenset] = field(default=None, init=False, repr=False)
+    _sigmas: Optional[list] = field(default=None, init=False, repr=False)
 
     def shifting(self, step: int) -> bool:
         """Whether ``step`` lies in the shift window ``[start, end)`` (fractions of the schedule)."""
         return self.start * self.num_steps <= step < self.end * self.num_steps
 
     def offset(self, step: int) -> int:
-        """``o_i = (i * k) mod L`` inside the shift window, 0 outside it."""
+        """``o_i = (i * k) mod L`` inside the shift window, 0 outside it. With the loop cache ``i`` counts computed
+        steps only, so consecutive model calls see the cycle cut a shift skip apart."""
         if self.skip == 0 or self.length <= 1 or not self.shifting(step):
             return 0
+        if self.step_cache:
+            step -= sum(1 for s in self.skipped_steps() if s < step)
         return (step * self.skip) % self.length
 
-    def polishing(self, step: int) -> bool:
-        """Whether ``step`` is one of the final steps that seam polish rewrites (never for plain sampling)."""
+    def sigmas(self) -> Optional[list]:
+        """The noise fractions of the schedule (``num_steps + 1``), read once; None without ``noise_levels``."""
+        if self._sigmas is None and self.noise_levels is not None:
+            self._sigmas = [float(x) for x in self.noise_levels()]
+        return self._sigmas
+
+    def polished_steps(self) -> frozenset[int]:
+        """Every step seam polish rewrites (none for plain sampling)."""
         if self.skip == 0 or self.length <= 1:
-            return False
-        return step >= self.num_steps - self.polish.num_polish_steps(self.num_steps)
+            return frozenset()
+        if self._polished is None:
+            self._polished = self.polish.polished_steps(self.num_steps, self.sigmas())
+        return self._polished
+
+    def skipped_steps(self) -> frozenset[int]:
+        """The steps the loop cache answers without calling the model (none without it or without noise levels)."""
+        if self._skipped is None:
+            from .stepcache import cache_skips
+
+            sigmas = self.sigmas()
+            self._skipped = frozenset() if not self.step_cache or sigmas is None else cache_skips(
+                sigmas, self.num_steps, keep=self.polished_steps())
+        return self._skipped
+
+    def polishing(self, step: int) -> bool:
+        """Whether ``step`` is one of the steps that seam polish rewrites (never for plain sampling)."""
+        return step in self.polished_steps()
 
     def offsets(self, step: int) -> list[int]:
         """Every rotation whose predictions are combined at ``step`` (one, unless seam polish is active)."""
@@ -93,8 +162,7 @@ class ShiftSchedule:
         m = max(1, min(self.polish.num_offsets, self.length))
         spaced = [(base + round(j * self.length / m)) % self.length for j in range(m)]
         if self.polish.spread:
-            first_polish = self.num_steps - self.polish.num_polish_steps(self.num_steps)
-            return [spaced[(step - first_polish) % m]]
+            return [spaced[sorted(self.polished_steps()).index(step) % m]]
         return list(dict.fromkeys(spaced))
 
     def feather(self, step: int) -> float:
@@ -190,6 +258,7 @@ class CycleDenoiser:
         image_channel: Optional[ImageChannel] = None,
         channel_dim: int = 2,
         observe: Optional[Callable[[int, torch.Tensor, Optional[torch.Tensor]], None]] = None,
+        cache: Optional[Any] = None,
     ) -> None:
         self.forward = forward
         self.schedule = schedule
@@ -202,7 +271,9 @@ class CycleDenoiser:
         self.clip_kwargs = clip_kwargs or (lambda kwargs, frames, length: kwargs)
         self.image_channel = image_channel
         self.observe = observe
+        self.cache = cache  # a loopui.engine.stepcache.LoopStepCache, or None
         self.model_calls = 0
+        self._branch_step, self._branch = -1, 0
 
     def __call__(self, *args, **kwargs):
         if args:
@@ -216,9 +287,19 @@ class CycleDenoiser:
         noisy, condition = self._split(hidden_states)
         if self.observe is not None:
             self.observe(step, noisy, condition)
+        # Guidance branches are counted per step (Wan calls once per branch); polish rotations happen inside one call.
+        self._branch = self._branch + 1 if step == self._branch_step else 0
+        self._branch_step = step
         prediction = self.override(step, noisy, timestep) if self.override is not None else None
+        if prediction is None and self.cache is not None and step in self.schedule.skipped_steps() \
+                and self.cache.can_reuse(self._branch):
+            prediction = self.cache.reuse(self._branch, step, noisy)
         if prediction is None:
             prediction = self._predict(noisy, condition, kwargs, step)
+            if self.cache is not None:
+                length = noisy.shape[self.time_dim]
+                weights = self.cache.frame_weights(self.clips(step, length), length)
+                self.cache.store(self._branch, step, noisy, prediction, weights)
 
         if return_dict:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput

@@ -15,7 +15,8 @@
   the image sits in the first latent of the condition, the mask marks it.
 - The causal VAE (``AutoencoderKLWan``) decodes the first latent into 1 frame and every other into 4; latents are
   normalised with the VAE config's ``latents_mean`` / ``latents_std``.
-- Schedulers: UniPC (the pipelines' own, flow prediction with ``flow_shift``) or flow-matching Euler.
+- Schedulers: UniPC (the pipelines' own, flow prediction with ``flow_shift``), flow-matching Euler, or LCM (re-noising:
+  distilled few-step models); any of them can run a plan's own sigma list.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class WanFamily(Family, WanFacts):
     time_dim = 2
     channel_dim = 1
     flow_matching = True
-    schedulers = ("unipc", "euler")
+    schedulers = ("unipc", "euler", "lcm")
     context_parallel = True  # WanTransformer3DModel has a _cp_plan in diffusers 0.42
 
     def latent_channels(self, pipe: Any) -> int:
@@ -60,7 +61,7 @@ class WanFamily(Family, WanFacts):
         return "flow_prediction"
 
     def build_scheduler(self, name: str, config: Any, flow_shift: Optional[float] = None) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+        from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, UniPCMultistepScheduler
 
         shift = flow_shift if flow_shift is not None else config.get("flow_shift", 1.0)
         if name == "unipc":
@@ -69,6 +70,11 @@ class WanFamily(Family, WanFacts):
         if name == "euler":
             return FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
                                                    shift=float(shift))
+        if name == "lcm":
+            # The sampler of distilled Wan models (CausVid / Self-Forcing, lightx2v's first release): the model's clean
+            # estimate, re-noised with fresh noise to the next level.
+            return FlowMatchLCMScheduler(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                                         shift=float(shift))
         raise ValueError(f"scheduler must be one of {', '.join(self.schedulers)} for Wan; got {name!r}")
 
     def pipeline_for(self, pipe: Any, pipeline_class: str) -> Any:
