@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from loopui.models.lora import active_loras
+
 from .conditioning import ImageConditioning, mask_to_latent_grid
 from .decode import decode_cycle, video_to_uint8
 from .families import Family, family_for
@@ -84,6 +86,7 @@ class LoopResult:
             init_strength=plan.init_strength, model_calls=self.model_calls,
             num_inference_steps=plan.num_inference_steps, negative_prompt=plan.negative_prompt,
             image_channel=plan.image_channel,  # None: inert without image-to-video conditioning
+            loras=[lora.record() for lora in plan.lora_files or ()],  # each with its file's sha256
         )
         if plan.request.video is not None:
             settings["anchor_strength"] = 0.0  # inert with a clip: its first frame may change too
@@ -267,7 +270,7 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
             raise ValueError("pass either a request or the plan made of it (plan.request), not a different request")
         if plan.spec.family != family.name:
             raise ValueError(f"the plan was made for a {plan.spec.family} model, not for this {family.name} pipeline")
-    plan = plan.with_clip()
+    plan = plan.with_clip().with_loras()
     request, spec = plan.request, plan.spec
     length, skip = plan.num_latents, plan.shift_skip
     for message in plan.warnings:
@@ -287,7 +290,9 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
                              end=request.shift_end, polish=SEAM_POLISH_PRESETS[request.seam_polish])
     state = StepState()
 
-    with _scheduler_swapped(pipe, scheduler):
+    # The request's LoRAs, exactly, before any forward is wrapped (loading one re-installs offload hooks) and inside
+    # this call's pipeline lock, so no other call sees them.
+    with _scheduler_swapped(pipe, scheduler), active_loras(pipe, plan.lora_files):
         sched = pipe.scheduler
         dtype = family.transformer_dtype(pipe)
         prediction_type = family.prediction_type(sched)
