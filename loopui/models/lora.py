@@ -460,9 +460,12 @@ def reset_loras(pipe: Any) -> None:
 
 def unload_loras(pipe: Any) -> None:
     """Back to the stock model and every adapter deleted (when the model is released)."""
-    with _STATES_LOCK:
-        state = _STATES.get(getattr(pipe, "transformer", None)) if getattr(pipe, "transformer", None) is not None \
-            else None
+    transformer = getattr(pipe, "transformer", None)
+    try:
+        with _STATES_LOCK:
+            state = _STATES.get(transformer)
+    except TypeError:  # not weak-referenceable: never had a LoRA state
+        return
     if state is None:
         return
     reset_loras(pipe)
