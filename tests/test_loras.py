@@ -188,9 +188,10 @@ def test_a_faithful_wan_takes_a_kohya_lora_in_a_loop(tmp_path):
     from loopui.testing.faithful import build_faithful_pipeline
 
     model = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-    path = write_lora(build_faithful_pipeline(model).transformer, tmp_path / "k.safetensors", "kohya", seed=4)
+    manual = build_faithful_pipeline(model)
+    path = write_lora(manual.transformer, tmp_path / "k.safetensors", "kohya", seed=4)
     request = dict(prompt="a koi pond", height=32, width=32, num_frames=9, num_inference_steps=2)
-    manual = _stock_with_lora(build_faithful_pipeline(model), path, 0.6)
+    manual = _stock_with_lora(manual, path, 0.6)
     expected = generate_loop(manual, LoopRequest(**request), output_type="latent")
     loop = generate_loop(build_faithful_pipeline(model), LoopRequest(**request, loras=[f"{path}:0.6"]),
                          output_type="latent")
@@ -253,6 +254,20 @@ def test_requests_on_one_pipeline_never_see_each_others_adapters(cog_loras):
             assert torch.equal(latents, fresh[name]), name
     assert fused == [False, False, False, False, True, False, False]  # a set is folded in on its second request
     assert len(lora_status(pipe)["loaded"]) == 2  # each file loaded once
+
+
+def test_single_set_fusing_keeps_no_copy_and_unfolds_by_subtraction(cog_loras, caplog):
+    from loopui.models.lora import _state, set_fuse_policy
+
+    pipe = _cog()
+    set_fuse_policy(pipe, "single")  # the CLI's: one set per process
+    plain = generate_loop(_cog(), LoopRequest(**COG), output_type="latent").latents
+    generate_loop(pipe, LoopRequest(**COG, loras=[str(cog_loras["a"])]), output_type="latent")
+    assert lora_status(pipe)["fused"] is not None and not _state(pipe).stash  # folded at once, no copy
+    with caplog.at_level("WARNING", logger="loopui.models.lora"):
+        after = generate_loop(pipe, LoopRequest(**COG), output_type="latent").latents
+    assert "come back up to rounding" in caplog.text
+    torch.testing.assert_close(after, plain, rtol=0, atol=1e-4)
 
 
 def test_concurrent_requests_with_different_loras_take_turns(cog_loras):

@@ -235,8 +235,9 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
                                        callback=progress, plan=plan)
 
         # 3. Generate and write the files (a CUDA out-of-memory error is retried once with more offloading)
-        # One request per process: a LoRA set is folded into the weights at once (nothing to switch back to).
-        manager = ModelManager(device=device, offload=offload, lora_fuse="always")
+        # One request per process: a LoRA set is folded into the weights at once, no copy kept (nothing to switch
+        # back to).
+        manager = ModelManager(device=device, offload=offload, lora_fuse="single")
         start = time.perf_counter()
         loaded, render = manager.run(args.model, work, dtype=args.dtype, progress=on_load)
         if parallel is not None and not parallel.is_main:

@@ -14,7 +14,9 @@ is deleted first, and they all go when the model is released (``unload_loras``).
 Fusing (``fuse_lora``) folds a set into the weights so the LoRA costs nothing per step. A set is fused once it
 serves a second request in a row (policy ``auto``; ``always`` fuses at once, ``never`` not at all); the weights it
 changes are kept on the CPU first, so switching to another set puts back the exact original weights (an unfuse
-by subtraction would leave rounding residue in bf16 -- another request would see it).
+by subtraction would leave rounding residue in bf16 -- another request would see it). ``single`` is for a process
+that serves one set (the CLI): folded at once and no copy kept (a 14B model's copy is many GB of RAM); should
+another set come after all, the set is unfolded by subtraction, with a warning.
 
 Every function that changes adapters must run under the engine's pipeline lock (``generate_loop`` calls
 :func:`active_loras` inside it): adapters are module state shared by every call on the pipeline.
@@ -39,7 +41,7 @@ from loopui.messages import REASON_LIMIT, one_line
 logger = logging.getLogger(__name__)
 
 LORA_SUFFIX = ".safetensors"
-FUSE_POLICIES = ("auto", "always", "never")
+FUSE_POLICIES = ("auto", "always", "never", "single")
 MAX_ADAPTERS = 8  # per denoiser; a LoRA of a 14B model is 0.1-1 GB
 # diffusers' default file name in a LoRA repo (diffusers.loaders.lora_base.LORA_WEIGHT_NAME_SAFE)
 HUB_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -192,7 +194,7 @@ def guess_lora_target(shapes: Mapping[str, Sequence[int]]) -> tuple[Optional[str
             what += " (image-to-video)"
         return "wan", what
     if "transformer_blocks" in text and "attn1" in text and "attn2" not in text:
-        dim = inner_dim(("attn1.to_q",))
+        dim = inner_dim(("attn1.to_q", "attn1_to_q"))
         return "cogvideox", _COG_SIZES.get(dim, f"a CogVideoX model of width {dim}" if dim else "a CogVideoX model")
     return None, None
 
@@ -276,8 +278,8 @@ def _state(pipe: Any) -> _State:
 
 
 def set_fuse_policy(pipe: Any, policy: str) -> None:
-    """How ``pipe``'s LoRA sets are fused: ``auto`` (once a set serves a second request in a row), ``always`` or
-    ``never``."""
+    """How ``pipe``'s LoRA sets are fused: ``auto`` (once a set serves a second request in a row), ``always``,
+    ``never`` or ``single`` (at once, no copy of the original weights kept: a process serving one set)."""
     if policy not in FUSE_POLICIES:
         raise ValueError(f"lora_fuse must be one of {', '.join(FUSE_POLICIES)}; got {policy!r}")
     _state(pipe).fuse = policy
@@ -366,7 +368,7 @@ def _fuse(pipe: Any, state: _State, wanted: Mapping[str, list[tuple[str, float]]
     for component, entries in wanted.items():
         module = getattr(pipe, component)
         adapters = [a for a, _ in entries]
-        for name, layer in _lora_layers(module, adapters):
+        for name, layer in _lora_layers(module, adapters) if state.fuse != "single" else ():
             base = layer.get_base_layer()
             for pname in ("weight", "bias"):
                 tensor = getattr(base, pname, None)
@@ -381,7 +383,10 @@ def _unfuse(pipe: Any, state: _State) -> None:
     """Unfold the fused set and put the exact original weights back."""
     import torch
 
-    for component in {c for c, _, _ in state.stash}:
+    if not state.stash:
+        logger.warning("unfolding a LoRA set fused without a copy of the original weights (lora_fuse 'single'): "
+                       "the weights come back up to rounding")
+    for component in {c for c, _, _ in state.fused}:
         getattr(pipe, component).unfuse_lora()
     with torch.no_grad():
         for (component, name, pname), original in state.stash.items():
@@ -418,7 +423,8 @@ def _activate(pipe: Any, state: _State, files: Sequence[LoraFile]) -> None:
         elif _has_lora_layers(module):
             module.disable_lora()
     # 3. Fold a set into the weights once it serves many requests
-    if key and (state.fuse == "always" or (state.fuse == "auto" and key == state.last)) and _fusable(pipe, wanted):
+    at_once = state.fuse in ("always", "single")
+    if key and (at_once or (state.fuse == "auto" and key == state.last)) and _fusable(pipe, wanted):
         _fuse(pipe, state, wanted, key)
     state.last = key
 

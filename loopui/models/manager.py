@@ -41,8 +41,8 @@ class ModelManager:
     downloaded models load); ``cache_dir`` overrides the Hugging Face cache folder. ``loader`` builds the pipelines
     (default: a ``PipelineLoader`` with those two settings; pass your own to serve weights from elsewhere).
     ``lora_fuse`` is how each pipeline's LoRA sets are fused (``loopui.models.lora``): ``auto`` (once a set serves
-    a second request in a row), ``always`` (a process that serves one set, e.g. the CLI) or ``never``. A model's
-    LoRAs are unloaded with it.
+    a second request in a row), ``always``, ``never`` or ``single`` (a process that serves one set, the CLI: folded
+    at once, no copy of the original weights kept). A model's LoRAs are unloaded with it.
     """
 
     def __init__(self, max_models: int = 1, device: Optional[str] = None, offload: Optional[str] = None,
