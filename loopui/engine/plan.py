@@ -55,7 +55,8 @@ class LoopPlan:
     # fitted; None until with_clip() read it (or without a clip).
     clip: Any = field(default=None, repr=False, compare=False)
     clip_notes: tuple[str, ...] = field(default_factory=tuple)
-    # The request's LoRAs found, checked and hashed (loopui.models.lora.LoraFile); None until with_loras() ran.
+    # The request's LoRAs found, checked and hashed (loopui.models.lora.LoraFile); None until with_loras() ran (and
+    # without LoRAs).
     lora_files: Optional[tuple] = field(default=None, repr=False, compare=False)
     # A server's own LoRAs (name -> file): when given, a request may name only those (public mode).
     allowed_loras: Optional[Mapping[str, str]] = field(default=None, repr=False, compare=False)
@@ -63,8 +64,8 @@ class LoopPlan:
     def with_loras(self, local_files_only: bool = False, cache_dir: Optional[str] = None) -> "LoopPlan":
         """This plan with its LoRAs found (a hub source downloaded), checked against the model and hashed, so a
         bad file is refused before the model loads (``ValueError`` naming ``loras`` and the file); itself when
-        already done."""
-        if self.lora_files is not None:
+        already done or without LoRAs."""
+        if self.lora_files is not None or not self.request.loras:
             return self
         from loopui.models.lora import resolve_loras
 
