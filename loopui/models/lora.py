@@ -439,12 +439,13 @@ def _deactivate(pipe: Any, state: _State) -> None:
 
 
 @contextmanager
-def active_loras(pipe: Any, files: Sequence[LoraFile]) -> Iterator[None]:
+def active_loras(pipe: Any, files: Optional[Sequence[LoraFile]]) -> Iterator[None]:
     """For one generation: exactly ``files`` active on ``pipe`` at their scales (loaded first if need be), every
     other adapter off; afterwards the adapters are switched off again (a fused set stays folded in until another
     set is asked for). Call it under the engine's pipeline lock. ``ValueError`` (``loras: ...``) for a file that
     fits no module of the model."""
     state = _state(pipe)
+    files = tuple(files or ())
     if not files and not state.loaded and state.fused is None:
         yield  # a pipeline that never saw a LoRA stays untouched
         return
