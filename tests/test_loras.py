@@ -15,7 +15,7 @@ from loopui.engine import LoopRequest, generate_loop
 from loopui.engine.plan import resolve_request
 from loopui.engine.request import LoraRef, request_from_values
 from loopui.models import REGISTRY, spec_for
-from loopui.models.lora import lora_status, reset_loras, unload_loras
+from loopui.models.lora import lora_status
 from loopui.testing.lora_files import lora_delta, write_lora
 from tiny_wan import build_tiny_wan
 
