@@ -56,6 +56,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=None, metavar="PATH", help=knob_help("image"))
     parser.add_argument("--mask", default=None, metavar="PATH", help=knob_help("mask"))
     parser.add_argument("--video", default=None, metavar="PATH", help=knob_help("video"))
+    parser.add_argument("--lora", dest="loras", action="append", default=None, metavar="SOURCE[:SCALE]",
+                        help="A LoRA to apply, repeatable: a local .safetensors file, a hub repo id or "
+                             "owner/repo/file.safetensors, with its scale (-4..4, default 1); on Wan 2.2 A14B add "
+                             ":high or :low for one expert (default both). diffusers reads the diffusers/PEFT, "
+                             "Kohya, ComfyUI and lightx2v formats; the sidecar records each file's sha256.")
     parser.add_argument("--invert-mask", action="store_true",
                         help="Animate the background instead of the object (same as --motion-region background).")
     parser.add_argument("--output", "-o", action="append", required=True, metavar="PATH",
@@ -83,7 +88,7 @@ def build_request(args: argparse.Namespace, spec: Any) -> LoopPlan:
     (a guidance given here would set both experts of a two-expert model)."""
     values = {field: getattr(args, field) for _, field, _ in KNOB_FLAGS}
     values.update(prompt=args.prompt, use_dynamic_cfg=args.use_dynamic_cfg, image=args.image, mask=args.mask,
-                  video=args.video, frame_invariant_decoding=args.frame_invariant_decoding)
+                  video=args.video, frame_invariant_decoding=args.frame_invariant_decoding, loras=args.loras or ())
     if args.invert_mask:
         if values["motion_region"] not in ("object", "background"):
             raise ValueError(f"--invert-mask contradicts --motion-region {values['motion_region']}")
@@ -107,9 +112,11 @@ def _check_inputs(plan: LoopPlan) -> LoopPlan:
     # Read and fitted once, as the loop uses it (the plan's frame count, fps and size): a clip that is unreadable,
     # too short, too large or has an unusable frame rate fails here, not after the model loaded.
     try:
-        return plan.with_clip()
+        plan = plan.with_clip()
     except (VideoInputError, ImageInputError) as exc:
         raise ValueError(f"--video: {one_line(exc).removeprefix('video: ')}") from None
+    # LoRAs found (a hub one downloaded), checked against the model's family and hashed before the model loads.
+    return plan.with_loras()
 
 
 def check_output_paths(outputs: Sequence[str], save_latents: Optional[str] = None) -> list[Path]:
@@ -228,7 +235,9 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
                                        callback=progress, plan=plan)
 
         # 3. Generate and write the files (a CUDA out-of-memory error is retried once with more offloading)
-        manager = ModelManager(device=device, offload=offload)
+        # One request per process: a LoRA set is folded into the weights at once, no copy kept (nothing to switch
+        # back to).
+        manager = ModelManager(device=device, offload=offload, lora_fuse="single")
         start = time.perf_counter()
         loaded, render = manager.run(args.model, work, dtype=args.dtype, progress=on_load)
         if parallel is not None and not parallel.is_main:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from loopui.models.lora import active_loras
+
 from .conditioning import ImageConditioning, mask_to_latent_grid
 from .decode import decode_cycle, video_to_uint8
 from .families import Family, family_for
@@ -89,6 +91,7 @@ class LoopResult:
             init_strength=plan.init_strength, model_calls=self.model_calls,
             num_inference_steps=plan.num_inference_steps, negative_prompt=plan.negative_prompt,
             image_channel=plan.image_channel,  # None: inert without image-to-video conditioning
+            loras=[lora.record() for lora in plan.lora_files or ()],  # each with its file's sha256
         )
         if plan.request.video is not None:
             settings["anchor_strength"] = 0.0  # inert with a clip: its first frame may change too
@@ -275,7 +278,7 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         if plan.spec.family != family.name:
             raise ValueError(f"the plan was made for a {plan.spec.family} model, not for this {family.name} pipeline")
     check_no_diffusers_cache(pipe, family.denoisers(pipe), plan.shift_skip)
-    plan = plan.with_clip()
+    plan = plan.with_clip().with_loras()
     request, spec = plan.request, plan.spec
     length, skip = plan.num_latents, plan.shift_skip
     for message in plan.warnings:
@@ -298,7 +301,9 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
                              step_cache=plan.step_cache == "loop")
     state = StepState()
 
-    with _scheduler_swapped(pipe, scheduler):
+    # The request's LoRAs, exactly, before any forward is wrapped (loading one re-installs offload hooks) and inside
+    # this call's pipeline lock, so no other call sees them.
+    with _scheduler_swapped(pipe, scheduler), active_loras(pipe, plan.lora_files):
         sched = pipe.scheduler
         dtype = family.transformer_dtype(pipe)
         prediction_type = family.prediction_type(sched)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from .request import (LoopRequest, auto_rope_scale, default_shift_skip, knob_info, latent_length,
                       nearest_frame_count)
@@ -60,6 +60,22 @@ class LoopPlan:
     # fitted; None until with_clip() read it (or without a clip).
     clip: Any = field(default=None, repr=False, compare=False)
     clip_notes: tuple[str, ...] = field(default_factory=tuple)
+    # The request's LoRAs found, checked and hashed (loopui.models.lora.LoraFile); None until with_loras() ran (and
+    # without LoRAs).
+    lora_files: Optional[tuple] = field(default=None, repr=False, compare=False)
+    # A server's own LoRAs (name -> file): when given, a request may name only those (public mode).
+    allowed_loras: Optional[Mapping[str, str]] = field(default=None, repr=False, compare=False)
+
+    def with_loras(self, local_files_only: bool = False, cache_dir: Optional[str] = None) -> "LoopPlan":
+        """This plan with its LoRAs found (a hub source downloaded), checked against the model and hashed, so a
+        bad file is refused before the model loads (``ValueError`` naming ``loras`` and the file); itself when
+        already done or without LoRAs."""
+        if self.lora_files is not None or not self.request.loras:
+            return self
+        from loopui.models.lora import resolve_loras
+
+        files = resolve_loras(self.request.loras, self.spec, self.allowed_loras, local_files_only, cache_dir)
+        return dataclasses.replace(self, lora_files=files)
 
     def with_clip(self) -> "LoopPlan":
         """This plan with the request's clip read and fitted (count, fps, size), so it is decoded once; itself
@@ -187,8 +203,20 @@ def _clip_warning(request: LoopRequest, spec: Any, length: int, init_strength: f
             f"not shape this loop{first}; {fix}"]
 
 
-def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
-    """Resolve ``request`` against ``spec`` (a ``loopui.models.ModelSpec``); ``ValueError`` names what is wrong."""
+def check_loras(request: LoopRequest, spec: Any, allowed_loras: Optional[Mapping[str, str]] = None) -> None:
+    """The LoRA checks that need no download and no weights (``loopui.models.lora.check_lora_ref``): a listed
+    server LoRA when ``allowed_loras`` is given (public mode), a local file that exists and ends in
+    ``.safetensors``, an expert choice only on a two-expert model. ``ValueError`` naming ``loras`` and the file."""
+    from loopui.models.lora import check_lora_ref
+
+    for lora in request.loras:
+        check_lora_ref(lora, spec, allowed_loras)
+
+
+def plan_loop(request: LoopRequest, spec: Any, allowed_loras: Optional[Mapping[str, str]] = None) -> LoopPlan:
+    """Resolve ``request`` against ``spec`` (a ``loopui.models.ModelSpec``); ``ValueError`` names what is wrong.
+
+    ``allowed_loras`` (name -> file) limits the request's LoRAs to a server's own (public mode)."""
     from .decode import decoded_frame_count
     from .families import FAMILIES
 
@@ -234,6 +262,7 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
     image_to_video, pipeline_class, image_channel = resolve_image_mode(request, spec)
     # Steps left empty: a sigma list's length, else the model's own.
     steps = int(request.num_inference_steps or (len(sigmas) if sigmas else spec.num_inference_steps))
+    check_loras(request, spec, allowed_loras)
     init_strength = float(request.init_strength if request.init_strength is not None
                           else CLIP_INIT_STRENGTH if request.video is not None else 1.0)
     warnings += _clip_warning(request, spec, length, init_strength, steps)
@@ -249,16 +278,17 @@ def plan_loop(request: LoopRequest, spec: Any) -> LoopPlan:
         num_output_frames=decoded_frame_count(length, spec.temporal_compression, request.frame_invariant_decoding),
         num_inference_steps=steps, negative_prompt=request.negative_prompt or spec.negative_prompt,
         image_to_video=image_to_video, pipeline_class=pipeline_class, image_channel=image_channel,
-        warnings=tuple(warnings), sigmas=sigmas, step_cache=request.step_cache,
+        warnings=tuple(warnings), sigmas=sigmas, step_cache=request.step_cache, allowed_loras=allowed_loras,
     )
 
 
-def resolve_request(request: LoopRequest, spec: Any) -> LoopPlan:
+def resolve_request(request: LoopRequest, spec: Any, allowed_loras: Optional[Mapping[str, str]] = None) -> LoopPlan:
     """Plan ``request`` for the model ``spec`` as the page, the API and the CLI do -- the one function the three
     call, so all of them compute the same loop.
 
     On top of :func:`plan_loop`: the prompt must not be empty, the mask model must exist, and a frame count not of
-    the form k·n + 1 is moved to the nearest one with a note. Raises ``ValueError`` naming the parameter.
+    the form k·n + 1 is moved to the nearest one with a note. ``allowed_loras`` (name -> file): a server's own
+    LoRAs, the only ones a request may name (public mode). Raises ``ValueError`` naming the parameter.
     """
     request.validate()
     if not request.prompt.strip():
@@ -276,6 +306,6 @@ def resolve_request(request: LoopRequest, spec: Any) -> LoopPlan:
         frames -= compression
     if frames != request.num_frames:
         notes.append(f"num_frames {request.num_frames} is not of the form {compression}n+1: using {frames}")
-    plan = plan_loop(dataclasses.replace(request, num_frames=frames), spec)
+    plan = plan_loop(dataclasses.replace(request, num_frames=frames), spec, allowed_loras)
     plan.request.validate()
     return dataclasses.replace(plan, notes=tuple(notes))

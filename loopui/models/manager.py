@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 from loopui.messages import REASON_LIMIT, one_line
 from loopui.models import memory
 from loopui.models.loader import LoadedModel, LoadProgress, PipelineLoader, log_progress
+from loopui.models.lora import FUSE_POLICIES, set_fuse_policy
 from loopui.models.registry import DEFAULT_MODEL_ID, ModelSpec, resolve_model_id, spec_for
 
 logger = logging.getLogger(__name__)
@@ -39,13 +40,19 @@ class ModelManager:
     policy from free VRAM or ``LOOPUI_OFFLOAD``). ``local_files_only`` never contacts the hub (only already
     downloaded models load); ``cache_dir`` overrides the Hugging Face cache folder. ``loader`` builds the pipelines
     (default: a ``PipelineLoader`` with those two settings; pass your own to serve weights from elsewhere).
+    ``lora_fuse`` is how each pipeline's LoRA sets are fused (``loopui.models.lora``): ``auto`` (once a set serves
+    a second request in a row), ``always``, ``never`` or ``single`` (a process that serves one set, the CLI: folded
+    at once, no copy of the original weights kept). A model's LoRAs are unloaded with it.
     """
 
     def __init__(self, max_models: int = 1, device: Optional[str] = None, offload: Optional[str] = None,
                  local_files_only: bool = False, cache_dir: Optional[str | Path] = None,
-                 loader: Optional[PipelineLoader] = None) -> None:
+                 loader: Optional[PipelineLoader] = None, lora_fuse: str = "auto") -> None:
         if not isinstance(max_models, int) or max_models < 1:
             raise ValueError(f"max_models must be an integer >= 1, got {max_models!r}")
+        if lora_fuse not in FUSE_POLICIES:
+            raise ValueError(f"lora_fuse must be one of {', '.join(FUSE_POLICIES)}; got {lora_fuse!r}")
+        self.lora_fuse = lora_fuse
         self.max_models = max_models
         self.device = device
         if loader is not None and (local_files_only or cache_dir is not None):
@@ -301,6 +308,7 @@ class ModelManager:
         start = time.perf_counter()
         pipe = self.loader.load(spec, dtype_name, progress, cancel)
         policy = memory.place_on_device(pipe, spec, device, forced, progress)
+        set_fuse_policy(pipe, self.lora_fuse)
         seconds = time.perf_counter() - start
         logger.info("loaded %s on %s (%s, policy %s) in %.1f s", spec.model_id, device, dtype_name, policy, seconds)
         return LoadedModel(pipe=pipe, spec=spec, device=device, dtype=dtype_name, policy=policy,

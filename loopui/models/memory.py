@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from loopui.messages import REASON_LIMIT, one_line
 from loopui.models.loader import LoadProgress, ModelLoadError
+from loopui.models.lora import unload_loras
 from loopui.models.registry import ModelSpec
 
 if TYPE_CHECKING:
@@ -220,6 +221,8 @@ def dispose(entries: list[LoadedModel], verb: str) -> None:
     while entries:
         entry = entries.pop()
         pipe = entry.pipe
+        # Its LoRAs go with it (fused weights unfolded): a stray reference sees the stock model.
+        unload_loras(pipe)
         if entry.policy != "none" and hasattr(pipe, "remove_all_hooks"):
             # accelerate's offload hooks keep references to the modules; drop them so memory can be freed.
             pipe.remove_all_hooks()
