@@ -93,7 +93,7 @@ def test_knobs_follow_each_family(tmp_path):
     assert [(v.guidance.value, v.scheduler) for v in (cog, wan)] == [(6.0, "dpm"), (5.0, "auto")]
     # Schedulers of the family only, plus automatic.
     assert [value for _, value in cog.schedulers] == ["auto", "ddim", "dpm"]
-    assert [value for _, value in wan.schedulers] == ["auto", "unipc", "euler"]
+    assert [value for _, value in wan.schedulers] == ["auto", "unipc", "euler", "lcm"]
     # Dynamic CFG is CogVideoX's; flow shift is flow matching's. Locked knobs carry the engine's reason.
     assert cog.dynamic_cfg.interactive and cog.dynamic_cfg.value is True
     assert not wan.dynamic_cfg.interactive and wan.dynamic_cfg.value is False
