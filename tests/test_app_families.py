@@ -172,7 +172,7 @@ def test_a_model_change_updates_every_knob_and_keeps_what_still_fits(tmp_path):
     to_wan = model_updates(studio.knobs, WAN, "96x64", 64, 96)
     assert set(to_wan) == set(FOLLOW_MODEL)
     assert to_wan["resolution"]["value"] == "96x64" and to_wan["fps"]["value"] == 16
-    assert [v for _, v in to_wan["scheduler"]["choices"]] == ["auto", "unipc", "euler"]
+    assert [v for _, v in to_wan["scheduler"]["choices"]] == ["auto", "unipc", "euler", "lcm"]
     assert to_wan["use_dynamic_cfg"] == {"value": False, "interactive": False,
                                          "info": studio.knobs.model_view(WAN).dynamic_cfg.note, "__type__": "update"}
     assert to_wan["flow_shift"]["interactive"] is True and to_wan["image_channel"]["interactive"] is False

@@ -113,7 +113,7 @@ def test_generate_help_takes_defaults_and_choices_from_loop_request():
     # The knob's own help, "empty = automatic" read as what a flag left out gets.
     help_text = knob_info("shift_skip")["help"].replace("%", "%%").replace("empty = ", "default: ")
     assert help_text in actions["shift_skip"].help and "empty" not in actions["guidance_scale"].help
-    assert actions["scheduler"].choices == ("ddim", "dpm", "unipc", "euler")
+    assert actions["scheduler"].choices == ("ddim", "dpm", "unipc", "euler", "lcm")
     assert actions["image_channel"].choices == knob_info("image_channel")["choices"]
     assert actions["flow_shift"].default is None and actions["fps"].default is None
 
@@ -258,7 +258,7 @@ def test_generate_on_a_faithful_wan_folder_writes_a_16_fps_loop(faithful_wan_dir
 @pytest.mark.parametrize("argv, needle", [
     (["--dynamic-cfg"], "use_dynamic_cfg applies to CogVideoX only; Wan uses a constant guidance scale: turn "
                         "dynamic CFG off [--dynamic-cfg]"),
-    (["--scheduler", "ddim"], "scheduler must be one of unipc, euler for "),
+    (["--scheduler", "ddim"], "scheduler must be one of unipc, euler, lcm for "),
     (["--height", "40"], "height must be a multiple of 16, got 40 [--height]"),
     (["--flow-shift", "0"], "flow_shift must be >= 0.5, got 0.0 [--flow-shift]"),
 ])

@@ -198,13 +198,15 @@ def test_full_mode_past_the_trained_length_scales_the_temporal_rope(model_id):
 
 
 @pytest.mark.parametrize("model_id", [m for m in FAITHFUL_MODELS if not REGISTRY[m].learned_positions])
-def test_seam_polish_adds_one_pass_per_cfg_branch_at_the_last_step(model_id):
+def test_seam_polish_adds_one_pass_per_cfg_branch_at_each_polished_step(model_id):
     pipe = _pipe(model_id)
     plain = generate_loop(pipe, _request(model_id, num_inference_steps=3), output_type="latent")
     polished = generate_loop(pipe, _request(model_id, num_inference_steps=3, seam_polish="fast"),
                              output_type="latent")
     calls_per_step = plain.settings["model_calls"] / 3  # 2 for Wan (two CFG calls), 1 for CogVideoX (batched)
-    assert polished.settings["model_calls"] == plain.settings["model_calls"] + calls_per_step
+    # Polish picks its steps by noise level (at 3 steps: one or two of them): one extra pass per branch at each.
+    extra_steps = (polished.settings["model_calls"] - plain.settings["model_calls"]) / calls_per_step
+    assert extra_steps in (1, 2, 3)
     assert not torch.equal(plain.latents, polished.latents)
 
 
