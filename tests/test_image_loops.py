@@ -220,3 +220,16 @@ def test_user_mask_is_cropped_like_the_reference_image(tiny_pipe):
     mask = _motion_mask(image, LoopRequest(prompt="x", mask=source, mask_feather=0, background_freeze=1.0))
     assert mask.shape == (H, W)
     assert mask[:, 82:].min() == 1.0 and mask[:, :78].max() == 0.0
+
+
+@pytest.mark.parametrize("controls", [dict(), dict(anchor_strength=0.5, init_strength=0.6)])
+def test_a_seed_reproduces_a_stochastic_schedulers_image_loop(tiny_i2v_pipe, image, controls):
+    """DPM draws noise at every step: from the pipeline's generator (the seed), never from torch's global RNG, also
+    while loopui observes the scheduler's step (the I2V estimate, the image controls)."""
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        runs.append(generate_loop(tiny_i2v_pipe, LoopRequest(**{**BASE, "height": 32, "width": 48}, image=image,
+                                                             scheduler="dpm", **controls), output_type="latent"))
+    assert runs[0].settings["scheduler_class"] == "CogVideoXDPMScheduler"
+    assert torch.equal(runs[0].latents, runs[1].latents)

@@ -11,6 +11,7 @@ differs lives in ``loopui.engine.families``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -192,6 +193,9 @@ def _watch_scheduler(scheduler: Any, family: Family, state: StepState, predictio
     original = scheduler.step
     signature = inspect.signature(original)
 
+    # The pipeline reads step's signature to decide whether to pass the generator (and eta): a bare (*args, **kwargs)
+    # would make a stochastic scheduler (CogVideoX DPM) draw from torch's global RNG instead of the seed.
+    @functools.wraps(original)
     def step(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         output, sample = bound.arguments["model_output"], bound.arguments["sample"]
