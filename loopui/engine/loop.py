@@ -91,12 +91,10 @@ def _scheduler_swapped(pipe: Any, scheduler: Any) -> Iterator[None]:
 
 def _scheduler_for(pipe: Any, family: Family, plan: LoopPlan) -> Any:
     """The scheduler to swap in for this call, or None to keep the pipeline's own."""
-    config = pipe.scheduler.config
     if plan.scheduler is not None:
-        return family.build_scheduler(plan.scheduler, config, plan.flow_shift)
-    if plan.flow_shift is not None and float(config.get("flow_shift", plan.flow_shift)) != plan.flow_shift:
-        # The pipeline's own scheduler class, re-made with the recommended (or requested) shift.
-        return type(pipe.scheduler).from_config(config, flow_shift=plan.flow_shift)
+        return family.build_scheduler(plan.scheduler, pipe.scheduler.config, plan.flow_shift)
+    if plan.flow_shift is not None:
+        return family.reshifted_scheduler(pipe.scheduler, plan.flow_shift)
     return None
 
 

@@ -29,6 +29,15 @@ from .base import Family
 logger = logging.getLogger(__name__)
 
 
+# Where a flow-matching scheduler keeps its shift: UniPC (and diffusers' DPM solvers) ``flow_shift``,
+# FlowMatchEulerDiscreteScheduler ``shift``.
+SHIFT_KEYS = ("flow_shift", "shift")
+
+
+def _shift_of(config: Any) -> float:
+    return float(next((config[k] for k in SHIFT_KEYS if k in config), 1.0))
+
+
 def scaled_wan_rope(rope: Any, rope_scale: float) -> Any:
     """A ``WanRotaryPosEmbed`` like ``rope`` whose temporal columns use the NTK-scaled base (spatial unchanged)."""
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
@@ -59,7 +68,7 @@ class WanFamily(Family):
     def build_scheduler(self, name: str, config: Any, flow_shift: Optional[float] = None) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-        shift = flow_shift if flow_shift is not None else config.get("flow_shift", 1.0)
+        shift = flow_shift if flow_shift is not None else _shift_of(config)
         if name == "unipc":
             return UniPCMultistepScheduler.from_config(config, flow_shift=float(shift), use_flow_sigmas=True,
                                                        prediction_type="flow_prediction")
@@ -67,6 +76,17 @@ class WanFamily(Family):
             return FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
                                                    shift=float(shift))
         raise ValueError(f"scheduler must be one of {', '.join(self.schedulers)} for Wan; got {name!r}")
+
+    def reshifted_scheduler(self, scheduler: Any, flow_shift: float) -> Optional[Any]:
+        config = scheduler.config
+        key = next((k for k in SHIFT_KEYS if k in config), None)
+        if key is None:
+            logger.warning("flow_shift %s not applied: %s has no shift in its config", flow_shift,
+                           type(scheduler).__name__)
+            return None
+        if float(config[key]) == float(flow_shift):
+            return None
+        return type(scheduler).from_config(config, **{key: float(flow_shift)})
 
     def check_request(self, request: Any, spec: Any, length: int) -> list[str]:
         if request.use_dynamic_cfg:
