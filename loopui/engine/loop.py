@@ -187,7 +187,8 @@ def _watch_scheduler(scheduler: Any, family: Family, state: StepState, predictio
                      conditioning: Optional[ImageConditioning], record_clean: bool):
     """Patch ``scheduler.step`` for one call: read the pipeline's own starting noise at the first step (the init
     strength builds on it, so every random draw stays in the stock pipeline's order), pull a multistep solver's
-    history as the image controls pulled the latents, and record the clean estimate an I2V image channel carries."""
+    history as the image controls pulled the latents, and record the step's clean estimate (the image controls pull
+    clean parts with it; an I2V image channel carries it)."""
     original = scheduler.step
     signature = inspect.signature(original)
 
@@ -303,7 +304,8 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
         def on_step_end(pipeline, i: int, t, kwargs: dict) -> dict:
             out = {}
             if conditioning is not None:
-                out["latents"] = conditioning.after_step(i, kwargs["latents"], family.level(sched, i + 1))
+                out["latents"] = conditioning.after_step(i, kwargs["latents"], family.level(sched, i + 1),
+                                                         state.clean)
             state.step = i + 1  # the offset advances after each scheduler step
             if callback:
                 callback("denoise", i + 1, steps)
@@ -324,8 +326,10 @@ def generate_loop(pipe, request: LoopRequest, output_type: str = "np", callback:
             for module, denoiser in zip(family.denoisers(pipe), denoisers):
                 hooks.enter_context(patch_attribute(module, "forward", denoiser))
             hooks.enter_context(family.rope_scaled(pipe, plan.rope_scale))
-            record_clean = image_channel is not None and image_channel.policy == "estimate"
-            if conditioning is not None or record_clean:
+            # The I2V estimate channel reads the clean estimate, and the image controls pull clean parts with it.
+            record_clean = conditioning is not None or (image_channel is not None
+                                                        and image_channel.policy == "estimate")
+            if record_clean:
                 hooks.enter_context(_watch_scheduler(sched, family, state, prediction_type, conditioning,
                                                      record_clean))
             final = pipe(**call_kwargs).frames  # the family's latent layout
