@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopui.engine import LoopRequest, generate_loop
+from loopui.engine import generate_loop
 from loopui.engine.plan import plan_loop
 from loopui.engine.request import knob_info, request_from_values
 from loopui.engine.schedules import distilled_sigmas
@@ -85,6 +85,8 @@ def test_a_recipe_fills_only_what_was_left_out():
     assert fill.filled == ("scheduler", "sigmas", "loras") and "8 sigmas made its way" in fill.notes[0]
     # a flow shift given: no sigma list (the plan refuses the two together); a sampler without a rule: none either
     assert "sigmas" not in fill_recipe({"flow_shift": 3}, model, "lightx2v-4step").values
+    mine = fill_recipe({"sigmas": "1, 0.8, 0.4"}, model, "lightx2v-4step").values  # they set the steps
+    assert "num_inference_steps" not in mine and request_from_values(mine).sigmas == (1.0, 0.8, 0.4)
     causvid = fill_recipe({"num_inference_steps": 6}, WAN13, "causvid-3step")
     assert "sigmas" not in causvid.values and "left out" in causvid.notes[0]
     # the recipe's file at another scale, or a downloaded copy of it, stands in for it (nothing added twice)

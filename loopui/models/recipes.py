@@ -321,8 +321,9 @@ def fill_recipe(values: Mapping[str, Any], model: Any, name: str) -> RecipeFill:
     (a registry id or a ``ModelSpec``) filled in where they were left out (missing, ``None``, ``""``, ``"auto"``, no
     LoRAs). What the caller gave wins:
 
-    - a sigma list is one value per step: it is filled only when the steps are the recipe's (left out or equal) and
-      no ``flow_shift`` was given (a note says so otherwise);
+    - a sigma list is one value per step: the caller's sets the steps; the recipe's is filled when the steps are left
+      out or its count, made anew for other steps when the recipe has a rule for it (``sigma_shift``), and left out
+      when a ``flow_shift`` was given (a note says so);
     - LoRAs add up: the caller's first, then the recipe's, except a recipe file the caller gives a copy of (a
       LoRA whose path ends with the file's path in its repo: a download of it, or the hub file at another scale).
 
@@ -338,6 +339,8 @@ def fill_recipe(values: Mapping[str, Any], model: Any, name: str) -> RecipeFill:
             continue
         if not _left_out(out.get(key)):
             continue
+        if key == "num_inference_steps" and not _left_out(out.get("sigmas")):
+            continue  # the caller's sigma list sets the steps (one per value)
         if key == "sigmas":
             if not _left_out(out.get("flow_shift")):
                 notes.append(f"recipe {recipe.name}: flow_shift given, so its sigmas are left out")
