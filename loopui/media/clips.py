@@ -171,6 +171,20 @@ def _decode(path: Path, wanted: np.ndarray, last: int, out: np.ndarray, what: st
     return count, more, previous
 
 
+def _checked_file(path: str | os.PathLike[str]) -> tuple[Path, str]:
+    """``(path, "video file '...'")`` for a clip that exists, is a file and is not empty; ``VideoInputError``
+    naming the file otherwise."""
+    path = Path(path)
+    what = f"video file {str(path)!r}"
+    if not path.exists():
+        raise VideoInputError(f"{what} not found")
+    if not path.is_file():
+        raise VideoInputError(f"{what} is not a file")
+    if path.stat().st_size == 0:
+        raise VideoInputError(f"cannot read {what}: the file is empty")
+    return path, what
+
+
 def read_clip(path: str | os.PathLike[str], num_frames: int, fps: float, width: int, height: int,
               max_frame_pixels: int = MAX_CLIP_FRAME_PIXELS) -> tuple[np.ndarray, list[str]]:
     """A clip file as the loop uses it: ``num_frames`` frames at ``fps``, each covering ``width`` x ``height``
@@ -187,14 +201,7 @@ def read_clip(path: str | os.PathLike[str], num_frames: int, fps: float, width: 
     from loopui.media.images import ImageInputError
 
     _check_size(width, height)
-    path = Path(path)
-    what = f"video file {str(path)!r}"
-    if not path.exists():
-        raise VideoInputError(f"{what} not found")
-    if not path.is_file():
-        raise VideoInputError(f"{what} is not a file")
-    if path.stat().st_size == 0:
-        raise VideoInputError(f"cannot read {what}: the file is empty")
+    path, what = _checked_file(path)
     notes: list[str] = []
     with decode_slot():
         # 1. The header: the frame rate decides which frames are used, the frame size whether any is decoded
@@ -249,14 +256,7 @@ def load_video(path: str | os.PathLike[str],
     """
     import imageio.v3 as iio
 
-    path = Path(path)
-    what = f"video file {str(path)!r}"
-    if not path.exists():
-        raise VideoInputError(f"{what} not found")
-    if not path.is_file():
-        raise VideoInputError(f"{what} is not a file")
-    if path.stat().st_size == 0:
-        raise VideoInputError(f"cannot read {what}: the file is empty")
+    path, what = _checked_file(path)
     frames: list[np.ndarray] = []
     size = 0
     with decode_slot():
