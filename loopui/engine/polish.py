@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .shift import SeamPolish
+from .shift import CACHE_FEATHER, SeamPolish
 
 # Edge-taper exponent of the feathered blend; 1 leaves a little seam in window mode, 2 and 4 are equally clean.
-FEATHER = 2.0
+FEATHER = CACHE_FEATHER  # the feathered blend of rotations (the loop cache weighs its clips alike)
 
 # Steps noisier than this are healed by the steps after them (polishing them bought nothing on the instrument).
 # Not 0.9: 4 UniPC steps at shift 3 sit exactly there (polishing it costs a step and gains nothing), while Euler's

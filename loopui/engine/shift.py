@@ -84,12 +84,25 @@ class SeamPolish:
         return frozenset(final + big)
 
 
+# The loop cache weighs each clip's frames by the same feathered taper as seam polish's blend (polish.FEATHER).
+CACHE_FEATHER = 2.0
+
+
 def edge_taper(size: int, power: float, device=None) -> torch.Tensor:
     """``(size,)`` float32 weights ``(d / d_max) ** power`` with ``d`` the distance of a frame from the clip's nearer
     end (``0.5`` for the first and last frame): 1 in the middle, small but positive at the ends."""
     position = torch.arange(size, dtype=torch.float64, device=device)
     distance = torch.minimum(position + 0.5, size - 0.5 - position)
     return ((distance / distance.max()) ** power).float()
+
+
+def frame_weights(clips: Sequence[torch.Tensor], length: int, power: float = CACHE_FEATHER) -> torch.Tensor:
+    """``(L,)`` how much each cycle frame was seen away from a clip's ends (summed edge tapers of ``clips``): how far
+    the loop cache trusts the prediction it keeps of each frame."""
+    weights = torch.zeros(length, dtype=torch.float32)
+    for clip in clips:
+        weights.index_add_(0, clip.cpu(), edge_taper(len(clip), power))
+    return weights
 
 
 @dataclass
@@ -298,7 +311,7 @@ class CycleDenoiser:
             prediction = self._predict(noisy, condition, kwargs, step)
             if self.cache is not None:
                 length = noisy.shape[self.time_dim]
-                weights = self.cache.frame_weights(self.clips(step, length), length)
+                weights = frame_weights(self.clips(step, length), length)
                 self.cache.store(self._branch, step, noisy, prediction, weights)
 
         if return_dict:

@@ -27,7 +27,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .noise import NoiseLevel, clean_estimate, prediction_for
-from .polish import FEATHER
 
 # Noise fractions (``shift.noise_fraction``) where a step may reuse the last predictions: not the first steps, which
 # set the composition, nor the last ones, which set the detail.
@@ -71,16 +70,6 @@ class LoopStepCache:
         self.time_dim = time_dim
         self._entries: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.reused = 0
-
-    @staticmethod
-    def frame_weights(clips: Sequence[torch.Tensor], length: int) -> torch.Tensor:
-        """``(L,)`` how much each cycle frame was seen away from a clip's ends (summed edge tapers of ``clips``)."""
-        from .shift import edge_taper
-
-        weights = torch.zeros(length, dtype=torch.float32)
-        for clip in clips:
-            weights.index_add_(0, clip.cpu(), edge_taper(len(clip), FEATHER))
-        return weights
 
     def store(self, branch: int, step: int, noisy: torch.Tensor, prediction: torch.Tensor,
               weights: torch.Tensor) -> None:

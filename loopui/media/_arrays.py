@@ -22,11 +22,32 @@ def as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def to_uint8_frames(frames: Any) -> np.ndarray:
+    """Validate frames of shape (F, H, W, 3): uint8 is kept, float in [0, 1] is scaled to uint8."""
+    try:
+        x = as_numpy(frames)
+    except ValueError as e:  # numpy refuses ragged lists of frames
+        raise ValueError(f"frames must all have the same shape: {e}") from e
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"frames must have shape (F, H, W, 3), got {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"no frames to use: shape {x.shape}")
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"frames must be uint8 or float in [0, 1], got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        raise ValueError("float frames contain NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    # A little slack for rounding noise from the VAE; anything further off is a caller mix-up ([-1, 1] or 0..255).
+    if lo < -0.01 or hi > 1.01:
+        raise ValueError(f"float frames must be in [0, 1], got values from {lo:.3g} to {hi:.3g}")
+    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def as_frames(frames: Any, minimum: int = 2) -> np.ndarray:
     """Frames as ``(F, H, W, 3)`` uint8; at least ``minimum`` of them (``ValueError`` otherwise)."""
-    from loopui.media.export import _to_uint8_frames
-
-    x = _to_uint8_frames(frames)
+    x = to_uint8_frames(frames)
     if x.shape[0] < minimum:
         raise ValueError(f"scores need at least {minimum} frames, got {x.shape[0]}")
     return x

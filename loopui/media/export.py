@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from loopui.media._arrays import as_numpy
+from loopui.media._arrays import to_uint8_frames
 
 logger = logging.getLogger(__name__)
 
@@ -36,29 +36,6 @@ WEBP_QUALITY = 90
 GIF_MIN_DELAY_MS = 20
 SEPARATOR_COLOR = (255, 0, 255)
 SEPARATOR_WIDTH = 2
-
-
-def _to_uint8_frames(frames: Any) -> np.ndarray:
-    """Validate frames of shape (F, H, W, 3): uint8 is kept, float in [0, 1] is scaled to uint8."""
-    try:
-        x = as_numpy(frames)
-    except ValueError as e:  # numpy refuses ragged lists of frames
-        raise ValueError(f"frames must all have the same shape: {e}") from e
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"frames must have shape (F, H, W, 3), got {x.shape}")
-    if x.size == 0:
-        raise ValueError(f"no frames to use: shape {x.shape}")
-    if x.dtype == np.uint8:
-        return np.ascontiguousarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"frames must be uint8 or float in [0, 1], got dtype {x.dtype}")
-    if not np.isfinite(x).all():
-        raise ValueError("float frames contain NaN or infinite values")
-    lo, hi = float(x.min()), float(x.max())
-    # A little slack for rounding noise from the VAE; anything further off is a caller mix-up ([-1, 1] or 0..255).
-    if lo < -0.01 or hi > 1.01:
-        raise ValueError(f"float frames must be in [0, 1], got values from {lo:.3g} to {hi:.3g}")
-    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _frame_durations_ms(num_frames: int, fps: float, tick_ms: int, min_ms: int) -> list[int]:
@@ -102,7 +79,7 @@ def export_video(frames: Any, path: str | os.PathLike[str], fps: float) -> Path:
         raise ValueError(f"unsupported video suffix {suffix!r} in {path}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
-    x = _to_uint8_frames(frames)
+    x = to_uint8_frames(frames)
     num_frames = x.shape[0]
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,7 +209,7 @@ def seam_strip(frames: Any, n: int = 3, around: tuple[int, int] | None = None) -
     Raises:
         ValueError: bad frames, ``n`` or ``around``.
     """
-    x = _to_uint8_frames(frames)
+    x = to_uint8_frames(frames)
     num_frames, height = x.shape[0], x.shape[1]
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= num_frames:
         raise ValueError(f"n must be an integer from 1 to the number of frames ({num_frames}), got {n!r}")
