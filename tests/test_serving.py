@@ -365,13 +365,14 @@ def _finish(job):
 
 def test_out_of_memory_mid_run_cleans_up_tells_the_user_and_retries_once_with_offload(oom_studio, fake_cuda):
     studio, injector, seen = oom_studio
-    request = studio.build_request(dict(QUICK, seed=5)).request
+    plan = studio.build_request(dict(QUICK, seed=5))
+    request = plan.request
     reference = generate_loop(studio.manager.get("demo", device="cuda:0").pipe, request, output_type="latent")
     assert studio.manager.loaded()[0].policy == "none"
     injector.calls, injector.fail_calls = 0, {2}  # the second denoising step of the next run
     fake_cuda.placements.clear()
     seen.clear()
-    events = _finish(studio.start("s", "demo", request))
+    events = _finish(studio.start("s", "demo", plan))
     assert events[-1].kind == "done", events[-1].payload
     outcome = events[-1].payload
     # Clean-up ran outside the except block, after the failed frames had let go of their tensors.
@@ -392,9 +393,9 @@ def test_out_of_memory_twice_gives_one_clear_message_and_the_app_keeps_serving(o
     studio, injector, seen = oom_studio
     from loopui.studio.results import error_text
 
-    request = studio.build_request(dict(QUICK)).request
+    plan = studio.build_request(dict(QUICK))
     injector.fail_calls = set(range(1, 1000))
-    events = _finish(studio.start("s", "demo", request))
+    events = _finish(studio.start("s", "demo", plan))
     assert events[-1].kind == "error"
     text = error_text(events[-1].payload)
     assert text.startswith("Out of GPU memory on cuda:0 even after retrying with model CPU offload")
@@ -402,7 +403,7 @@ def test_out_of_memory_twice_gives_one_clear_message_and_the_app_keeps_serving(o
     assert injector.calls == 2  # the first try and exactly one retry
     # The next request (memory permitting) runs normally on the same, cleaned-up model.
     injector.fail_calls = set()
-    assert _finish(studio.start("s", "demo", request))[-1].kind == "done"
+    assert _finish(studio.start("s", "demo", plan))[-1].kind == "done"
 
 
 def test_nan_latents_are_a_clear_error_not_a_black_video(tiny_pipe, monkeypatch):
