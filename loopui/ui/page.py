@@ -331,7 +331,7 @@ def lora_controls(knobs: Knobs, view: Any) -> tuple[Any, Any, Any, Any]:
                                                                                  "without --lora-dir.",
                                 interactive=bool(names), elem_id="loopui-lora-picks", scale=3)
             upload = gr.File(label="Your LoRA (.safetensors)", file_types=[".safetensors"], type="filepath",
-                             visible=uploads, elem_id="loopui-lora-file", scale=2, height=90)
+                             visible=uploads, elem_id="loopui-lora-file", scale=2, height=130)
         with gr.Row():
             slider = gr.Slider(minimum=LORA_SCALE_MIN, maximum=LORA_SCALE_MAX, step=0.05, value=1.0,
                                label="LoRA scale", info="Applies to every LoRA picked or uploaded (1 = as trained, "
