@@ -311,7 +311,8 @@ class Handlers:
                 updates[name] = {**updates[name], "value": values.get(name)}
         used = [what for what, flag in (("a reference image", entry.used_image), ("a clip", entry.used_video),
                                         ("LoRAs", entry.used_loras)) if flag]
-        note = f" (it used {' and '.join(used)}, which {'is' if len(used) == 1 else 'are'} not restored)" \
+        plural = len(used) > 1 or used == ["LoRAs"]
+        note = f" (it used {' and '.join(used)}, which {'are' if plural else 'is'} not restored)" \
             if used else ""
         return (entry.model, *[updates[name] for name in FOLLOW_MODEL], *[values.get(name) for name in RESTORED_OTHERS],
                 entry.video, entry.strip, entry.files, f"Restored the settings of loop #{entry.index}{note}.")
