@@ -21,8 +21,9 @@ def test_gpu_bench_smoke_runs_every_section_it_is_asked_for(tmp_path):
     sections = results["sections"]
     model = sections[f"model:{wan}"]
     assert "error" not in model, model
-    # Wan: conditional and unconditional call per step (plus seam polish fast's extra pass at the last step).
-    assert model["loop"]["model_calls_per_step"] == (2 * 3 + 2) / 3
+    # Wan: conditional and unconditional call per step, plus seam polish fast's extra pass per call at each polished
+    # step (chosen by noise level: at 3 steps one or two of them).
+    assert model["loop"]["model_calls_per_step"] in ((2 * 3 + 2) / 3, (2 * 3 + 4) / 3)
     assert model["loop_vs_stock"] > 0 and model["decode_invariant"]["frames"] == 4 + model["decode_stock"]["frames"] - 1
     windows = sections[f"windows:{wan}"]
     assert windows["24_window"]["model_calls_per_step"] > windows["24_full"]["model_calls_per_step"]  # 3 past 21

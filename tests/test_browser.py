@@ -261,7 +261,7 @@ def test_every_knob_follows_the_model_wan_and_cogvideox_5b_i2v(served_families, 
     wan = seen["wan"]
     assert (wan["fps"], wan["guidance"]) == ("16", "5")
     assert wan["schedulers"] == ["Automatic: the model's own scheduler", "UniPC (flow matching)",
-                                 "Euler (flow matching)", "LCM (flow matching, few-step distilled models)"]
+                                 "Euler (flow matching)", "LCM (flow matching, re-noising: distilled few-step models)"]
     assert wan["resolutions"][0] == "Model's native size (832x480)" and "Custom" in wan["resolutions"]
     assert wan["dynamic_disabled"] and not wan["flow_disabled"]
     assert "Apache-2.0" in wan["note"] and "14 GB with CPU offload" in wan["note"]

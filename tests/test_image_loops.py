@@ -220,3 +220,45 @@ def test_user_mask_is_cropped_like_the_reference_image(tiny_pipe):
     mask = _motion_mask(image, LoopRequest(prompt="x", mask=source, mask_feather=0, background_freeze=1.0))
     assert mask.shape == (H, W)
     assert mask[:, 82:].min() == 1.0 and mask[:, :78].max() == 0.0
+
+
+@pytest.mark.parametrize("controls", [dict(), dict(anchor_strength=0.5, init_strength=0.6)])
+def test_a_seed_reproduces_a_stochastic_schedulers_image_loop(tiny_i2v_pipe, image, controls):
+    """DPM draws noise at every step: from the pipeline's generator (the seed), never from torch's global RNG, also
+    while loopui observes the scheduler's step (the I2V estimate, the image controls)."""
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        runs.append(generate_loop(tiny_i2v_pipe, LoopRequest(**{**BASE, "height": 32, "width": 48}, image=image,
+                                                             scheduler="dpm", **controls), output_type="latent"))
+    assert runs[0].settings["scheduler_class"] == "CogVideoXDPMScheduler"
+    assert torch.equal(runs[0].latents, runs[1].latents)
+
+
+def test_partial_pulls_keep_the_steps_noise_level(tiny_pipe, image, left_half_mask, monkeypatch):
+    """A pull of weight w toward a target noised with its own noise must not shrink the noise to
+    sqrt((1-w)^2 + w^2) of the step's (0.71 at w = 0.5): on the exact instrument at high noise every latent -- the
+    half-anchored first one, the half-frozen background, the free rest -- has about unit std, like free latents."""
+    from instrument import installed
+
+    from loopui.engine.conditioning import ImageConditioning
+
+    seen = []
+    after_step = ImageConditioning.after_step
+
+    def spy(self, step, latents, level, *args, **kwargs):
+        out = after_step(self, step, latents, level, *args, **kwargs)
+        seen.append((level.s, out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(ImageConditioning, "after_step", spy)
+    with installed(tiny_pipe):
+        generate_loop(tiny_pipe, LoopRequest(**{**BASE, "height": 128, "width": 192}, guidance_scale=1.0,
+                                             image=image, anchor_strength=0.5, background_freeze=0.5,
+                                             mask=left_half_mask, mask_feather=0, init_strength=1.0),
+                      output_type="latent")
+    s, latents = seen[0]
+    assert s > 0.95  # the first step: x = a x0 + s n with a^2 + s^2 = 1, so std 1 whatever the content
+    frames = latents[0]  # (T, C, h, w): the anchored latent first
+    stds = [float(frames[0].std()), float(frames[1:, ..., 12:].std()), float(frames[1:, ..., :12].std())]
+    assert min(stds) > 0.93 and max(stds) < 1.07, f"anchored, frozen background, free: {stds}"

@@ -219,6 +219,30 @@ def test_flow_shift_rebuilds_the_pipelines_own_scheduler(wan):
     assert wan.scheduler.config.flow_shift == 3.0  # the pipeline's own is left alone
 
 
+@pytest.mark.parametrize("requested", [None, "euler"])
+def test_a_flow_match_euler_scheduler_follows_flow_shift(wan, requested):
+    """FlowMatchEuler keeps its shift under the config key ``shift`` (UniPC: ``flow_shift``): an Euler swapped into
+    the pipeline, or asked for by name, samples at the shift the sidecar records."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    own = wan.scheduler
+    wan.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    try:
+        with Recorder(wan.transformer) as rec:
+            result = generate_loop(wan, LoopRequest(**SMALL, flow_shift=8.0, scheduler=requested),
+                                   output_type="latent")
+        assert wan.scheduler.config.shift == 1.0  # the pipeline's own is left alone
+    finally:
+        wan.scheduler = own
+    reference = FlowMatchEulerDiscreteScheduler(shift=8.0)
+    reference.set_timesteps(4)
+    expected = reference.timesteps.tolist()  # about [1000, 942, 804, 60]; unshifted [1000, 667, 334, 1]
+    seen = [float(call["timestep"].flatten()[0]) for call in rec.calls[::2]]  # cond, uncond per step
+    assert seen == pytest.approx(expected, abs=0.5)
+    assert result.settings["flow_shift"] == 8.0
+    assert result.settings["scheduler_class"] == "FlowMatchEulerDiscreteScheduler"
+
+
 # -- reference images ----------------------------------------------------------------------------------------------
 
 def test_anchor_and_freeze_on_wans_layout(wan, image):

@@ -92,7 +92,8 @@ KNOB_FLAGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
 # For error messages: "num_frames must be >= 5" is clearer as "... [--frames]" on the command line.
 FIELD_FLAGS = {field: flag for flag, field, _ in KNOB_FLAGS} | {
     "prompt": "--prompt", "use_dynamic_cfg": "--dynamic-cfg", "image": "--image", "mask": "--mask",
-    "video": "--video", "frame_invariant_decoding": "--no-frame-invariant-decoding", "loras": "--lora"}
+    "video": "--video", "frame_invariant_decoding": "--no-frame-invariant-decoding", "loras": "--lora",
+    "recipe": "--recipe"}
 
 
 def knob_default(field: str) -> Any:

@@ -10,6 +10,8 @@ exit code 2; an interrupt exits 130.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -61,6 +63,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                              "owner/repo/file.safetensors, with its scale (-4..4, default 1); on Wan 2.2 A14B add "
                              ":high or :low for one expert (default both). diffusers reads the diffusers/PEFT, "
                              "Kohya, ComfyUI and lightx2v formats; the sidecar records each file's sha256.")
+    parser.add_argument("--recipe", default=None, metavar="NAME", help=_recipe_help())
     parser.add_argument("--invert-mask", action="store_true",
                         help="Animate the background instead of the object (same as --motion-region background).")
     parser.add_argument("--output", "-o", action="append", required=True, metavar="PATH",
@@ -82,10 +85,30 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="Log details (and diffusers' messages).")
 
 
+def _recipe_help() -> str:
+    from loopui.models.recipes import RECIPES, recipe_names
+
+    def short(model_id: str) -> str:
+        return model_id.split("/")[-1].removesuffix("-Diffusers")
+
+    names = "; ".join(f"{name} ({', '.join(short(m) for r in RECIPES if r.name == name for m in r.model_ids)})"
+                      for name in recipe_names())
+    return (f"A speed recipe: the published few-step settings of a distilled LoRA (steps, guidance 1 = no CFG, "
+            f"scheduler, sigmas, and the LoRA itself, fetched from the hub) fill the flags you leave out; flags you "
+            f"give win, and your --lora files are added (one whose path ends like a recipe file's stands in for "
+            f"it: a downloaded copy). Names: {names}. Sources and values: `{PROG} models`.").replace("%", "%%")
+
+
 def build_request(args: argparse.Namespace, spec: Any) -> LoopPlan:
     """The plan of parsed ``generate`` arguments, checked and resolved by ``resolve_request`` (as for the page and
     the API): flags left out stay "automatic", and the engine's plan fills them with the model's recommendations
-    (a guidance given here would set both experts of a two-expert model)."""
+    (a guidance given here would set both experts of a two-expert model); ``--recipe`` fills its values first."""
+    return _plan_with_recipe(args, spec)[0]
+
+
+def _plan_with_recipe(args: argparse.Namespace, spec: Any) -> tuple[LoopPlan, Any]:
+    """(the plan, what ``--recipe`` filled -- a ``loopui.models.recipes.RecipeFill``, or None without one); the
+    recipe's notes (a sigma list made for other steps, a LoRA copy standing in) join the plan's."""
     values = {field: getattr(args, field) for _, field, _ in KNOB_FLAGS}
     values.update(prompt=args.prompt, use_dynamic_cfg=args.use_dynamic_cfg, image=args.image, mask=args.mask,
                   video=args.video, frame_invariant_decoding=args.frame_invariant_decoding, loras=args.loras or ())
@@ -93,7 +116,31 @@ def build_request(args: argparse.Namespace, spec: Any) -> LoopPlan:
         if values["motion_region"] not in ("object", "background"):
             raise ValueError(f"--invert-mask contradicts --motion-region {values['motion_region']}")
         values["motion_region"] = "background"
-    return resolve_request(request_from_values(values), spec)
+    fill = None
+    if getattr(args, "recipe", None) is not None:
+        from loopui.models.recipes import fill_recipe
+
+        fill = fill_recipe(values, spec, args.recipe)
+        values = fill.values
+    plan = resolve_request(request_from_values(values), spec)
+    if fill is not None and fill.notes:
+        plan = dataclasses.replace(plan, notes=plan.notes + fill.notes)
+    return plan, fill
+
+
+def _record_recipe(sidecar: Path, first_output: Path, fill: Any) -> None:
+    """Add the recipe (its name and the knobs it filled) to the sidecar, after the model id: the values themselves
+    are in its settings already."""
+    from loopui.media import write_sidecar
+
+    data = json.loads(sidecar.read_text(encoding="utf-8"))
+    ordered: dict = {}
+    for key, value in data.items():
+        ordered[key] = value
+        if key == "model":
+            ordered["recipe"] = fill.record()
+    ordered.setdefault("recipe", fill.record())
+    write_sidecar(first_output, ordered)
 
 
 def _check_inputs(plan: LoopPlan) -> LoopPlan:
@@ -197,7 +244,8 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
     try:
         # 1. Check everything that needs no model: settings, input images, every file to be written
         spec = spec_for(args.model)
-        plan = _check_inputs(build_request(args, spec))  # planned once, the clip read once
+        plan, recipe = _plan_with_recipe(args, spec)
+        plan = _check_inputs(plan)  # planned once, the clip read once
         outputs = check_output_paths(args.output, args.save_latents)
         for note in plan.notes:
             print(f"{PROG}: note: {note}", file=sys.stderr)
@@ -242,6 +290,8 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
         loaded, render = manager.run(args.model, work, dtype=args.dtype, progress=on_load)
         if parallel is not None and not parallel.is_main:
             return EXIT_OK
+        if recipe is not None:
+            _record_recipe(render.sidecar, render.files[0], recipe)
         if args.save_latents:
             _save_latents(render.result.latents, Path(args.save_latents))
         elapsed = time.perf_counter() - start - loaded.load_seconds

@@ -1,5 +1,5 @@
 """``loopui models``: the registry (or the given model folders) as a table: family, task, latents, size, VRAM,
-licence."""
+licence; then each model's speed recipes (``generate --recipe NAME``) with their values and sources."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_models(names: Sequence[str]) -> int:
     """Print the table of ``names`` (every registry model when empty); 0, or 2 for an unknown name."""
+    from loopui.models.recipes import recipes_for
     from loopui.models.registry import DEFAULT_MODEL_ID, list_models, spec_for
 
     try:
@@ -43,6 +44,15 @@ def run_models(names: Sequence[str]) -> int:
     notes = sorted({spec.license for spec in specs if spec.license and _short_licence(spec.license) != spec.license})
     for licence in notes:
         print(f"{_short_licence(licence)}: {licence}")
+    with_recipes = [(spec, recipes_for(spec)) for spec in specs]
+    if any(recipes for _, recipes in with_recipes):
+        print("\nSpeed recipes (`generate --recipe NAME` fills the flags you leave out; flags you give win):")
+        for spec, recipes in with_recipes:
+            if recipes:
+                print(f"  {spec.model_id}")
+            for recipe in recipes:
+                print(f"    {recipe.name}: {recipe.summary()}")
+                print(f"      source: {recipe.source}")
     return EXIT_OK
 
 

@@ -12,9 +12,13 @@ Independent controls, each in [0, 1] and inert without an image or clip:
 - ``background_freeze`` b with motion mask M (1 = may move, area-downsampled to the latent grid so feathering
   survives): after every step, outside M every frame is pulled toward the same noised still (the image, or a clip's
   first frame; one noise for all frames) with weight b. At b = 1 the background of every latent frame ends identical.
-- ``loop_region`` r (clips): the latents farther than r·L/2 from the wrap are pulled toward the clip's own latents
-  (noised alike, per frame), with a taper of one latent or a fifth of the cycle: only the part around the wrap
-  changes, through the same mechanism as the freeze, along time instead of space.
+- ``loop_region`` r (clips): the ``round(r L)`` latents nearest the wrap may change, the other ``L - round(r L)`` are
+  held exactly to the clip's own latents (replaced by them, noised per frame, after every step). The free latents
+  are released from the wrap outwards (see :func:`wrap_hold`), so the change fades toward the held part.
+
+A pull of weight w keeps the step's noise level: clean parts are interpolated and the noises combined as independent
+unit noises (:func:`loopui.engine.noise.pulled`), where a lerp of the noised latents would leave
+``sqrt((1-w)^2 + w^2)`` of it.
 """
 
 from __future__ import annotations
@@ -27,21 +31,38 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .noise import NoiseLevel, noised, prediction_for
+from .noise import NoiseLevel, noised, prediction_for, pulled
 
 logger = logging.getLogger(__name__)
 
+# How a clip's free latents are released along the schedule (hold fraction (m / n) ** p, m-th of n from the wrap).
+# Measured on the instrument (bench/clip_region.py, 13 latents, loop_region 0.5, init 0.7 / 1.0): p = 1 leaves the
+# largest step at the join with the held part (1.20 / 1.34 x the mean step, the wrap 1.05 / 0.92); p = 0.5 releases
+# the latents near the held part later and balances join and wrap (join 1.09 / 1.16, wrap 1.14 / 1.03); p = 0.3 moves
+# the worst step to the wrap (1.19 / 1.11).
+RELEASE_POWER = 0.5
+
 
 def wrap_hold(length: int, loop_region: float) -> torch.Tensor:
-    """``(L,)`` float32 hold weights of a clip's latents: 0 within ``loop_region * L / 2`` latents of the wrap (they
-    may change), rising linearly to 1 over a taper of ``max(1, L / 5)`` latents beyond it (held to the clip)."""
+    """``(L,)`` float32: for how much of the schedule (after the init-strength steps) each of a clip's latents stays
+    held to the clip; 1 = to the end (the latent is the clip's), 0 = free from the start.
+
+    ``F = max(1, round(loop_region * L))`` latents (halves round up) around the wrap may change: latents 0, L-1, 1,
+    L-2, ... in that order (an odd F gives the start one more). The other ``L - F`` are held exactly. Each side's
+    run of ``n`` free latents is released in turn, from the wrap outwards: the ``m``-th from the wrap is held for the
+    first ``(m / n) ** RELEASE_POWER`` of the schedule, so the latents at the wrap change most and the change fades
+    toward the held part (the transition lies inside the free part).
+    """
     if loop_region >= 1.0:
         return torch.zeros(length)
-    k = torch.arange(length, dtype=torch.float64)
-    distance = torch.minimum(k + 0.5, length - 0.5 - k)  # from the wrap, between latents L-1 and 0
-    free_half = loop_region * length / 2.0
-    taper = max(1.0, length / 5.0)
-    return ((distance - free_half) / taper).clamp(0.0, 1.0).float()
+    free = min(length, max(1, math.floor(loop_region * length + 0.5)))
+    after, before = (free + 1) // 2, free // 2  # free latents 0..after-1 and L-before..L-1
+    hold = torch.ones(length)
+    for m in range(after):
+        hold[m] = (m / after) ** RELEASE_POWER
+    for m in range(before):
+        hold[length - 1 - m] = (m / before) ** RELEASE_POWER
+    return hold
 
 
 @dataclass
@@ -81,6 +102,14 @@ class ImageConditioning:
         return self.clip if self.clip is not None else self.reference
 
 
+    def release_steps(self) -> torch.Tensor:
+        """``(L,)`` the step from which each clip latent is free: ``init_steps + ceil(hold * free steps)``, at the
+        latest the last step (a latent that may change gets at least one step), and ``num_steps`` (never) for a
+        hold of 1."""
+        span = self.num_steps - self.init_steps
+        release = (self.init_steps + torch.ceil(self.hold.double() * span - 1e-9)).clamp(max=self.num_steps - 1)
+        return torch.where(self.hold >= 1.0, torch.full_like(release, self.num_steps), release)
+
     def use_model_condition(self, condition: torch.Tensor, latent_start: int, latent_count: int) -> None:
         """Anchor to the very latent an I2V model is conditioned on: its conditioning's first frame (CogVideoX-I2V
         samples it from the VAE's distribution with the pipeline's generator, so it differs from the mode)."""
@@ -98,33 +127,33 @@ class ImageConditioning:
         out = prediction_for(noisy, self.start.to(noisy.device), level, self.prediction_type)
         return out.to(noisy.dtype)
 
-    def after_step(self, step: int, latents: torch.Tensor, next_level: NoiseLevel) -> torch.Tensor:
-        """Apply init / hold / freeze / anchor pulls to the latents the scheduler just produced (level of step + 1)."""
+    def after_step(self, step: int, latents: torch.Tensor, next_level: NoiseLevel,
+                   clean: torch.Tensor) -> torch.Tensor:
+        """Apply init / hold / freeze / anchor pulls to the latents the scheduler just produced (level of step + 1),
+        ``clean`` being the step's clean estimate of the cycle: a pull interpolates clean parts and keeps the noise at
+        the step's level (:func:`loopui.engine.noise.pulled`)."""
         self.pulls = []
         if step < self.init_steps and self.initial_noise is not None:
             # Snap onto the exact noised start (the oracle prediction got within float error of it).
             return noised(self.start.to(latents.device), self.initial_noise.to(latents.device, latents.dtype),
                           next_level).to(latents.dtype)
+        clean = clean.to(latents.device, latents.dtype)
         if self.hold is not None and self.clip is not None and bool(self.hold.any()):
-            target = noised(self.clip.to(latents.device), self.clip_noise.to(latents.device, latents.dtype),
-                            next_level).to(latents.dtype)
-            weight = self._time_view(self.hold, latents).expand_as(latents)
-            latents = torch.lerp(latents, target, weight)
+            # Held latents are replaced by the noised clip until their release step (never, for a hold of 1).
+            weight = self._time_view((step < self.release_steps()).float(), latents).expand_as(latents)
+            latents, clean = pulled(latents, clean, self.clip, self.clip_noise, weight, next_level)
             self.pulls.append((self.clip, weight))
-        target = noised(self.reference.to(latents.device), self.noise.to(latents.device, latents.dtype), next_level)
-        target = target.to(latents.dtype)  # one frame
-        if self.background_freeze > 0:
-            still = 1.0 - (self.motion_mask if self.motion_mask is not None else torch.zeros_like(target))
-            weight = (self.background_freeze * still).to(latents.device, latents.dtype).expand_as(latents)
-            # lerp is exact at the ends (weight 1 gives the target bit-for-bit).
-            latents = torch.lerp(latents, target.expand_as(latents), weight)
-            self.pulls.append((self.reference, weight))
-        if self.anchor_strength > 0:
-            latents = latents.clone()
-            first = latents.narrow(self.time_dim, 0, 1)
-            first.copy_(torch.lerp(first, target.expand_as(first), self.anchor_strength))
-            weight = torch.zeros_like(latents)
-            weight.narrow(self.time_dim, 0, 1).fill_(self.anchor_strength)
+        if self.background_freeze > 0 or self.anchor_strength > 0:
+            # Freeze and anchor pull toward the same noised still: one pull, weights composed as two lerps would be
+            # (two pulls would mix the target's noise with itself and overshoot the noise level).
+            keep = torch.ones_like(latents)
+            if self.background_freeze > 0:
+                still = 1.0 - (self.motion_mask if self.motion_mask is not None else torch.zeros_like(self.reference))
+                keep = keep * (1.0 - self.background_freeze * still.to(latents.device, latents.dtype))
+            if self.anchor_strength > 0:
+                keep.narrow(self.time_dim, 0, 1).mul_(1.0 - self.anchor_strength)
+            weight = 1.0 - keep
+            latents, clean = pulled(latents, clean, self.reference, self.noise, weight, next_level)
             self.pulls.append((self.reference, weight))
         return latents
 

@@ -11,6 +11,7 @@ differs lives in ``loopui.engine.families``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -125,12 +126,10 @@ def _scheduler_swapped(pipe: Any, scheduler: Any) -> Iterator[None]:
 
 def _scheduler_for(pipe: Any, family: Family, plan: LoopPlan) -> Any:
     """The scheduler to swap in for this call, or None to keep the pipeline's own."""
-    config = pipe.scheduler.config
     if plan.scheduler is not None:
-        return family.build_scheduler(plan.scheduler, config, plan.flow_shift)
-    if plan.flow_shift is not None and float(config.get("flow_shift", plan.flow_shift)) != plan.flow_shift:
-        # The pipeline's own scheduler class, re-made with the recommended (or requested) shift.
-        return type(pipe.scheduler).from_config(config, flow_shift=plan.flow_shift)
+        return family.build_scheduler(plan.scheduler, pipe.scheduler.config, plan.flow_shift)
+    if plan.flow_shift is not None:
+        return family.reshifted_scheduler(pipe.scheduler, plan.flow_shift)
     return None
 
 
@@ -202,10 +201,14 @@ def _watch_scheduler(scheduler: Any, family: Family, state: StepState, predictio
                      conditioning: Optional[ImageConditioning], record_clean: bool):
     """Patch ``scheduler.step`` for one call: read the pipeline's own starting noise at the first step (the init
     strength builds on it, so every random draw stays in the stock pipeline's order), pull a multistep solver's
-    history as the image controls pulled the latents, and record the clean estimate an I2V image channel carries."""
+    history as the image controls pulled the latents, and record the step's clean estimate (the image controls pull
+    clean parts with it; an I2V image channel carries it)."""
     original = scheduler.step
     signature = inspect.signature(original)
 
+    # The pipeline reads step's signature to decide whether to pass the generator (and eta): a bare (*args, **kwargs)
+    # would make a stochastic scheduler (CogVideoX DPM) draw from torch's global RNG instead of the seed.
+    @functools.wraps(original)
     def step(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         output, sample = bound.arguments["model_output"], bound.arguments["sample"]
@@ -338,7 +341,8 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         def on_step_end(pipeline, i: int, t, kwargs: dict) -> dict:
             out = {}
             if conditioning is not None:
-                out["latents"] = conditioning.after_step(i, kwargs["latents"], family.level(sched, i + 1))
+                out["latents"] = conditioning.after_step(i, kwargs["latents"], family.level(sched, i + 1),
+                                                         state.clean)
             state.step = i + 1  # the offset advances after each scheduler step
             if callback:
                 callback("denoise", i + 1, steps)
@@ -363,8 +367,10 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
                 hooks.enter_context(cancel_checkpoint(transformer_blocks(module), cancel_event, stop_in_call))
             hooks.enter_context(family.rope_scaled(pipe, plan.rope_scale))
             hooks.enter_context(scheduled(sched, plan.sigmas, generator))
-            record_clean = image_channel is not None and image_channel.policy == "estimate"
-            if conditioning is not None or record_clean:
+            # The I2V estimate channel reads the clean estimate, and the image controls pull clean parts with it.
+            record_clean = conditioning is not None or (image_channel is not None
+                                                        and image_channel.policy == "estimate")
+            if record_clean:
                 hooks.enter_context(_watch_scheduler(sched, family, state, prediction_type, conditioning,
                                                      record_clean))
             final = pipe(**call_kwargs).frames  # the family's latent layout

@@ -75,3 +75,29 @@ def clean_estimate(x_t: torch.Tensor, output: torch.Tensor, level: NoiseLevel,
     if prediction_type == "flow_prediction":
         return x_t - level.s * output
     raise ValueError(f"unsupported prediction type {prediction_type!r} (known: {', '.join(PREDICTION_TYPES)})")
+
+
+def pulled(latents: torch.Tensor, clean: torch.Tensor, target: torch.Tensor, target_noise: torch.Tensor,
+           weight: torch.Tensor, level: NoiseLevel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pull ``latents`` (at ``level``, clean estimate ``clean``) toward ``target`` noised with ``target_noise``, by
+    ``weight`` in [0, 1] (broadcast to the latents), keeping the step's noise level. Returns the latents and their
+    clean part.
+
+    The clean parts are interpolated and the two noises, the latents' own ``n = (x - a clean) / s`` and the target's
+    ``z``, combined as independent unit noises: ``a lerp(clean, target, w) + s ((1-w) n + w z) / sqrt((1-w)^2 + w^2)``.
+    A plain lerp of the noised latents would scale the noise by ``sqrt((1-w)^2 + w^2)`` (0.71 at w = 0.5). Exactly
+    the latents at w = 0, exactly the noised target at w = 1, a plain lerp at the clean level.
+    """
+    weight = weight.to(latents.device, latents.dtype).expand_as(latents)
+    target = target.to(latents.device, latents.dtype).expand_as(latents)
+    clean = clean.to(latents.device, latents.dtype).expand_as(latents)
+    new_clean = torch.lerp(clean, target, weight)
+    if level.clean:
+        return torch.lerp(latents, target, weight), new_clean
+    noise = (latents - level.a * clean) / level.s
+    z = target_noise.to(latents.device, latents.dtype).expand_as(latents)
+    norm = torch.sqrt((1.0 - weight) ** 2 + weight ** 2)
+    mixed = level.a * new_clean + level.s * ((1.0 - weight) * noise + weight * z) / norm
+    held = level.a * target + level.s * z
+    out = torch.where(weight >= 1.0, held, torch.where(weight <= 0.0, latents, mixed))
+    return out, new_clean

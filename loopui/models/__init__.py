@@ -1,6 +1,7 @@
 """The models room: which models exist (registry, with each family's config facts in families), building one
 pipeline (loader), placing it in memory (memory), caching and leasing loaded models (manager), the device pool
-(devices), the tiny demo model, and a CLIP model for the loop scores (clip).
+(devices), the speed recipes of distilled LoRAs (recipes), the tiny demo model, and a CLIP model for the loop scores
+(clip).
 
 Names are re-exported lazily (PEP 562) so ``import loopui.models`` pulls in neither torch nor diffusers; they are
 imported on first use of the function that needs them.
@@ -33,6 +34,11 @@ _EXPORTS = {
     "DEMO_MODEL_ID": "loopui.models.demo",
     "build_tiny_cogvideox": "loopui.models.demo",
     "save_tiny_cogvideox": "loopui.models.demo",
+    "Recipe": "loopui.models.recipes",
+    "RECIPES": "loopui.models.recipes",
+    "recipes_for": "loopui.models.recipes",
+    "recipe_values": "loopui.models.recipes",
+    "fill_recipe": "loopui.models.recipes",
     "ClipEmbedder": "loopui.models.clip",
     "load_clip": "loopui.models.clip",
 }

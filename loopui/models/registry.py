@@ -65,6 +65,7 @@ class ModelSpec:
     vram_gb: float = 0.0  # GiB to keep every component on one GPU at the native size (rough)
     offload_vram_gb: float = 0.0  # GiB peak with model CPU offload (one component on the GPU at a time; rough)
     local_path: Optional[str] = None  # set when the spec was read from a folder on disk
+    copy_of: Optional[str] = None  # the registry model a local folder's configs match (its recommendations, recipes)
     builtin: bool = False  # built in code (the demo model), never loaded from disk or hub
 
     def to_dict(self) -> dict:
@@ -322,8 +323,8 @@ def _spec_from_config(model_id: str, pipeline_class: str, transformer_config: Ma
         # The registry's native size and trained length are the model card's; the rest is read from the config.
         keep = ("native_height", "native_width", "native_num_frames", "native_fps", "trained_latent_frames")
         facts = {k: v for k, v in facts.items() if k not in keep or family.config_states_training_shape}
-        return dataclasses.replace(known, **facts, description=f"Local copy of {known.model_id}. "
-                                                               f"{known.description}")
+        return dataclasses.replace(known, **facts, copy_of=known.model_id,
+                                   description=f"Local copy of {known.model_id}. {known.description}")
     # Unknown architecture: the pipeline's own scheduler, and a VRAM guess from the weights' size
     # (weights plus activations at the native size, which for these models are a few GiB).
     weights_gib = weight_bytes / 2**30

@@ -42,7 +42,7 @@ CUSTOM_RESOLUTION = "custom"
 FAMILY_LABELS: dict[str, str] = {"cogvideox": "CogVideoX", "wan": "Wan"}
 SCHEDULER_LABELS: dict[str, str] = {"ddim": "DDIM (trailing)", "dpm": "DPM (trailing)",
                                     "unipc": "UniPC (flow matching)", "euler": "Euler (flow matching)",
-                                    "lcm": "LCM (flow matching, few-step distilled models)"}
+                                    "lcm": "LCM (flow matching, re-noising: distilled few-step models)"}
 IMAGE_CHANNEL_LABELS: dict[str, str] = {
     "estimate": "estimate: the image while the anchored frame leads, else the loop's own first frame (default)",
     "image": "image: the reference image in every clip",

@@ -64,6 +64,11 @@ class Family(FamilyFacts):
     def build_scheduler(self, name: str, config: Any, flow_shift: Optional[float] = None) -> Any:
         raise NotImplementedError
 
+    def reshifted_scheduler(self, scheduler: Any, flow_shift: float) -> Optional[Any]:
+        """``scheduler``'s class re-made with ``flow_shift``, or None when it already samples at that shift (or has
+        no shift: families without flow matching)."""
+        return None
+
     def prediction_type(self, scheduler: Any) -> str:
         return str(scheduler.config.get("prediction_type", "epsilon"))
 

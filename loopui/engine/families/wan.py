@@ -35,6 +35,15 @@ from .base import Family
 logger = logging.getLogger(__name__)
 
 
+# Where a flow-matching scheduler keeps its shift: UniPC (and diffusers' DPM solvers) ``flow_shift``,
+# FlowMatchEulerDiscreteScheduler ``shift``.
+SHIFT_KEYS = ("flow_shift", "shift")
+
+
+def _shift_of(config: Any) -> float:
+    return float(next((config[k] for k in SHIFT_KEYS if k in config), 1.0))
+
+
 def scaled_wan_rope(rope: Any, rope_scale: float) -> Any:
     """A ``WanRotaryPosEmbed`` like ``rope`` whose temporal columns use the NTK-scaled base (spatial unchanged)."""
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
@@ -63,7 +72,7 @@ class WanFamily(Family, WanFacts):
     def build_scheduler(self, name: str, config: Any, flow_shift: Optional[float] = None) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, UniPCMultistepScheduler
 
-        shift = flow_shift if flow_shift is not None else config.get("flow_shift", 1.0)
+        shift = flow_shift if flow_shift is not None else _shift_of(config)
         if name == "unipc":
             return UniPCMultistepScheduler.from_config(config, flow_shift=float(shift), use_flow_sigmas=True,
                                                        prediction_type="flow_prediction")
@@ -94,6 +103,17 @@ class WanFamily(Family, WanFacts):
             if name in pipe.__dict__:
                 setattr(view, name, pipe.__dict__[name])
         return view
+
+    def reshifted_scheduler(self, scheduler: Any, flow_shift: float) -> Optional[Any]:
+        config = scheduler.config
+        key = next((k for k in SHIFT_KEYS if k in config), None)
+        if key is None:
+            logger.warning("flow_shift %s not applied: %s has no shift in its config", flow_shift,
+                           type(scheduler).__name__)
+            return None
+        if float(config[key]) == float(flow_shift):
+            return None
+        return type(scheduler).from_config(config, **{key: float(flow_shift)})
 
     def check_request(self, request: Any, spec: Any, length: int) -> list[str]:
         if request.use_dynamic_cfg:
