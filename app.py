@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="public mode for a shared server: registry models only (no local folders), capped "
                              "steps, frames and size, small uploads (default: on when running on a Hugging Face "
                              "Space, i.e. SPACE_ID is set)")
+    parser.add_argument("--lora-dir", default=None, metavar="DIR",
+                        help="a folder of .safetensors LoRAs offered on the page by file name (the API names them "
+                             "the same way); in public mode the only LoRAs a request may use")
     parser.add_argument("--keep-hours", type=float, default=None, metavar="H",
                         help="delete generated files older than this (default 24, or LOOPUI_KEEP_HOURS)")
     parser.add_argument("--keep-gb", type=float, default=None, metavar="GB",
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         studio = Studio(model_id=args.model, demo=args.demo, devices=args.devices, zero_gpu=zero_gpu,
                         public=args.public, max_output_age_s=args.keep_hours * 3600,
-                        max_output_bytes=int(args.keep_gb * 2**30))
+                        max_output_bytes=int(args.keep_gb * 2**30), lora_dir=args.lora_dir)
     except ValueError as exc:
         print(f"loopui: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE
@@ -115,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _busy(args.port)
     if args.public:
-        logger.info("public mode: registry models only, requests capped, generated files kept %.0f h / %.1f GB",
-                    args.keep_hours, args.keep_gb)
+        logger.info("public mode: registry models only, requests capped, generated files kept %.0f h / %.1f GB, "
+                    "LoRAs: %s", args.keep_hours, args.keep_gb, ", ".join(studio.loras) or "none")
     if args.mcp and not demo.mcp_server:
         logger.warning("--mcp was given but the MCP server is not running: install the extra with "
                        "`pip install \"gradio[mcp]\"` and restart")

@@ -274,3 +274,58 @@ def test_an_anchored_loops_seam_strip_straddles_its_real_wrap(tmp_path):
     left, right = strip[0, 2 * 4, 1], strip[0, 3 * 4 + 2, 1]
     assert (left, right) == (120, 150)
     assert "Cycle ratio 1.00" in outcome.seam_text and outcome.shift_skip == 1
+
+
+def _sidecar(files) -> dict:
+    return json.loads(Path(next(f for f in files if str(f).endswith(".json"))).read_text())
+
+
+def test_api_step_cache_loop_skips_model_calls(app):
+    """``step_cache="loop"`` reaches the engine: at 30 steps it answers some steps without the model."""
+    _, client = app
+    small = dict(prompt="ocean waves", num_inference_steps=30, height=32, width=48, num_frames=9, seed=3)
+    *_, files_off, _ = client.predict(api_name="/generate", **small)
+    *_, files_loop, status = client.predict(step_cache="loop", api_name="/generate", **small)
+    off, loop = _sidecar(files_off), _sidecar(files_loop)
+    assert "Done." in status and loop["settings"]["step_cache"] == "loop" and off["settings"]["step_cache"] == "off"
+    assert loop["settings"]["model_calls"] < off["settings"]["model_calls"]
+
+
+def test_api_uses_the_lora_dirs_files_and_public_mode_only_those(app, tmp_path, monkeypatch):
+    """A LoRA written in code into the server's --lora-dir is named by its file name (the sidecar records its
+    sha256); in public mode any other LoRA is refused by name, and a broken file is one line naming ``loras``."""
+    import hashlib
+
+    from loopui.models.demo import build_tiny_cogvideox
+    from loopui.studio.requests import list_lora_dir
+    from loopui.testing.lora_files import write_lora
+
+    studio, client = app
+    folder = tmp_path / "loras"
+    paper = write_lora(build_tiny_cogvideox().transformer, folder / "paper.safetensors", seed=1)
+    other = write_lora(build_tiny_cogvideox().transformer, tmp_path / "other.safetensors", seed=2)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors header")
+    monkeypatch.setattr(studio.knobs, "loras", list_lora_dir(folder))
+    small = dict(prompt="a paper boat", num_inference_steps=2, height=32, width=48, num_frames=9)
+
+    *_, files, status = client.predict(loras=["paper.safetensors:0.5"], api_name="/generate", **small)
+    assert "Done." in status, status
+    (record,) = _sidecar(files)["settings"]["loras"]
+    assert record == {"source": "paper.safetensors", "file": "paper.safetensors", "scale": 0.5, "expert": "both",
+                      "sha256": hashlib.sha256(paper.read_bytes()).hexdigest()}
+    # Outside public mode another file on the server is used too (text, one per line)
+    *_, files, _ = client.predict(loras=f"paper.safetensors\n{other}:-1", api_name="/generate", **small)
+    assert [(r["file"], r["scale"]) for r in _sidecar(files)["settings"]["loras"]] == [
+        ("paper.safetensors", 1.0), ("other.safetensors", -1.0)]
+    with pytest.raises(AppError) as info:
+        client.predict(loras=[str(broken)], api_name="/generate", **small)
+    assert str(info.value).startswith("loras: 'broken.safetensors' is not a valid safetensors file")
+    assert "\n" not in str(info.value) and str(tmp_path) not in str(info.value)
+
+    monkeypatch.setattr(studio, "public", True)  # undone (public off) when the test ends
+    with pytest.raises(AppError, match=r"^loras: 'other.safetensors' is not one of this server's LoRAs "
+                                       r"\(paper.safetensors\)$"):
+        client.predict(loras=[str(other)], api_name="/generate", **small)
+    *_, files, status = client.predict(loras=["paper.safetensors:0.5"], api_name="/generate", **small)
+    assert "Done." in status and _sidecar(files)["settings"]["loras"][0]["source"] == "paper.safetensors"

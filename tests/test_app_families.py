@@ -185,6 +185,74 @@ def test_a_model_change_updates_every_knob_and_keeps_what_still_fits(tmp_path):
     assert to_wan22["resolution"]["value"] == "96x64" and to_wan22["width"]["step"] == 32
 
 
+def test_the_steps_follow_a_model_change_except_the_preview_steps_without_a_gpu(tmp_path):
+    """A model change sets the Steps slider to the new model's planned steps (40 on Wan 2.2 A14B, 50 on CogVideoX);
+    on a server without a GPU the preview's 4 steps stay while the page shows them."""
+    pytest.importorskip("gradio")
+    from loopui.ui.updates import model_updates
+
+    a14b, cog = "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "THUDM/CogVideoX-5b"
+    gpu = _studio(tmp_path).knobs
+    assert model_updates(gpu, a14b, steps=50)["num_inference_steps"]["value"] == 40
+    assert model_updates(gpu, cog, steps=40)["num_inference_steps"]["value"] == 50
+    assert model_updates(gpu, "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", steps=4)["num_inference_steps"]["value"] == 40
+    cpu = _studio(tmp_path, has_gpu=False).knobs
+    assert "value" not in model_updates(cpu, a14b, steps=4)["num_inference_steps"]  # the preview stays
+    assert model_updates(cpu, a14b, steps=30)["num_inference_steps"]["value"] == 40  # not the preview: the model's
+
+
+def test_sigmas_and_the_lora_expert_follow_the_model(tmp_path):
+    """The sigma box is Wan's (locked on CogVideoX with the engine's reason, cleared by a model change); the LoRA
+    expert choice exists only on a two-expert model."""
+    pytest.importorskip("gradio")
+    from loopui.ui.updates import model_updates
+
+    knobs = _studio(tmp_path).knobs
+    cog, wan, a14b = (knobs.model_view(m) for m in ("THUDM/CogVideoX-5b", WAN, "Wan-AI/Wan2.2-T2V-A14B-Diffusers"))
+    assert not cog.sigmas.interactive and "sigmas apply to flow-matching models (Wan) only" in cog.sigmas.note
+    assert wan.sigmas.interactive and wan.sigmas.value is None and "1,0.9375,0.8333,0.625" in wan.sigmas.note
+    assert a14b.lora_expert.interactive and not wan.lora_expert.interactive and not cog.lora_expert.interactive
+    to_cog = model_updates(knobs, "THUDM/CogVideoX-5b")
+    assert to_cog["sigmas"]["interactive"] is False and to_cog["sigmas"]["value"] is None
+    assert to_cog["lora_expert"] == {"value": "both", "interactive": False, "info": cog.lora_expert.note,
+                                     "__type__": "update"}
+    assert model_updates(knobs, a14b.model_id)["lora_expert"]["interactive"] is True
+
+
+def test_the_page_sends_steps_at_the_models_value_as_automatic_so_sigmas_set_the_count(tmp_path):
+    studio = _studio(tmp_path)
+    plan = _page_request(studio, WAN, num_inference_steps=50, sigmas="1, 0.9375, 0.8333, 0.625", scheduler="lcm")
+    assert plan.num_inference_steps == 4 and plan.sigmas == (1.0, 0.9375, 0.8333, 0.625) and plan.flow_shift == 1.0
+    assert _page_request(studio, WAN, num_inference_steps=50).num_inference_steps == 50
+    with pytest.raises(ValueError, match="^sigmas must have one value per step: 4 given for num_inference_steps 30"):
+        _page_request(studio, WAN, num_inference_steps=30, sigmas="1, 0.9375, 0.8333, 0.625")
+
+
+def test_a_lora_dir_lists_its_safetensors_by_file_name(tmp_path):
+    from loopui.studio import Studio
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for name in ("b.safetensors", "A.safetensors", "notes.txt", "old.ckpt"):
+        (folder / name).write_bytes(b"x")
+    (folder / "sub.safetensors").mkdir()  # a folder, not a file
+    studio = Studio(has_gpu=True, output_root=tmp_path / "out", manager=object(), lora_dir=folder)
+    assert list(studio.loras) == ["A.safetensors", "b.safetensors"]
+    assert studio.loras["b.safetensors"] == str((folder / "b.safetensors").resolve())
+    with pytest.raises(ValueError, match="^--lora-dir: '.*missing' is not a folder$"):
+        Studio(has_gpu=True, output_root=tmp_path / "out", manager=object(), lora_dir=tmp_path / "missing")
+
+
+def test_app_refuses_a_lora_dir_that_is_not_a_folder(tmp_path, capsys):
+    import app
+    from served_app import free_port
+
+    assert app.parse_args(["--lora-dir", str(tmp_path)]).lora_dir == str(tmp_path)
+    assert app.main(["--demo", "--port", str(free_port()), "--lora-dir", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loopui: error: --lora-dir: ") and err.endswith("is not a folder")
+
+
 # -- the API on a faithful Wan ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -211,9 +279,29 @@ def test_api_lists_the_new_knobs_with_automatic_defaults(wan_app):
     _, client = wan_app
     parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
     by_name = {p["parameter_name"]: p for p in parameters}
-    for name in ("flow_shift", "guidance_scale", "use_dynamic_cfg", "fps"):
+    for name in ("flow_shift", "guidance_scale", "use_dynamic_cfg", "fps", "num_inference_steps", "sigmas", "loras"):
         assert by_name[name]["parameter_has_default"] and by_name[name]["parameter_default"] is None, name
     assert by_name["image_channel"]["parameter_default"] == "estimate"
+    assert by_name["step_cache"]["parameter_default"] == "off"
+
+
+def test_api_takes_a_sigma_list_on_wan_and_refuses_it_on_cogvideox(wan_app):
+    """Steps left out follow the list's length (the API's steps default to automatic); the sidecar records the
+    sigmas, and the flow shift is 1 (the sigmas are final values). CogVideoX refuses a sigma list in one line."""
+    from gradio_client.exceptions import AppError
+
+    _, client = wan_app
+    small = dict(prompt="waves", num_frames=9, height=32, width=48, guidance_scale=1)
+    *_, files, status = client.predict(model=WAN, sigmas="1, 0.9375, 0.8333, 0.625", scheduler="lcm",
+                                       api_name="/generate", **small)
+    assert status.startswith("Done."), status
+    settings = _settings(files)
+    assert settings["sigmas"] == [1.0, 0.9375, 0.8333, 0.625] and settings["num_inference_steps"] == 4
+    assert (settings["flow_shift"], settings["scheduler"]) == (1.0, "lcm")
+    *_, files, _ = client.predict(model=WAN, sigmas=[1, 0.5], api_name="/generate", **small)  # a JSON list
+    assert _settings(files)["num_inference_steps"] == 2
+    with pytest.raises(AppError, match=r"^sigmas apply to flow-matching models \(Wan\) only"):
+        client.predict(sigmas="1, 0.5", api_name="/generate", **small)
 
 
 def test_api_generates_a_wan_loop_with_the_wan_recommendations(wan_app):

@@ -44,6 +44,15 @@ def files(tmp_path_factory, clip_files) -> dict[str, Path]:
     out["truncated"].write_bytes(data[: len(data) // 2])
     Image.new("1", (9000, 8000)).save(out["huge"])  # 72 megapixels in a few kB: over the 64 MP cap
     out.update({f"clip_{name}": path for name, path in clip_files.items()})
+    # LoRAs: one for the demo model, one for a Wan model, a file that is no safetensors file
+    from loopui.models.demo import build_tiny_cogvideox
+    from loopui.testing.lora_files import write_lora
+    from tiny_wan import build_tiny_wan
+
+    out["lora_good"] = write_lora(build_tiny_cogvideox().transformer, folder / "good.safetensors")
+    out["lora_wan"] = write_lora(build_tiny_wan().transformer, folder / "wan.safetensors", "kohya")
+    out["lora_broken"] = folder / "broken.safetensors"
+    out["lora_broken"].write_bytes(b"not a safetensors header")
     return out
 
 
@@ -155,10 +164,34 @@ API_CASES = [
     ("a bare path instead of a video upload", dict(video="/etc/passwd"), "video: expected an uploaded video file"),
     ("loop region zero", dict(video="clip_good", loop_region=0), "loop_region must be >= 0.05, got 0"),
     ("loop region as words", dict(loop_region="half"), "loop_region must be a number"),
+    ("unknown step cache", dict(step_cache="teacache"), "step_cache must be one of off, loop; got 'teacache'"),
+    ("sigmas on CogVideoX", dict(sigmas="1, 0.5", num_inference_steps=None),
+     "sigmas apply to flow-matching models (Wan) only"),
+    ("sigmas as words", dict(model=WAN, sigmas="high, low"), "sigmas must be a number, got 'high'"),
+    ("sigmas rising", dict(model=WAN, sigmas=[0.5, 0.9], num_inference_steps=None), "sigmas must decrease"),
+    ("sigmas above 1", dict(model=WAN, sigmas=[2, 0.5], num_inference_steps=None), "sigmas must lie in (0, 1]"),
+    ("fewer sigmas than steps", dict(model=WAN, sigmas="1, 0.5", num_inference_steps=4),
+     "sigmas must have one value per step: 2 given for num_inference_steps 4"),
+    ("sigmas with a flow shift", dict(model=WAN, sigmas="1", flow_shift=3),
+     "flow_shift does not apply with sigmas"),
+    ("a LoRA that does not exist", dict(loras=["/nowhere/ghost.safetensors"]),
+     "loras: 'ghost.safetensors' does not exist"),
+    ("a pickled LoRA", dict(loras=["style.ckpt:0.5"]), "loras: 'style.ckpt' is not a .safetensors file"),
+    ("a broken LoRA file", dict(loras=["lora_broken"]), "loras: 'broken.safetensors' is not a valid safetensors"),
+    ("a LoRA scale out of range", dict(loras=["style.safetensors:9"]),
+     "loras: 'style.safetensors': scale must be in -4..4, got 9.0"),
+    ("a LoRA as a number", dict(loras=5), "loras: expected a list of 'source:scale', got int"),
+    ("a LoRA expert on a one-expert model", dict(loras=["lora_good:1:high"]),
+     "loras: 'good.safetensors': expert 'high' needs a two-expert model"),
+    ("a Wan LoRA on CogVideoX", dict(loras=["lora_wan"]), "loras: 'wan.safetensors' does not fit "
+                                                           "loopui/tiny-random-cogvideox (cogvideox)"),
 ]
 
 
 def _upload(files: dict, value):
+    if isinstance(value, list):  # LoRAs: a file of the server named by its path, "name:scale:expert" kept
+        return [str(files[v.split(":")[0]]) + v[len(v.split(":")[0]):]
+                if isinstance(v, str) and v.split(":")[0] in files else v for v in value]
     return handle_file(str(files[value])) if isinstance(value, str) and value in files else value
 
 
@@ -205,6 +238,9 @@ def test_public_caps_are_answered_by_name(served, client, files, monkeypatch):
             ("public: too long a prompt", dict(prompt="waves " * 400), "prompt must be at most 2000 characters"),
             ("public: a clip over the size cap", dict(video=handle_file(str(files["clip_good"]))),
              "video: 'bar.mp4' is "),
+            ("public: a LoRA that is not the server's", dict(loras=[str(files["lora_good"])]),
+             "loras: 'good.safetensors' is not one of this server's LoRAs (none)"),
+            ("public: a hub LoRA", dict(loras=["owner/repo"]), "loras: 'owner/repo' is not one of this server's"),
         ]:
             BAD_INPUTS_TRIED.append(case)
             with pytest.raises(AppError) as info:
@@ -362,6 +398,9 @@ CLI_CASES = [
     ("cli: unwritable output folder", ["-o", "/proc/loopui-test/x.mp4"], "--output: cannot write to the folder"),
     ("cli: unwritable latents folder", ["--save-latents", "/proc/x.pt"], "--save-latents: cannot write to"),
     ("cli: latents not .pt", ["--save-latents", "{tmp}/x.npy"], "--save-latents: "),
+    ("cli: unknown step cache", ["--step-cache", "teacache"], "argument --step-cache: invalid choice: 'teacache'"),
+    ("cli: sigmas as words", ["--sigmas", "high,low"], "argument --sigmas: expected noise levels separated by"),
+    ("cli: sigmas on CogVideoX", ["--sigmas", "1,0.5"], "sigmas apply to flow-matching models (Wan) only; "),
 ]
 
 

@@ -362,3 +362,77 @@ def test_a_clip_uploaded_in_the_page_becomes_a_loop(served_demo, clip_files):
     assert Path(settings["video"]).name == "bar.mp4"
     assert (settings["loop_region"], settings["init_strength"]) == (0.5, CLIP_INIT_STRENGTH)
     assert float(init_after) == 1.0 and not anchor_after
+
+
+def test_the_page_uses_the_servers_loras_and_its_steps_follow_the_model(tmp_path):
+    """--lora-dir's files are offered by file name: a pick at scale 0.5 reaches the loop (the sidecar records it
+    with its sha256). A model change sets Steps to the model's planned steps (40 on Wan 2.2 A14B, 50 on
+    CogVideoX-5b) and opens the sigma box and the expert choice where the model takes them (locked on CogVideoX)."""
+    pytest.importorskip("gradio")
+    import hashlib
+
+    from loopui.models.demo import build_tiny_cogvideox
+    from loopui.studio import Studio
+    from loopui.testing.browser import CHROMIUM_ARGS, VIEWPORT
+    from loopui.testing.lora_files import write_lora
+
+    sync_playwright, chromium = _playwright_and_chromium()
+    paper = write_lora(build_tiny_cogvideox().transformer, tmp_path / "loras" / "paper.safetensors", seed=1)
+    studio = Studio(model_id="demo", has_gpu=True, devices="cpu", output_root=tmp_path / "sessions",
+                    lora_dir=tmp_path / "loras")
+    seen: dict = {}
+    with serve(studio) as demo, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(demo.local_url, wait_until="domcontentloaded")
+            page.locator("#loopui-generate").wait_for(state="visible", timeout=60000)
+            page.get_by_text("Advanced", exact=True).click()
+            page.get_by_text("LoRAs (1 on this server; or upload your own)").click()
+
+            def state() -> dict:
+                return dict(steps=page.locator("#loopui-steps input[type=number]").input_value(),
+                            sigmas_disabled=page.locator("#loopui-sigmas textarea, #loopui-sigmas input")
+                            .first.is_disabled(),
+                            expert_disabled=page.locator("#loopui-lora-expert input").first.is_disabled())
+
+            def choose_model(label: str, note: str) -> None:
+                field = page.locator("#loopui-model input")
+                field.click()
+                listbox = page.locator(f"#{field.get_attribute('aria-controls')}")
+                listbox.get_by_role("option", name=label).first.click()
+                page.wait_for_function(f"() => document.querySelector('#loopui-model-note').innerText"
+                                       f".includes({json.dumps(note)})", timeout=10000)
+
+            seen["demo"] = state()
+            picks = page.locator("#loopui-lora-picks input")
+            picks.click()
+            page.locator(f"#{picks.get_attribute('aria-controls')}").get_by_role(
+                "option", name="paper.safetensors").click()
+            page.locator("#loopui-intro h1").click()  # closes the list
+            for elem, value in (("loopui-lora-scale", "0.5"), ("loopui-steps", "2")):
+                box = page.locator(f"#{elem} input[type=number]")
+                box.fill(value)
+                box.press("Enter")
+            page.locator("#loopui-prompt textarea").fill("a paper boat")
+            seen["status"] = _generate(page, timeout=90000)
+            seen["sidecar"] = json.loads(next(Path(studio.output_root).rglob("*.json")).read_text())
+            choose_model("Wan-AI/Wan2.2-T2V-A14B", "Wan 2.2 A14B text-to-video")
+            page.wait_for_function("() => document.querySelector('#loopui-steps input[type=number]').value === '40'",
+                                   timeout=10000)
+            seen["a14b"] = state()
+            choose_model("THUDM/CogVideoX-5b · CogVideoX · 26 GB", "CogVideoX 5B text-to-video")
+            page.wait_for_function("() => document.querySelector('#loopui-steps input[type=number]').value === '50'",
+                                   timeout=10000)
+            seen["cog"] = state()
+        finally:
+            browser.close()
+
+    assert seen["demo"] == {"steps": "50", "sigmas_disabled": True, "expert_disabled": True}
+    assert seen["status"].startswith("Done. 52 frames · 96x64"), seen["status"]
+    assert seen["sidecar"]["settings"]["loras"] == [{
+        "source": "paper.safetensors", "file": "paper.safetensors", "scale": 0.5, "expert": "both",
+        "sha256": hashlib.sha256(paper.read_bytes()).hexdigest()}]
+    assert seen["sidecar"]["settings"]["num_inference_steps"] == 2
+    assert seen["a14b"] == {"steps": "40", "sigmas_disabled": False, "expert_disabled": False}
+    assert seen["cog"] == {"steps": "50", "sigmas_disabled": True, "expert_disabled": True}

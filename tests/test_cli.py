@@ -114,6 +114,8 @@ def test_generate_help_takes_defaults_and_choices_from_loop_request():
     help_text = knob_info("shift_skip")["help"].replace("%", "%%").replace("empty = ", "default: ")
     assert help_text in actions["shift_skip"].help and "empty" not in actions["guidance_scale"].help
     assert actions["scheduler"].choices == ("ddim", "dpm", "unipc", "euler", "lcm")
+    assert actions["step_cache"].choices == knob_info("step_cache")["choices"] and actions["step_cache"].default == "off"
+    assert actions["sigmas"].default is None and actions["sigmas"].metavar == "S1,S2,..."
     assert actions["image_channel"].choices == knob_info("image_channel")["choices"]
     assert actions["flow_shift"].default is None and actions["fps"].default is None
 
@@ -255,10 +257,28 @@ def test_generate_on_a_faithful_wan_folder_writes_a_16_fps_loop(faithful_wan_dir
     assert tuple(torch.load(tmp_path / "wan.pt").shape) == (1, 16, 3, 4, 6)  # Wan's (B, C, T, H, W), as --help says
 
 
+def test_sigmas_and_step_cache_flags_reach_the_loop(faithful_wan_dir, tmp_path, capsys):
+    """--sigmas without --steps: one step per sigma, the flow shift 1 (the sigmas are final); --step-cache and the
+    distilled sampler's scheduler reach the sidecar."""
+    out = tmp_path / "fast.gif"
+    code = main(["generate", "--model", str(faithful_wan_dir), "--prompt", "waves", "--frames", "9", "--height",
+                 "32", "--width", "48", "--sigmas", "1, 0.75, 0.5", "--scheduler", "lcm", "--guidance", "1",
+                 "--step-cache", "loop", "-q", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    settings = json.loads(out.with_suffix(".json").read_text())["settings"]
+    assert (settings["sigmas"], settings["num_inference_steps"], settings["flow_shift"]) == ([1.0, 0.75, 0.5], 3, 1.0)
+    assert (settings["scheduler"], settings["step_cache"], settings["scheduler_class"]) == \
+        ("lcm", "loop", "FlowMatchLCMScheduler")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--dynamic-cfg"], "use_dynamic_cfg applies to CogVideoX only; Wan uses a constant guidance scale: turn "
                         "dynamic CFG off [--dynamic-cfg]"),
     (["--scheduler", "ddim"], "scheduler must be one of unipc, euler, lcm for "),
+    (["--sigmas", "1,0.5", "--steps", "3"], "sigmas must have one value per step: 2 given for num_inference_steps 3 "
+                                            "[--sigmas]"),
+    (["--sigmas", "1,0.5", "--flow-shift", "3"], "flow_shift does not apply with sigmas"),
+    (["--sigmas", "0.5,1"], "sigmas must decrease from step to step, got [0.5, 1.0] [--sigmas]"),
     (["--height", "40"], "height must be a multiple of 16, got 40 [--height]"),
     (["--flow-shift", "0"], "flow_shift must be >= 0.5, got 0.0 [--flow-shift]"),
 ])

@@ -257,6 +257,9 @@ def test_gpu_seconds_grow_with_steps_frames_size_and_model():
     a14b = spec_for("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
     assert estimate_gpu_seconds(a14b, {}) == estimate_gpu_seconds(a14b, {"num_inference_steps": 40}) < \
         estimate_gpu_seconds(a14b, {"num_inference_steps": 50})
+    # With a sigma list they are one per sigma (a 4-step distilled loop is not sized as 40 steps).
+    assert estimate_gpu_seconds(a14b, {"sigmas": "1, 0.9375, 0.8333, 0.625"}) == \
+        estimate_gpu_seconds(a14b, {"num_inference_steps": 4})
 
 
 def test_gpu_seconds_of_malformed_values_do_not_crash_the_call(fake_cuda):
@@ -265,6 +268,7 @@ def test_gpu_seconds_of_malformed_values_do_not_crash_the_call(fake_cuda):
 
     studio = Studio(demo=True, devices="cuda:0")
     assert studio.gpu_seconds("THUDM/CogVideoX-5b", {"num_inference_steps": "lots"}) == ZERO_GPU_MAX_SECONDS
+    assert studio.gpu_seconds("Wan-AI/Wan2.2-T2V-A14B-Diffusers", {"sigmas": "high"}) == ZERO_GPU_MAX_SECONDS
     unknown = studio.gpu_seconds("no/such-model", {"num_inference_steps": 4})
     assert unknown == studio.gpu_seconds(studio.model_id, {"num_inference_steps": 4})  # sized for the default
 

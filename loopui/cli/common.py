@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any, Callable, Optional
 
-from loopui.engine.request import knob_info, number_text, real_number, whole_number
+from loopui.engine.request import knob_info, number_text, parse_sigmas, real_number, whole_number
 
 PROG = "loopui"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -42,6 +42,15 @@ def parse_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}") from None
 
 
+def parse_sigma_list(text: str) -> Optional[tuple[float, ...]]:
+    """``1,0.9375,0.8333,0.625`` (commas or spaces); ``auto`` or nothing is the scheduler's own spacing (None)."""
+    try:
+        return parse_sigmas(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected noise levels separated by commas (1,0.9375,0.8333,0.625), got "
+                                         f"{text!r}") from None
+
+
 # -- knobs as flags -------------------------------------------------------------------------------------------------
 
 # Flags of knobs left to the model's recommendation when not given (None = "ask the model": the engine's plan_loop
@@ -66,6 +75,8 @@ KNOB_FLAGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("--flow-shift", "flow_shift", parse_number_or_auto),
     ("--fps", "fps", parse_whole),
     ("--seam-polish", "seam_polish", str),
+    ("--step-cache", "step_cache", str),
+    ("--sigmas", "sigmas", parse_sigma_list),
     ("--mask-model", "mask_model", str),
     ("--mask-threshold", "mask_threshold", parse_number),
     ("--mask-grow", "mask_grow", parse_whole),
@@ -113,7 +124,7 @@ def add_knob_flags(parser: argparse.ArgumentParser) -> None:
         info = knob_info(field)
         recommended = field in MODEL_RECOMMENDED
         default = None if recommended else info["default"]
-        metavar = {"rope_scale": "S|auto", "flow_shift": "F|auto"}.get(field) or (
+        metavar = {"rope_scale": "S|auto", "flow_shift": "F|auto", "sigmas": "S1,S2,..."}.get(field) or (
             None if info.get("choices") else flag.lstrip("-").upper().replace("-", "_"))
         parser.add_argument(flag, dest=field, type=kind, default=default, choices=info.get("choices"),
                             metavar=metavar, help=knob_help(field, recommended))

@@ -51,6 +51,10 @@ IMAGE_CHANNEL_LABELS: dict[str, str] = {
 
 PROBE_IMAGE = np.zeros((16, 16, 3), np.uint8)  # stands in for a reference image when a probe plans an I2V loop
 PROBE_ROPE_SCALE = 2.0  # a RoPE scale other than 1: whether the model accepts one at all
+PROBE_SIGMAS = (1.0, 0.5)  # a sigma list: whether the model takes one at all
+# Wan 2.2 A14B: which expert the page's LoRAs adapt; the engine's spelling after the scale ("name:1:high").
+LORA_EXPERT_LABELS: dict[str, str] = {"both": "both experts", "high": "high-noise expert only",
+                                      "low": "low-noise expert only"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ class ModelView:
     dynamic_cfg: KnobState
     flow_shift: KnobState
     image_channel: KnobState
+    sigmas: KnobState  # the sigma list box: locked (with the engine's reason) where the model takes none
+    lora_expert: KnobState  # which expert a LoRA adapts: two-expert models only
     preview: dict[str, Any]  # "Use preview settings": resolution, height, width, num_frames, num_inference_steps
 
 
@@ -211,13 +217,15 @@ class Knobs:
     and start at (a ``ModelView``, cached per model), the defaults and the banner.
 
     ``demo`` and ``has_gpu`` choose the preview defaults (a preview on the demo model or without a GPU); ``public``
-    (a shared server) drops the sizes and lengths over ``PUBLIC_LIMITS``.
+    (a shared server) drops the sizes and lengths over ``PUBLIC_LIMITS``. ``loras`` (file name -> path): the server's
+    own LoRAs, offered by name (in public mode the only ones a request may use).
     """
 
     model_id: str
     demo: bool = False
     has_gpu: bool = True
     public: bool = False
+    loras: dict = field(default_factory=dict)
     _views: dict = field(default_factory=dict, repr=False)  # (model, public, preview) -> ModelView
 
     @property
@@ -243,8 +251,14 @@ class Knobs:
         """The page's values as a request: while a slider still shows the model's automatic value the page asks for
         "automatic", so it computes exactly what the API and the CLI compute. The RoPE slider shows the automatic
         scale rounded to its step; the guidance slider the model's recommendation, which on a two-expert model
-        stands for two values (high-noise and low-noise expert)."""
+        stands for two values (high-noise and low-noise expert); the Steps slider the model's own count, which with a
+        sigma list means "as many steps as sigmas"."""
         values = dict(values)
+        try:
+            if int(values["num_inference_steps"]) == self.model_view(model_id).steps:
+                values["num_inference_steps"] = None
+        except (KeyError, TypeError, ValueError):
+            pass
         try:
             if float(values["guidance_scale"]) == float(self.model_view(model_id).guidance.value):
                 values["guidance_scale"] = None
@@ -360,6 +374,15 @@ class Knobs:
                                       "Off: only image-to-video models have an image channel; with this model a "
                                       "reference image anchors the loop's latents instead.")
 
+        sigma_reason = _refusal(model, sigmas=PROBE_SIGMAS)
+        sigmas = (KnobState(None, False, f"Off: {sigma_reason}.") if sigma_reason else
+                  KnobState(None, True, help_text("sigmas") + " Empty = the scheduler's own spacing; with a list, "
+                                                              "Steps at the model's value follows its length."))
+        lora_expert = (KnobState("both", True, "Two experts: a LoRA made for one of them (high-noise or "
+                                               "low-noise) goes there only.") if model.experts > 1 else
+                       KnobState("both", False, "Off: this model has one denoiser; only Wan 2.2 A14B has two "
+                                                "experts."))
+
         h, w = RESOLUTION_PRESETS[smallest]
         preview = {"resolution": smallest, "height": h, "width": w, "num_frames": preview_frames,
                    "num_inference_steps": PREVIEW_SETTINGS["num_inference_steps"]}
@@ -369,7 +392,7 @@ class Knobs:
             steps=plan.num_inference_steps,
             guidance=KnobState(plan.guidance_scale, True, guidance_note), schedulers=schedulers,
             scheduler=model.scheduler or AUTO_SCHEDULER, dynamic_cfg=dynamic_cfg, flow_shift=flow_shift,
-            image_channel=image_channel, preview=preview)
+            image_channel=image_channel, sigmas=sigmas, lora_expert=lora_expert, preview=preview)
 
     def default(self, name: str, model_id: Optional[str] = None) -> Any:
         """The initial value of one knob for ``model_id`` (default: the start-up model): LoopRequest's default,

@@ -6,15 +6,16 @@ Every refusal is a ``ValueError`` of one line naming the parameter (the page tur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
 from loopui.engine.plan import LoopPlan, resolve_request
-from loopui.engine.request import LoopRequest, request_from_values, size_text
+from loopui.engine.request import LORA_SUFFIX, LoopRequest, request_from_values, size_text
 from loopui.messages import one_line
 
 AUTO_SCHEDULER = "auto"  # dropdown value for "the model's own scheduler" (LoopRequest.scheduler = None)
@@ -25,7 +26,7 @@ REQUEST_FIELDS: tuple[str, ...] = (
     "guidance_scale", "seed", "height", "width", "scheduler", "flow_shift", "use_dynamic_cfg",
     "frame_invariant_decoding", "shift_start", "shift_end", "window_mode", "fps", "seam_polish", "anchor_strength",
     "init_strength", "loop_region", "background_freeze", "image_channel", "motion_region", "mask_model", "mask_threshold",
-    "mask_grow", "mask_feather",
+    "mask_grow", "mask_feather", "step_cache", "sigmas", "loras",
 )
 
 # Public mode (a shared server, e.g. a Space): what one request may ask for at most.
@@ -50,19 +51,25 @@ def check_model(model_id: Any, served: Sequence[str], default: str) -> Any:
     return spec_for(name)
 
 
-def build_request(values: dict, spec: Any, public: bool = False) -> LoopPlan:
+def build_request(values: dict, spec: Any, public: bool = False,
+                  server_loras: Optional[Mapping[str, str]] = None) -> LoopPlan:
     """The plan of a validated request for ``spec`` with every automatic value filled in
     (``loopui.engine.plan.resolve_request``, the same function the CLI uses), from page or API values;
     ``ValueError`` naming the parameter otherwise.
 
     Checked here, before anything is queued or loaded: the numbers and choices are in range, uploads are readable
-    images, a clip is a video the engine can fit to the loop (read and resampled as the engine will), and in public
-    mode the request and its uploads are within their caps.
+    images, a clip is a video the engine can fit to the loop (read and resampled as the engine will), the LoRAs are
+    found, fit the model's family and are hashed (``LoopPlan.with_loras``), and in public mode the request and its
+    uploads are within their caps. ``server_loras`` (file name -> path): the server's own LoRAs, named by file
+    name; in public mode the only ones a request may use.
     """
     data = {name: values[name] for name in REQUEST_FIELDS if name in values}
     if data.get("scheduler") == AUTO_SCHEDULER:
         data["scheduler"] = None
-    plan = resolve_request(request_from_values(data), spec)
+    request = request_from_values(data)
+    allowed = lora_allowlist(request, server_loras or {}, public)
+    with _lora_names(request):
+        plan = resolve_request(request, spec, allowed)
     request = plan.request
     if public:
         check_public_limits(request)
@@ -75,9 +82,49 @@ def build_request(values: dict, spec: Any, public: bool = False) -> LoopPlan:
                 plan = _check_clip(plan)  # read and fitted once: the generation uses these frames
             else:
                 _check_upload(name, value)
+    with _lora_names(request):
+        plan = plan.with_loras()  # a hub LoRA is fetched here, before the line: a bad one is refused at once
     # Said before the run (the status line's notes): a step far beyond the model's own, a clip that is not used.
     warned = tuple(w for w in plan.warnings if w.startswith(("cost:", "video:")))
     return dataclasses.replace(plan, notes=plan.notes + warned) if warned else plan
+
+
+def list_lora_dir(folder: Any) -> dict[str, str]:
+    """A server's own LoRAs: the ``*.safetensors`` files of ``folder`` (not its sub-folders), file name -> path,
+    sorted by name; ``ValueError`` naming ``--lora-dir`` when it is not a folder."""
+    path = Path(os.fspath(folder)).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"--lora-dir: {os.fspath(folder)!r} is not a folder")
+    files = sorted((p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(LORA_SUFFIX)),
+                   key=lambda p: p.name.lower())
+    return {p.name: str(p.resolve()) for p in files}
+
+
+def lora_allowlist(request: LoopRequest, server_loras: Mapping[str, str],
+                   public: bool) -> Optional[dict[str, str]]:
+    """The ``allowed_loras`` the engine plans with: in public mode the server's own (file name -> path), and
+    nothing else; otherwise the server's names resolved to their files, any other source (a path, a hub id)
+    passing as it is -- None when the request names none of the server's."""
+    if public:
+        return dict(server_loras)
+    if not any(lora.source in server_loras for lora in request.loras):
+        return None
+    return {**{lora.source: lora.source for lora in request.loras}, **server_loras}
+
+
+@contextlib.contextmanager
+def _lora_names(request: LoopRequest) -> Iterator[None]:
+    """A LoRA refusal names a file by its own name, never by the server's folder (an upload's temp path)."""
+    try:
+        yield
+    except ValueError as exc:
+        text = one_line(exc)
+        for lora in request.loras:
+            if os.path.isabs(lora.source):
+                text = text.replace(lora.source, _upload_name(lora.source))
+        if text == one_line(exc):
+            raise
+        raise ValueError(text) from None
 
 
 def mask_settings(values: dict, image: Any) -> LoopRequest:

@@ -17,7 +17,8 @@ from loopui.studio.requests import REQUEST_FIELDS
 
 MAX_HISTORY = 12
 # The knobs a gallery click restores (the reference image, the painted mask and the clip are not restored).
-RESTORED_FIELDS: tuple[str, ...] = tuple(f for f in REQUEST_FIELDS if f not in ("image", "mask", "video"))
+# A gallery click restores the knobs, not the files: no image, mask, clip or LoRAs (an upload is gone by then).
+RESTORED_FIELDS: tuple[str, ...] = tuple(f for f in REQUEST_FIELDS if f not in ("image", "mask", "video", "loras"))
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class HistoryEntry:
     caption: str
     used_image: bool = False
     used_video: bool = False
+    used_loras: bool = False
 
 
 def seam_summary(seam_ratio: Optional[float], worst_text: str = "", interior_ratio: Optional[float] = None,
@@ -129,7 +131,7 @@ def history_entry(outcome: LoopOutcome, values: dict, model_id: str) -> HistoryE
                         files=[str(f) for f in outcome.files], strip=str(outcome.strip),
                         thumb=str(outcome.thumb), caption=caption,
                         used_image=values.get("image") is not None,
-                        used_video=values.get("video") is not None)
+                        used_video=values.get("video") is not None, used_loras=bool(values.get("loras")))
 
 
 def error_text(exc: BaseException) -> str:

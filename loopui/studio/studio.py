@@ -20,6 +20,7 @@ from loopui.studio.devices import cuda_available, device_pool
 from loopui.studio.files import DEFAULT_MAX_OUTPUT_AGE_S, DEFAULT_MAX_OUTPUT_BYTES, SessionFiles
 from loopui.studio.jobs import JobRegistry, LoopJob, ProgressCallback, WaitingLine
 from loopui.studio.knobs import Knobs, model_spec
+from loopui.studio.requests import list_lora_dir
 from loopui.studio.masks import MaskPreviews
 from loopui.studio.results import LoopOutcome, loop_outcome
 from loopui.studio.zerogpu import ZERO_GPU_MAX_SECONDS, estimate_gpu_seconds
@@ -38,6 +39,9 @@ class Studio:
     waiting line in front of the GPUs (as many places running at once as there are devices); session outputs
     under ``output_root`` older than ``max_output_age_s`` or beyond ``max_output_bytes`` in total are deleted.
 
+    ``lora_dir``: a folder whose ``*.safetensors`` LoRAs the page offers by file name (in public mode the only
+    LoRAs a request may use).
+
     ``knobs`` says what the page offers per model (``loopui.studio.knobs``), ``masks`` makes mask previews and
     ``files`` keeps the session folders.
     """
@@ -46,7 +50,7 @@ class Studio:
                  has_gpu: Optional[bool] = None, output_root: Optional[Path] = None, devices: Optional[Any] = None,
                  zero_gpu: bool = False, public: bool = False, max_output_age_s: float = DEFAULT_MAX_OUTPUT_AGE_S,
                  max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, jobs: Optional[JobRegistry] = None,
-                 line: Optional[WaitingLine] = None, pool: Any = None) -> None:
+                 line: Optional[WaitingLine] = None, pool: Any = None, lora_dir: Optional[Any] = None) -> None:
         from loopui.models import DEFAULT_MODEL_ID, DEMO_MODEL_ID, resolve_model_id
 
         if manager is None:
@@ -64,7 +68,8 @@ class Studio:
                              "model id (see `python -m loopui models`) or run without --public")
         self.files = SessionFiles(output_root, max_output_age_s, max_output_bytes)
         self.has_gpu = cuda_available() if has_gpu is None else has_gpu
-        self.knobs = Knobs(self.model_id, demo=demo, has_gpu=self.has_gpu, public=public)
+        self.knobs = Knobs(self.model_id, demo=demo, has_gpu=self.has_gpu, public=public,
+                           loras=list_lora_dir(lora_dir) if lora_dir is not None else {})
         self.masks = MaskPreviews()
         self.pool = pool if pool is not None else device_pool(devices, self.has_gpu, zero_gpu)
         self.line = line if line is not None else WaitingLine(slots=self.pool.size)
@@ -78,6 +83,11 @@ class Studio:
     @public.setter
     def public(self, value: bool) -> None:
         self.knobs.public = bool(value)
+
+    @property
+    def loras(self) -> dict[str, str]:
+        """The server's own LoRAs (``--lora-dir``): file name -> path."""
+        return self.knobs.loras
 
     @property
     def output_root(self) -> Path:
@@ -99,7 +109,21 @@ class Studio:
         """The plan of a validated request (every automatic value filled in), from page or API values, for a model
         this server offers (``loopui.studio.requests.build_request``); ``ValueError`` naming the parameter
         otherwise."""
-        return requests.build_request(values, self.check_model(model_id), public=self.public)
+        return requests.build_request(values, self.check_model(model_id), public=self.public,
+                                      server_loras=self.loras)
+
+    def page_loras(self, picks: Any, upload: Any, scale: Any, expert: Any) -> list[tuple]:
+        """The page's LoRA controls as the request's ``loras``: the server's LoRAs picked by name and an uploaded
+        file (refused in public mode), all at one ``scale`` and, on a two-expert model, one ``expert``."""
+        names = [picks] if isinstance(picks, str) else list(picks or [])
+        scale = 1.0 if scale is None else scale
+        expert = expert or "both"
+        loras = [(name, scale, expert) for name in names]
+        if upload:
+            if self.public:
+                raise ValueError("loras: this public server uses only its own LoRAs; pick them by name")
+            loras.append((str(upload), scale, expert))
+        return loras
 
     def page_values(self, values: dict, model_id: str) -> dict:
         """The page's values as a request: a slider still at the model's automatic value asks for "automatic"

@@ -48,7 +48,11 @@ def estimate_gpu_seconds(spec: Any, values: dict) -> int:
     """
     from loopui.engine.polish import polish_cost
 
-    steps = max(1, int(values.get("num_inference_steps") or spec.num_inference_steps))  # empty: the model's own
+    from loopui.engine.request import parse_sigmas
+
+    sigmas = parse_sigmas(values.get("sigmas"))
+    # Empty: one step per sigma, else the model's own.
+    steps = max(1, int(values.get("num_inference_steps") or (len(sigmas) if sigmas else spec.num_inference_steps)))
     frames = int(values.get("num_frames") or spec.native_num_frames)
     height = int(values.get("height") or spec.native_height)
     width = int(values.get("width") or spec.native_width)

@@ -110,18 +110,28 @@ def _upload_error(param: str, payload: Any, exc: BaseException) -> str:
     return f"{param}: {name!r} cannot be read as an image ({reason[:200]})"
 
 
+# The API's list knobs: a JSON list or one string (sigmas "1, 0.94, 0.83"; LoRAs one per line), null = none.
+LIST_SCHEMAS: dict[str, dict] = {
+    "sigmas": {"anyOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}, {"type": "null"}]},
+    "loras": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}, {"type": "null"}]},
+}
+
+
 def api_value(component: gr.components.Component, whole: bool = False,
-              automatic: bool = False) -> gr.components.Component:
+              automatic: bool = False, schema: Optional[dict] = None) -> gr.components.Component:
     """A hidden ``/generate`` input that hands the client's value to the app untouched.
 
     Gradio's Number rounds to its precision and answers out-of-range values with "Value -1 is less than minimum
     value 0." (no parameter name), its Checkbox takes any value; here ``LoopRequest``'s own checks answer, naming
     the parameter, and a knob with an automatic value (``automatic``) accepts null or "auto" and defaults to null.
+    ``schema``: the JSON schema clients see (a list knob's, ``LIST_SCHEMAS``).
     """
     component.preprocess = lambda payload: payload  # type: ignore[method-assign]
     if automatic:
         component.value = None  # a Checkbox turns None into False when built; null is "the model's choice"
-    if isinstance(component, (gr.Number, gr.Checkbox)):
+    if schema is not None:
+        component.api_info = lambda: schema  # type: ignore[method-assign]
+    elif isinstance(component, (gr.Number, gr.Checkbox)):
         kind = {"type": "boolean"} if isinstance(component, gr.Checkbox) else {
             "type": "integer" if whole else "number"}
         info = kind if component.value is not None else {"anyOf": [kind, {"type": "null"}]}
@@ -150,9 +160,11 @@ def api_inputs(knobs: Knobs) -> dict[str, gr.components.Component]:
     """Hidden twins of the page's knobs for the ``/generate`` and ``/mask`` API: defaults as the page starts, except
     that knobs with an automatic value (shift, RoPE scale, size, and what follows the model: scheduler, guidance,
     dynamic CFG, fps, flow shift) default to automatic -- so a client that changes ``num_frames`` or ``model`` and
-    leaves them out gets what the page and the CLI compute for that model."""
+    leaves them out gets what the page and the CLI compute for that model. The steps are the model's own (50; 40
+    on Wan 2.1 I2V and Wan 2.2 A14B; with ``sigmas``, one per sigma); ``sigmas`` and ``loras`` take a JSON list or
+    one string."""
     automatic = {"shift_skip", "rope_scale", "height", "width", "scheduler", "guidance_scale", "use_dynamic_cfg",
-                 "fps", "flow_shift", "init_strength"}
+                 "fps", "flow_shift", "init_strength", "num_inference_steps", "sigmas"}
     hints = typing.get_type_hints(LoopRequest)
     out: dict[str, gr.components.Component] = {}
     for name in REQUEST_FIELDS:
@@ -161,6 +173,10 @@ def api_inputs(knobs: Knobs) -> dict[str, gr.components.Component]:
             continue
         if name == "video":
             out[name] = uploaded_video(name, label=name, visible=False)
+            continue
+        if name in LIST_SCHEMAS:
+            out[name] = api_value(gr.Textbox(label=name, value=None, visible=False), automatic=True,
+                                  schema=LIST_SCHEMAS[name])
             continue
         info = knob_info(name)
         value = None if name in automatic else knobs.default(name)
@@ -206,3 +222,7 @@ class Page:
     api_generate_trigger: Any
     page_origin: Any
     api_origin: Any
+    # The page's LoRA controls besides the picks (``fields["loras"]``): an upload, one scale, the expert.
+    lora_file: Any = None
+    lora_scale: Any = None
+    lora_expert: Any = None

@@ -102,22 +102,27 @@ class Handlers:
         values = inspect.signature(self.generate).bind_partial(*args, **kwargs).arguments
         return self.studio.gpu_seconds(values.get("model") or self.studio.model_id, values)
 
-    def generate(self, prompt: str, negative_prompt: str, num_frames: float, num_inference_steps: float,
+    def generate(self, prompt: str, negative_prompt: str, num_frames: float,
                  seed: float, frame_invariant_decoding: bool, shift_start: float, shift_end: float,
-                 window_mode: str, seam_polish: str, anchor_strength: float, loop_region: float,
+                 window_mode: str, seam_polish: str, step_cache: str, anchor_strength: float, loop_region: float,
                  background_freeze: float, image_channel: str, motion_region: str, mask_model: str,
                  mask_threshold: float, mask_grow: float, mask_feather: float, model: Optional[str],
-                 history: list, origin: str, shift_skip: Optional[float] = None,
+                 history: list, origin: str, num_inference_steps: Optional[float] = None,
+                 shift_skip: Optional[float] = None,
                  rope_scale: Optional[float] = None, height: Optional[float] = None, width: Optional[float] = None,
                  scheduler: Optional[str] = None, guidance_scale: Optional[float] = None,
                  use_dynamic_cfg: Optional[bool] = None, fps: Optional[float] = None,
                  flow_shift: Optional[float] = None, init_strength: Optional[float] = None,
+                 sigmas: Optional[Any] = None, loras: Optional[Any] = None,
                  image: Optional[str] = None, mask: Optional[str] = None, video: Optional[str] = None,
+                 lora_file: Optional[str] = None, lora_scale: Optional[float] = None,
+                 lora_expert: Optional[str] = None,
                  request: gr.Request = None, progress: gr.Progress = gr.Progress()):
         """Generate a seamless loop from a prompt (optionally a reference image, or a clip to turn into a loop:
         ``video``); returns the looping MP4 first, then the seam note, the seam strip, the files (MP4, GIF, WebP,
         settings JSON) and a status line. Knobs left out (or null / "auto") get the automatic values the page
-        and the CLI use (init strength: 1, or 0.7 with a clip)."""
+        and the CLI use (steps: the model's; init strength: 1, or 0.7 with a clip). ``sigmas``: a list or
+        "1, 0.94, 0.83" (Wan); ``loras``: a list of "source:scale" (or one per line)."""
         arguments = dict(locals())
         values = {name: value for name, value in arguments.items() if name in REQUEST_FIELDS}
         studio = self.studio
@@ -125,6 +130,8 @@ class Handlers:
         try:
             model_id = studio.check_model(model).model_id
             if origin == "page":
+                # The page's LoRA picks are names, with one scale and expert for them all, plus an upload.
+                values["loras"] = studio.page_loras(loras, lora_file, lora_scale, lora_expert)
                 values = studio.page_values(values, model_id)
             resolved = studio.build_request(values, model_id=model_id)
             # The page's Generate replaces the tab's running loop; an API client's jobs (a batch from one Client shares
@@ -256,12 +263,13 @@ class Handlers:
                 gr.update(interactive=not given,
                           info=CLIP_ANCHOR_NOTE if given else help_text("anchor_strength")))
 
-    def on_model(self, model_id: str, h: Optional[float], w: Optional[float]) -> list:
+    def on_model(self, model_id: str, h: Optional[float], w: Optional[float],
+                 steps: Optional[float] = None) -> list:
         """Every knob that follows the model (``FOLLOW_MODEL``), for a newly chosen model."""
         # The size boxes, not the resolution dropdown, say what is shown: a dropdown input is checked against the
         # choices of the model it last showed, which a second quick model change has already replaced.
         try:
-            updates = model_updates(self.knobs, model_id, preset_for(h, w), h, w)
+            updates = model_updates(self.knobs, model_id, preset_for(h, w), h, w, steps)
         except ValueError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         return [updates[name] for name in FOLLOW_MODEL]
@@ -297,13 +305,14 @@ class Handlers:
         updates.update(shift_skip=shift_update(entry.model, frames, values.get("shift_skip")),
                        window_mode=window,
                        rope_scale=rope_update(entry.model, frames, mode, values.get("rope_scale")))
-        for name in ("num_frames", "guidance_scale", "scheduler", "use_dynamic_cfg", "flow_shift",
-                     "image_channel", "fps"):
-            if values.get(name) is not None or name == "flow_shift":
+        for name in ("num_frames", "num_inference_steps", "guidance_scale", "scheduler", "use_dynamic_cfg",
+                     "flow_shift", "sigmas", "image_channel", "fps"):
+            if values.get(name) is not None or name in ("flow_shift", "sigmas"):
                 updates[name] = {**updates[name], "value": values.get(name)}
-        used = [what for what, flag in (("a reference image", entry.used_image), ("a clip", entry.used_video))
-                if flag]
-        note = f" (it used {' and '.join(used)}, which {'is' if len(used) == 1 else 'are'} not restored)" \
+        used = [what for what, flag in (("a reference image", entry.used_image), ("a clip", entry.used_video),
+                                        ("LoRAs", entry.used_loras)) if flag]
+        plural = len(used) > 1 or used == ["LoRAs"]
+        note = f" (it used {' and '.join(used)}, which {'are' if plural else 'is'} not restored)" \
             if used else ""
         return (entry.model, *[updates[name] for name in FOLLOW_MODEL], *[values.get(name) for name in RESTORED_OTHERS],
                 entry.video, entry.strip, entry.files, f"Restored the settings of loop #{entry.index}{note}.")
@@ -330,7 +339,9 @@ def wire(page: Page, studio: Studio, demo: gr.Blocks) -> Handlers:
     def inputs_for(by_name: dict) -> list:
         return [by_name[p] for p in inspect.signature(on.generate).parameters if p in by_name]
 
-    page_inputs = inputs_for({**fields, "model": page.model, "history": page.history, "origin": page.page_origin})
+    page_inputs = inputs_for({**fields, "model": page.model, "history": page.history, "origin": page.page_origin,
+                              "lora_file": page.lora_file, "lora_scale": page.lora_scale,
+                              "lora_expert": page.lora_expert})
     api_inputs = inputs_for({**api, "history": page.history, "origin": page.api_origin})
     outputs = [page.video, page.seam_md, page.strip, page.files, page.status, page.history]
     # No Gradio limit of its own: a limit at the line's size kept the extra clients in Gradio's queue, where the
@@ -377,10 +388,12 @@ def wire(page: Page, studio: Studio, demo: gr.Blocks) -> Handlers:
           outputs=[page.shift_md], trigger_mode="always_last", queue=False, **private)
 
     # Every knob follows the model: its fps, guidance, schedulers, sizes, loop lengths, and what it cannot do.
-    following = {**fields, "model_md": page.model_md, "banner_md": page.banner_md, "resolution": page.resolution}
+    following = {**fields, "model_md": page.model_md, "banner_md": page.banner_md, "resolution": page.resolution,
+                 "lora_expert": page.lora_expert}
     follow_outputs = [following[name] for name in FOLLOW_MODEL]
     size_boxes = [fields["height"], fields["width"]]
-    page.model.input(on.on_model, inputs=[page.model, *size_boxes], outputs=follow_outputs, queue=False, **private)
+    page.model.input(on.on_model, inputs=[page.model, *size_boxes, fields["num_inference_steps"]],
+                     outputs=follow_outputs, queue=False, **private)
     page.resolution.input(on_resolution, inputs=[page.resolution], outputs=size_boxes, queue=False, **private)
     gr.on([box.input for box in size_boxes], on.on_size, inputs=[page.model, *size_boxes],
           outputs=[page.resolution], queue=False, **private)

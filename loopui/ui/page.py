@@ -10,11 +10,12 @@ from typing import Any
 import gradio as gr
 
 from loopui.engine.plan import CLIP_INIT_STRENGTH
-from loopui.engine.request import knob_info
+from loopui.engine.request import LORA_EXPERTS, LORA_SCALE_MAX, LORA_SCALE_MIN, knob_info
 from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS
 from loopui.studio import Studio
 from loopui.studio.knobs import (
     IMAGE_CHANNEL_LABELS,
+    LORA_EXPERT_LABELS,
     RESOLUTION_PRESETS,
     Knobs,
     help_text,
@@ -254,6 +255,15 @@ def layout(knobs: Knobs) -> Page:
                     with gr.Row():
                         fps = knob_slider("fps", "FPS", view.fps, elem_id="loopui-fps")
                         seam_polish = knob_dropdown("seam_polish", "Seam polish", knobs.default("seam_polish"))
+                    with gr.Row():
+                        step_cache = knob_dropdown("step_cache", "Step cache", knobs.default("step_cache"),
+                                                   elem_id="loopui-step-cache")
+                        sigmas = gr.Textbox(label="Sigmas (Wan; empty = the scheduler's spacing)",
+                                            value=view.sigmas.value, placeholder="1, 0.9375, 0.8333, 0.625",
+                                            info=view.sigmas.note, interactive=view.sigmas.interactive,
+                                            elem_id="loopui-sigmas")
+
+                lora_picks, lora_file, lora_scale, lora_expert = lora_controls(knobs, view)
 
         # ---------------------------------------------------------------- outputs
         with gr.Column(scale=4, elem_id="loopui-outputs"):
@@ -290,7 +300,7 @@ def layout(knobs: Knobs) -> Page:
         anchor_strength=anchor_strength, init_strength=init_strength, background_freeze=background_freeze,
         image_channel=image_channel, video=clip, loop_region=loop_region,
         motion_region=motion_region, mask_model=mask_model, mask_threshold=mask_threshold, mask_grow=mask_grow,
-        mask_feather=mask_feather,
+        mask_feather=mask_feather, step_cache=step_cache, sigmas=sigmas, loras=lora_picks,
     )
 
     return Page(fields=fields, api=api, model=model, history=history, banner_md=banner_md, preview_btn=preview_btn,
@@ -298,4 +308,37 @@ def layout(knobs: Knobs) -> Page:
                 mask_note=mask_note, image_controls=image_controls, generate_btn=generate_btn, stop_btn=stop_btn,
                 video=video, status=status, seam_md=seam_md, strip=strip, files=files, gallery=gallery,
                 api_mask=api_mask, api_mask_trigger=api_mask_trigger, api_generate_trigger=api_generate_trigger,
-                page_origin=page_origin, api_origin=api_origin)
+                page_origin=page_origin, api_origin=api_origin, lora_file=lora_file, lora_scale=lora_scale,
+                lora_expert=lora_expert)
+
+
+def lora_controls(knobs: Knobs, view: Any) -> tuple[Any, Any, Any, Any]:
+    """The LoRA accordion: the server's LoRAs picked by file name, an upload (not in public mode), one scale for
+    them all and, on a two-expert model, the expert they adapt. Hidden where there is nothing to offer (a public
+    server without ``--lora-dir``)."""
+    names = list(knobs.loras)
+    uploads = not knobs.public
+    where = (f"{len(names)} on this server" if names else "none on this server") + (
+        "; or upload your own" if uploads else "")
+    with gr.Accordion(f"LoRAs ({where})", open=False, visible=bool(names or uploads),
+                      elem_id="loopui-loras"):
+        gr.Markdown("Style, motion or speed LoRAs made for the chosen model's family (diffusers/PEFT, Kohya, "
+                    "ComfyUI and lightx2v files, read by diffusers); a file made for another model is refused "
+                    "before anything runs.", elem_id="loopui-lora-note")
+        with gr.Row():
+            picks = gr.Dropdown(choices=names, value=[], multiselect=True, label="This server's LoRAs",
+                                info="By file name (--lora-dir)." if names else "None: the server was started "
+                                                                                 "without --lora-dir.",
+                                interactive=bool(names), elem_id="loopui-lora-picks", scale=3)
+            upload = gr.File(label="Your LoRA (.safetensors)", file_types=[".safetensors"], type="filepath",
+                             visible=uploads, elem_id="loopui-lora-file", scale=2, height=130)
+        with gr.Row():
+            slider = gr.Slider(minimum=LORA_SCALE_MIN, maximum=LORA_SCALE_MAX, step=0.05, value=1.0,
+                               label="LoRA scale", info="Applies to every LoRA picked or uploaded (1 = as trained, "
+                                                        "0 = off, negative = the opposite).",
+                               elem_id="loopui-lora-scale", scale=3)
+            expert = gr.Radio(choices=[(LORA_EXPERT_LABELS[e], e) for e in LORA_EXPERTS],
+                              value=view.lora_expert.value, label="Expert (Wan 2.2 A14B)",
+                              info=view.lora_expert.note, interactive=view.lora_expert.interactive,
+                              elem_id="loopui-lora-expert", scale=2)
+    return picks, upload, slider, expert

@@ -24,7 +24,8 @@ STAGE_LABELS = {"queue": "Queued", "load": "Loading model", "encode": "Encoding 
 
 # The components that follow the model, in the order model_updates returns them.
 FOLLOW_MODEL = ("model_md", "banner_md", "resolution", "height", "width", "num_frames", "shift_skip", "window_mode",
-                "rope_scale", "guidance_scale", "scheduler", "use_dynamic_cfg", "flow_shift", "image_channel", "fps")
+                "rope_scale", "num_inference_steps", "guidance_scale", "scheduler", "use_dynamic_cfg", "flow_shift",
+                "sigmas", "image_channel", "fps", "lora_expert")
 
 
 def progress_view(event: JobEvent, clock: ProgressClock) -> tuple[tuple[tuple, dict], str]:
@@ -85,12 +86,24 @@ def _size_box(view: ModelView, value: Optional[int]) -> Any:
     return gr.update(value=value, step=view.size_step, interactive=view.size.interactive, info=view.size.note)
 
 
+def steps_update(knobs: Knobs, view: ModelView, steps: Optional[float] = None) -> Any:
+    """The Steps slider for a newly chosen model: the model's planned steps (50, or 40 for Wan 2.1 I2V and Wan 2.2
+    A14B), except while it shows the preview's steps on a server that starts with preview settings (no GPU, or
+    the demo model), where the preview stays."""
+    try:
+        previewing = knobs.preview_defaults and int(float(steps)) == int(view.preview["num_inference_steps"])
+    except (TypeError, ValueError):
+        previewing = False
+    return gr.update() if previewing else gr.update(value=view.steps)
+
+
 def model_updates(knobs: Knobs, model_id: str, preset: Optional[str] = None, height: Optional[float] = None,
-                  width: Optional[float] = None) -> dict[str, Any]:
+                  width: Optional[float] = None, steps: Optional[float] = None) -> dict[str, Any]:
     """Every knob that follows the model, set to what ``model_id`` offers and recommends (see ``Knobs.model_view``).
 
     The resolution stays when the model accepts it (a preset it offers, or a custom size it plans), else it becomes
-    the model's default; the loop length becomes the model's."""
+    the model's default; the loop length becomes the model's; the Steps slider (showing ``steps``) the model's own
+    count (see :func:`steps_update`); a sigma list is cleared (it belongs to a model's schedule)."""
     view = knobs.model_view(model_id)
     offered = [key for _, key in view.resolutions]
     if preset == CUSTOM_RESOLUTION and not (height and width and knobs.size_accepted(model_id, int(height),
@@ -107,14 +120,17 @@ def model_updates(knobs: Knobs, model_id: str, preset: Optional[str] = None, hei
         model_md=view.text, banner_md=banner, resolution=gr.update(choices=view.resolutions, value=preset),
         height=_size_box(view, height), width=_size_box(view, width),
         num_frames=gr.update(minimum=view.frames[0], maximum=view.frames[1], step=view.frames[2], value=frames),
-        shift_skip=shift, window_mode=window, rope_scale=rope,
+        shift_skip=shift, window_mode=window, rope_scale=rope, num_inference_steps=steps_update(knobs, view, steps),
         guidance_scale=gr.update(value=view.guidance.value, info=view.guidance.note),
         scheduler=gr.update(choices=view.schedulers, value=view.scheduler),
         use_dynamic_cfg=gr.update(value=view.dynamic_cfg.value, interactive=view.dynamic_cfg.interactive,
                                   info=view.dynamic_cfg.note),
         flow_shift=gr.update(value=view.flow_shift.value, interactive=view.flow_shift.interactive,
                              info=view.flow_shift.note),
+        sigmas=gr.update(value=view.sigmas.value, interactive=view.sigmas.interactive, info=view.sigmas.note),
         image_channel=gr.update(value=view.image_channel.value, interactive=view.image_channel.interactive,
                                 info=view.image_channel.note),
         fps=gr.update(value=view.fps),
+        lora_expert=gr.update(value=view.lora_expert.value, interactive=view.lora_expert.interactive,
+                              info=view.lora_expert.note),
     )
