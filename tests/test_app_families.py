@@ -330,3 +330,33 @@ def test_api_generates_a_wan_loop_with_the_wan_recommendations(wan_app):
     settings = _settings(files)
     assert (settings["family"], settings["guidance_scale"], settings["fps"], settings["flow_shift"]) == \
         ("cogvideox", 6.0, 8, None)
+
+
+def test_api_takes_a_speed_recipe_and_the_page_offers_the_models_recipes(wan_app, tmp_path):
+    """``recipe="causvid-3step"`` fills the knobs left out (steps, guidance 1, LCM, its sigmas) and adds its LoRA --
+    here a downloaded copy (written in code) that stands in for the hub file; the sidecar records the recipe. An
+    unknown recipe is one line naming ``recipe``; the page's dropdown lists the chosen model's recipes."""
+    from gradio_client.exceptions import AppError
+
+    from loopui.testing.faithful import build_faithful_pipeline
+    from loopui.testing.lora_files import write_lora
+    from loopui.ui.updates import recipe_update
+
+    _, client = wan_app
+    stand_in = write_lora(build_faithful_pipeline(WAN).transformer,
+                          tmp_path / "dl" / "Wan21_CausVid_bidirect2_T2V_1_3B_lora_rank32.safetensors", "comfy")
+    small = dict(prompt="waves", num_frames=9, height=32, width=48)
+    *_, files, status = client.predict(model=WAN, recipe="causvid-3step", loras=[str(stand_in)],
+                                       api_name="/generate", **small)
+    assert status.startswith("Done.") and "stands in for its Kijai/WanVideo_comfy/" in status, status
+    path = next(Path(f["path"] if isinstance(f, dict) else f) for f in files if str(f).endswith(".json")
+                or (isinstance(f, dict) and f["path"].endswith(".json")))
+    sidecar = json.loads(path.read_text())
+    assert sidecar["recipe"] == {"name": "causvid-3step",
+                                 "filled": ["num_inference_steps", "guidance_scale", "scheduler", "sigmas"]}
+    settings = sidecar["settings"]
+    assert (settings["num_inference_steps"], settings["guidance_scale"], settings["scheduler"]) == (3, 1.0, "lcm")
+    with pytest.raises(AppError, match=r"^recipe: unknown recipe 'turbo'"):
+        client.predict(model=WAN, recipe="turbo", api_name="/generate", **small)
+    assert [value for _, value in recipe_update(WAN)["choices"]] == ["", "causvid-3step"]
+    assert not recipe_update("THUDM/CogVideoX-5b")["interactive"]

@@ -10,8 +10,6 @@ exit code 2; an interrupt exits 130.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import sys
@@ -33,7 +31,7 @@ from loopui.cli.common import (
     knob_help,
     one_line,
 )
-from loopui.engine.plan import LoopPlan, resolve_request
+from loopui.engine.plan import LoopPlan, apply_recipe, resolve_request
 from loopui.engine.request import request_from_values, size_text
 
 logger = logging.getLogger(__name__)
@@ -102,13 +100,8 @@ def _recipe_help() -> str:
 def build_request(args: argparse.Namespace, spec: Any) -> LoopPlan:
     """The plan of parsed ``generate`` arguments, checked and resolved by ``resolve_request`` (as for the page and
     the API): flags left out stay "automatic", and the engine's plan fills them with the model's recommendations
-    (a guidance given here would set both experts of a two-expert model); ``--recipe`` fills its values first."""
-    return _plan_with_recipe(args, spec)[0]
-
-
-def _plan_with_recipe(args: argparse.Namespace, spec: Any) -> tuple[LoopPlan, Any]:
-    """(the plan, what ``--recipe`` filled -- a ``loopui.models.recipes.RecipeFill``, or None without one); the
-    recipe's notes (a sigma list made for other steps, a LoRA copy standing in) join the plan's."""
+    (a guidance given here would set both experts of a two-expert model); ``--recipe`` fills the flags left out
+    first (its notes join the plan's, and the plan records it for the sidecar)."""
     values = {field: getattr(args, field) for _, field, _ in KNOB_FLAGS}
     values.update(prompt=args.prompt, use_dynamic_cfg=args.use_dynamic_cfg, image=args.image, mask=args.mask,
                   video=args.video, frame_invariant_decoding=args.frame_invariant_decoding, loras=args.loras or ())
@@ -116,31 +109,8 @@ def _plan_with_recipe(args: argparse.Namespace, spec: Any) -> tuple[LoopPlan, An
         if values["motion_region"] not in ("object", "background"):
             raise ValueError(f"--invert-mask contradicts --motion-region {values['motion_region']}")
         values["motion_region"] = "background"
-    fill = None
-    if getattr(args, "recipe", None) is not None:
-        from loopui.models.recipes import fill_recipe
-
-        fill = fill_recipe(values, spec, args.recipe)
-        values = fill.values
-    plan = resolve_request(request_from_values(values), spec)
-    if fill is not None and fill.notes:
-        plan = dataclasses.replace(plan, notes=plan.notes + fill.notes)
-    return plan, fill
-
-
-def _record_recipe(sidecar: Path, first_output: Path, fill: Any) -> None:
-    """Add the recipe (its name and the knobs it filled) to the sidecar, after the model id: the values themselves
-    are in its settings already."""
-    from loopui.media import write_sidecar
-
-    data = json.loads(sidecar.read_text(encoding="utf-8"))
-    ordered: dict = {}
-    for key, value in data.items():
-        ordered[key] = value
-        if key == "model":
-            ordered["recipe"] = fill.record()
-    ordered.setdefault("recipe", fill.record())
-    write_sidecar(first_output, ordered)
+    values, fill = apply_recipe(values, spec, getattr(args, "recipe", None))
+    return resolve_request(request_from_values(values), spec).with_recipe(fill)
 
 
 def _check_inputs(plan: LoopPlan) -> LoopPlan:
@@ -244,7 +214,7 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
     try:
         # 1. Check everything that needs no model: settings, input images, every file to be written
         spec = spec_for(args.model)
-        plan, recipe = _plan_with_recipe(args, spec)
+        plan = build_request(args, spec)
         plan = _check_inputs(plan)  # planned once, the clip read once
         outputs = check_output_paths(args.output, args.save_latents)
         for note in plan.notes:
@@ -290,8 +260,6 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
         loaded, render = manager.run(args.model, work, dtype=args.dtype, progress=on_load)
         if parallel is not None and not parallel.is_main:
             return EXIT_OK
-        if recipe is not None:
-            _record_recipe(render.sidecar, render.files[0], recipe)
         if args.save_latents:
             _save_latents(render.result.latents, Path(args.save_latents))
         elapsed = time.perf_counter() - start - loaded.load_seconds

@@ -60,6 +60,8 @@ class LoopPlan:
     # fitted; None until with_clip() read it (or without a clip).
     clip: Any = field(default=None, repr=False, compare=False)
     clip_notes: tuple[str, ...] = field(default_factory=tuple)
+    # The speed recipe that filled some values (its name and the knobs it filled, as the sidecar keeps it), or None.
+    recipe: Optional[Mapping[str, Any]] = None
     # The request's LoRAs found, checked and hashed (loopui.models.lora.LoraFile); None until with_loras() ran (and
     # without LoRAs).
     lora_files: Optional[tuple] = field(default=None, repr=False, compare=False)
@@ -76,6 +78,12 @@ class LoopPlan:
 
         files = resolve_loras(self.request.loras, self.spec, self.allowed_loras, local_files_only, cache_dir)
         return dataclasses.replace(self, lora_files=files)
+
+    def with_recipe(self, fill: Any) -> "LoopPlan":
+        """This plan recording the speed recipe ``fill`` (:func:`apply_recipe`'s) and its notes; itself for None."""
+        if fill is None:
+            return self
+        return dataclasses.replace(self, notes=self.notes + tuple(fill.notes), recipe=fill.record())
 
     def with_clip(self) -> "LoopPlan":
         """This plan with the request's clip read and fitted (count, fps, size), so it is decoded once; itself
@@ -280,6 +288,20 @@ def plan_loop(request: LoopRequest, spec: Any, allowed_loras: Optional[Mapping[s
         image_to_video=image_to_video, pipeline_class=pipeline_class, image_channel=image_channel,
         warnings=tuple(warnings), sigmas=sigmas, step_cache=request.step_cache, allowed_loras=allowed_loras,
     )
+
+
+def apply_recipe(values: Mapping[str, Any], spec: Any, recipe: Any = None) -> tuple[dict, Any]:
+    """``(values, fill)``: loose request ``values`` with the speed recipe named ``recipe`` (None or "" = none) filled
+    in where they were left out -- what the caller gave wins (``loopui.models.recipes.fill_recipe``) -- and what it
+    filled (None without a recipe); hand ``fill`` to :meth:`LoopPlan.with_recipe` once planned. ``ValueError``
+    naming ``recipe`` for an unknown name or one that is not for this model."""
+    name = "" if recipe is None else str(recipe).strip()
+    if not name or name.lower() == "none":
+        return dict(values), None
+    from loopui.models.recipes import fill_recipe
+
+    fill = fill_recipe(values, spec, name)
+    return dict(fill.values), fill
 
 
 def resolve_request(request: LoopRequest, spec: Any, allowed_loras: Optional[Mapping[str, str]] = None) -> LoopPlan:

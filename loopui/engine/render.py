@@ -67,10 +67,12 @@ def render_loop(pipe, request: Optional[LoopRequest], outputs: Sequence, model_i
     if callback:
         callback("export", len(paths), len(paths))
     settings = result.settings
+    recipe = {"recipe": dict(result.plan.recipe)} if result.plan.recipe is not None else {}
     sidecar = write_sidecar(paths[0], {
         "loopui_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": settings["model"],
+        **recipe,  # the speed recipe that filled some values (they are in the settings)
         "seed": result.plan.request.seed,
         "settings": settings,
         "seam_ratio": result.seam_ratio,

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from loopui.engine.plan import LoopPlan, resolve_request
+from loopui.engine.plan import LoopPlan, apply_recipe, resolve_request
 from loopui.engine.request import LORA_SUFFIX, LoopRequest, request_from_values, size_text
 from loopui.messages import one_line
 
@@ -52,7 +52,7 @@ def check_model(model_id: Any, served: Sequence[str], default: str) -> Any:
 
 
 def build_request(values: dict, spec: Any, public: bool = False,
-                  server_loras: Optional[Mapping[str, str]] = None) -> LoopPlan:
+                  server_loras: Optional[Mapping[str, str]] = None, recipe: Any = None) -> LoopPlan:
     """The plan of a validated request for ``spec`` with every automatic value filled in
     (``loopui.engine.plan.resolve_request``, the same function the CLI uses), from page or API values;
     ``ValueError`` naming the parameter otherwise.
@@ -61,15 +61,17 @@ def build_request(values: dict, spec: Any, public: bool = False,
     images, a clip is a video the engine can fit to the loop (read and resampled as the engine will), the LoRAs are
     found, fit the model's family and are hashed (``LoopPlan.with_loras``), and in public mode the request and its
     uploads are within their caps. ``server_loras`` (file name -> path): the server's own LoRAs, named by file
-    name; in public mode the only ones a request may use.
+    name; in public mode the only ones a request may use. ``recipe``: a speed recipe's name, filling the values left
+    automatic (the CLI's rule: what the caller gave wins).
     """
     data = {name: values[name] for name in REQUEST_FIELDS if name in values}
     if data.get("scheduler") == AUTO_SCHEDULER:
         data["scheduler"] = None
+    data, fill = apply_recipe(data, spec, recipe)
     request = request_from_values(data)
     allowed = lora_allowlist(request, server_loras or {}, public)
     with _lora_names(request):
-        plan = resolve_request(request, spec, allowed)
+        plan = resolve_request(request, spec, allowed).with_recipe(fill)
     request = plan.request
     if public:
         check_public_limits(request)

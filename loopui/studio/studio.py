@@ -108,9 +108,9 @@ class Studio:
     def build_request(self, values: dict, model_id: Any = None) -> LoopPlan:
         """The plan of a validated request (every automatic value filled in), from page or API values, for a model
         this server offers (``loopui.studio.requests.build_request``); ``ValueError`` naming the parameter
-        otherwise."""
+        otherwise. ``values["recipe"]`` (a speed recipe's name) fills the values left automatic."""
         return requests.build_request(values, self.check_model(model_id), public=self.public,
-                                      server_loras=self.loras)
+                                      server_loras=self.loras, recipe=values.get("recipe"))
 
     def page_loras(self, picks: Any, upload: Any, scale: Any, expert: Any) -> list[tuple]:
         """The page's LoRA controls as the request's ``loras``: the server's LoRAs picked by name and an uploaded

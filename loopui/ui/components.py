@@ -188,6 +188,7 @@ def api_inputs(knobs: Knobs) -> dict[str, gr.components.Component]:
             out[name] = api_value(gr.Number(label=name, value=value, visible=False),
                                   whole=name in WHOLE_NUMBER_FIELDS)
     out["model"] = gr.Textbox(label="model", value=knobs.model_id, visible=False)
+    out["recipe"] = gr.Textbox(label="recipe", value=None, visible=False)
     return out
 
 
@@ -226,3 +227,4 @@ class Page:
     lora_file: Any = None
     lora_scale: Any = None
     lora_expert: Any = None
+    recipe: Any = None

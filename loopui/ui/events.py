@@ -113,7 +113,7 @@ class Handlers:
                  scheduler: Optional[str] = None, guidance_scale: Optional[float] = None,
                  use_dynamic_cfg: Optional[bool] = None, fps: Optional[float] = None,
                  flow_shift: Optional[float] = None, init_strength: Optional[float] = None,
-                 sigmas: Optional[Any] = None, loras: Optional[Any] = None,
+                 sigmas: Optional[Any] = None, loras: Optional[Any] = None, recipe: Optional[str] = None,
                  image: Optional[str] = None, mask: Optional[str] = None, video: Optional[str] = None,
                  lora_file: Optional[str] = None, lora_scale: Optional[float] = None,
                  lora_expert: Optional[str] = None,
@@ -122,9 +122,11 @@ class Handlers:
         ``video``); returns the looping MP4 first, then the seam note, the seam strip, the files (MP4, GIF, WebP,
         settings JSON) and a status line. Knobs left out (or null / "auto") get the automatic values the page
         and the CLI use (steps: the model's; init strength: 1, or 0.7 with a clip). ``sigmas``: a list or
-        "1, 0.94, 0.83" (Wan); ``loras``: a list of "source:scale" (or one per line)."""
+        "1, 0.94, 0.83" (Wan); ``loras``: a list of "source:scale" (or one per line); ``recipe``: a speed recipe's
+        name (``loopui models`` lists them), filling the knobs left out."""
         arguments = dict(locals())
         values = {name: value for name, value in arguments.items() if name in REQUEST_FIELDS}
+        values["recipe"] = recipe
         studio = self.studio
         skip = gr.skip()
         try:
@@ -341,7 +343,7 @@ def wire(page: Page, studio: Studio, demo: gr.Blocks) -> Handlers:
 
     page_inputs = inputs_for({**fields, "model": page.model, "history": page.history, "origin": page.page_origin,
                               "lora_file": page.lora_file, "lora_scale": page.lora_scale,
-                              "lora_expert": page.lora_expert})
+                              "lora_expert": page.lora_expert, "recipe": page.recipe})
     api_inputs = inputs_for({**api, "history": page.history, "origin": page.api_origin})
     outputs = [page.video, page.seam_md, page.strip, page.files, page.status, page.history]
     # No Gradio limit of its own: a limit at the line's size kept the extra clients in Gradio's queue, where the
@@ -389,7 +391,7 @@ def wire(page: Page, studio: Studio, demo: gr.Blocks) -> Handlers:
 
     # Every knob follows the model: its fps, guidance, schedulers, sizes, loop lengths, and what it cannot do.
     following = {**fields, "model_md": page.model_md, "banner_md": page.banner_md, "resolution": page.resolution,
-                 "lora_expert": page.lora_expert}
+                 "lora_expert": page.lora_expert, "recipe": page.recipe}
     follow_outputs = [following[name] for name in FOLLOW_MODEL]
     size_boxes = [fields["height"], fields["width"]]
     page.model.input(on.on_model, inputs=[page.model, *size_boxes, fields["num_inference_steps"]],

@@ -27,7 +27,7 @@ from loopui.studio.masks import PAINT_MOVE_COLOR, PAINT_STILL_COLOR
 from loopui.ui.components import (Page, api_inputs, knob_dropdown, knob_slider, name_refused_paths, uploaded_image,
                                   uploaded_video)
 from loopui.ui.events import NO_CLIP_NOTE, wire
-from loopui.ui.updates import rope_update
+from loopui.ui.updates import recipe_update, rope_update
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 EXAMPLE_PROMPTS = (
@@ -264,6 +264,9 @@ def layout(knobs: Knobs) -> Page:
                                             elem_id="loopui-sigmas")
 
                 lora_picks, lora_file, lora_scale, lora_expert = lora_controls(knobs, view)
+                first = recipe_update(knobs.model_id)
+                recipe = gr.Dropdown(choices=first["choices"], value="", label="Speed recipe",
+                                     info=first["info"], interactive=first["interactive"], elem_id="loopui-recipe")
 
         # ---------------------------------------------------------------- outputs
         with gr.Column(scale=4, elem_id="loopui-outputs"):
@@ -309,7 +312,7 @@ def layout(knobs: Knobs) -> Page:
                 video=video, status=status, seam_md=seam_md, strip=strip, files=files, gallery=gallery,
                 api_mask=api_mask, api_mask_trigger=api_mask_trigger, api_generate_trigger=api_generate_trigger,
                 page_origin=page_origin, api_origin=api_origin, lora_file=lora_file, lora_scale=lora_scale,
-                lora_expert=lora_expert)
+                lora_expert=lora_expert, recipe=recipe)
 
 
 def lora_controls(knobs: Knobs, view: Any) -> tuple[Any, Any, Any, Any]:

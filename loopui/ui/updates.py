@@ -25,7 +25,7 @@ STAGE_LABELS = {"queue": "Queued", "load": "Loading model", "encode": "Encoding 
 # The components that follow the model, in the order model_updates returns them.
 FOLLOW_MODEL = ("model_md", "banner_md", "resolution", "height", "width", "num_frames", "shift_skip", "window_mode",
                 "rope_scale", "num_inference_steps", "guidance_scale", "scheduler", "use_dynamic_cfg", "flow_shift",
-                "sigmas", "image_channel", "fps", "lora_expert")
+                "sigmas", "image_channel", "fps", "lora_expert", "recipe")
 
 
 def progress_view(event: JobEvent, clock: ProgressClock) -> tuple[tuple[tuple, dict], str]:
@@ -133,4 +133,20 @@ def model_updates(knobs: Knobs, model_id: str, preset: Optional[str] = None, hei
         fps=gr.update(value=view.fps),
         lora_expert=gr.update(value=view.lora_expert.value, interactive=view.lora_expert.interactive,
                               info=view.lora_expert.note),
+        recipe=recipe_update(model_id),
     )
+
+
+NO_RECIPE = ("None", "")
+
+
+def recipe_update(model_id: str) -> Any:
+    """The speed-recipe dropdown for ``model_id``: none, then the model's recipes (locked when it has none)."""
+    from loopui.models.recipes import recipes_for
+
+    recipes = recipes_for(model_id)
+    info = ("Fills the knobs left at their automatic values (steps, guidance, scheduler, sigmas) with a distilled "
+            "LoRA's few-step settings and adds its LoRA (downloaded on first use); what you set yourself wins."
+            if recipes else "No published few-step recipe for this model.")
+    return gr.update(choices=[NO_RECIPE] + [(r.label, r.name) for r in recipes], value="",
+                     interactive=bool(recipes), info=info)
