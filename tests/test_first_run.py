@@ -291,3 +291,17 @@ def test_app_devices_flag_sets_the_pool_and_the_queue_runs_one_job_per_device(fa
     monkeypatch.setattr(loopui.ui, "build_app", lambda studio: pytest.fail("must not get this far"))
     # A device that does not exist: refused at start (on a free port, so the refusal is the device's).
     assert app.main(["--demo", "--devices", "cuda:7", "--port", str(free_port())]) == 2
+
+
+def test_gpu_seconds_follow_a_speed_recipe_and_no_cfg():
+    """A 4-step recipe without classifier-free guidance asks ZeroGPU for far less than the model's 40 steps with it;
+    guidance 1 halves a step."""
+    from loopui.models import spec_for
+    from loopui.studio.zerogpu import estimate_gpu_seconds
+
+    a14b = spec_for("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
+    automatic = estimate_gpu_seconds(a14b, {})
+    recipe = estimate_gpu_seconds(a14b, {"recipe": "lightx2v-4step"})
+    assert recipe < automatic / 4
+    assert estimate_gpu_seconds(a14b, {"num_inference_steps": 10, "guidance_scale": 1}) < \
+        estimate_gpu_seconds(a14b, {"num_inference_steps": 10})

@@ -213,3 +213,26 @@ def test_the_clock_starts_when_the_job_leaves_the_line():
     assert clock.times("denoise", 2, 10) == (4.0, None)  # the first step report only starts the estimate
     now[0] = 86.0
     assert clock.times("denoise", 4, 10) == (6.0, pytest.approx(6.0))  # 1 s a step, 6 steps to go
+
+
+def test_stop_reaches_a_job_registered_but_not_yet_started(monkeypatch):
+    """A Stop (or the page's next Generate) that comes between a job's registration and its thread's start still
+    cancels it: the job is registered under the lock, its thread starts after."""
+    from loopui.studio.jobs import JobRegistry, LoopJob
+
+    registry = JobRegistry()
+    started = []
+
+    def target(report, cancel: threading.Event):
+        started.append(cancel.is_set())
+        return "ran"
+
+    real_start = LoopJob.start
+
+    def stop_first(job):
+        registry.stop("s1")  # lands in the window before the worker thread exists
+        return real_start(job)
+
+    monkeypatch.setattr(LoopJob, "start", stop_first)
+    job = registry.start("s1", target)
+    assert job.join(5) and started == [True]

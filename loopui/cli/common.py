@@ -145,11 +145,6 @@ def fail(message: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (its type's name when it has none)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def flag_hint(message: str) -> str:
     """Append the flag of the setting a message starts with (``num_frames must ...`` -> ``... [--frames]``), unless
     the message names a flag already."""

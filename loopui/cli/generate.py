@@ -29,10 +29,10 @@ from loopui.cli.common import (
     flag_hint,
     knob_default,
     knob_help,
-    one_line,
 )
 from loopui.engine.plan import LoopPlan, apply_recipe, resolve_request
 from loopui.engine.request import request_from_values, size_text
+from loopui.messages import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,8 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
         print(f"wrote {args.save_latents} (latents {tuple(result.latents.shape)})")
     if result.seam_ratio is not None:
         print(f"seam ratio {result.seam_ratio:.2f} (the wrap's jump vs. the steps around it; about 1 = seamless), "
-              f"interior ratio {result.interior_ratio:.2f} (the largest other jump)")
+              f"interior ratio {result.interior_ratio:.2f} (the largest other jump), cycle ratio "
+              f"{result.cycle_ratio:.2f} (the largest jump anywhere, wrap included)")
     if result.scores:
         from loopui.media import format_scores
 

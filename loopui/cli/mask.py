@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from loopui.cli.common import EXIT_OK, EXIT_USAGE, fail, knob_default, one_line
+from loopui.cli.common import EXIT_OK, EXIT_USAGE, fail, knob_default
+from loopui.messages import one_line
 from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS, SaliencyUnavailable, load_rgb_image, resolve_mask
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from loopui.cli.common import EXIT_OK, fail, one_line
+from loopui.cli.common import EXIT_OK, fail
 from loopui.engine.request import size_text
+from loopui.messages import one_line
 
 
 def add_models_arguments(parser: argparse.ArgumentParser) -> None:

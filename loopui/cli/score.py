@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from loopui.cli.common import EXIT_OK, fail, one_line
+from loopui.cli.common import EXIT_OK, fail
+from loopui.messages import one_line
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:

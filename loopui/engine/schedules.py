@@ -26,13 +26,9 @@ def distilled_sigmas(num_steps: int, shift: float = 5.0) -> tuple[float, ...]:
     lightx2v's 4-step Wan 2.1 (``denoising_step_list`` 1000, 750, 500, 250 at ``sample_shift`` 5, its
     ``WanStepDistillScheduler``) gives 1, 0.9375, 0.8333, 0.625.
     """
-    if num_steps <= 0:
-        raise ValueError(f"num_steps must be positive, got {num_steps}")
-    out = []
-    for j in range(num_steps):
-        t = 1.0 - j / num_steps
-        out.append(shift * t / (1.0 + (shift - 1.0) * t))
-    return tuple(out)
+    from loopui.models.recipes import shifted_sigmas  # the recipes' rule, the one definition
+
+    return shifted_sigmas(num_steps, shift)
 
 
 @contextmanager

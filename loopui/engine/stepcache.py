@@ -121,9 +121,3 @@ def check_no_diffusers_cache(pipe: Any, modules: Sequence[torch.nn.Module], shif
         raise ValueError(f"pipe: diffusers' {', '.join(found)} is enabled on the transformer; under the latent shift "
                          f"it reuses predictions made in another rotation's frame order (a ghosted loop): call "
                          f"pipe.transformer.disable_cache() and use step_cache='loop' instead (or shift_skip=0)")
-
-
-def skipped_before(skipped: frozenset, step: int) -> int:
-    """How many of the ``skipped`` steps come before ``step``."""
-    return sum(1 for s in skipped if s < step)
-

@@ -107,7 +107,7 @@ def download_lora(source: str, local_files_only: bool = False, cache_dir: Option
     ``pytorch_lora_weights.safetensors``, else its only ``.safetensors`` file). ``ValueError`` naming the source
     when it cannot be fetched."""
     from huggingface_hub import hf_hub_download, list_repo_files
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     parts = source.split("/")
     repo, filename = "/".join(parts[:2]), ("/".join(parts[2:]) or None)
@@ -116,7 +116,9 @@ def download_lora(source: str, local_files_only: bool = False, cache_dir: Option
             try:
                 return Path(hf_hub_download(repo, HUB_WEIGHT_NAME, cache_dir=cache_dir,
                                             local_files_only=local_files_only))
-            except EntryNotFoundError:
+            except EntryNotFoundError as exc:
+                if isinstance(exc, LocalEntryNotFoundError) or local_files_only:
+                    raise  # offline: the repo's file list is not to be asked for
                 files = [f for f in list_repo_files(repo) if f.lower().endswith(LORA_SUFFIX)]
                 if len(files) != 1:
                     listed = ", ".join(files[:6]) or "none"

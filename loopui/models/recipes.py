@@ -101,7 +101,7 @@ def _lora(path: str, scale: float = 1.0, expert: str = "both") -> str:
 def shifted_sigmas(num_steps: int, shift: float) -> tuple[float, ...]:
     """Sigmas of timesteps ``1000 * (1 - j / num_steps)``, shifted: ``shift * t / (1 + (shift - 1) * t)`` -- the
     schedule of lightx2v's WanStepDistillScheduler and Wan2.2-Lightning's EulerScheduler (the engine's
-    ``loopui.engine.schedules.distilled_sigmas`` is the same rule; a test holds them equal)."""
+    ``loopui.engine.schedules.distilled_sigmas`` calls this)."""
     if num_steps <= 0:
         raise ValueError(f"num_steps must be positive, got {num_steps}")
     return tuple(shift * t / (1.0 + (shift - 1.0) * t) for t in (1.0 - j / num_steps for j in range(num_steps)))

@@ -224,9 +224,10 @@ class JobRegistry:
         with self._lock:
             jobs = self._jobs.setdefault(session, [])
             if replace:
+                # Every registered job, started or about to start (a job's thread starts after this lock is let
+                # go): cancelling one that already ended does nothing, and it leaves the list as it exits.
                 for previous in jobs:
-                    if previous.running:
-                        previous.cancel()
+                    previous.cancel()
             jobs.append(job)
         return job.start()
 
@@ -240,10 +241,10 @@ class JobRegistry:
                 self._jobs.pop(session, None)
 
     def stop(self, session: str) -> Optional[LoopJob]:
-        """Cancel every running job of the session; return the newest of them (its ``stage`` says whether it was
-        still waiting in line), None when there was none."""
+        """Cancel every job of the session (running, or registered and about to start); return the newest of them
+        (its ``stage`` says whether it was still waiting in line), None when there was none."""
         with self._lock:
-            jobs = [job for job in self._jobs.get(session, []) if job.running]
+            jobs = [job for job in self._jobs.get(session, []) if not job.cancel_event.is_set()]
         for job in jobs:
             job.cancel()
             logger.info("stop requested for session %s (stage %s)", session[:8], job.stage or "start")

@@ -209,10 +209,9 @@ def _check_upload(name: str, path: Any) -> None:
     except ImageInputError as exc:
         text = one_line(exc)
         if isinstance(path, (str, os.PathLike)):
-            full = os.fspath(path)
-            text = text.replace(full, Path(full).name)
+            text = text.replace(os.fspath(path), _upload_name(path))
         if "cannot identify image file" in text:
-            text = f"{Path(os.fspath(path)).name!r} is not an image file (or it is empty)"
+            text = f"{_upload_name(path)!r} is not an image file (or it is empty)"
         elif "truncated" in text:
-            text = f"{Path(os.fspath(path)).name!r} is truncated (an incomplete upload?)"
+            text = f"{_upload_name(path)!r} is truncated (an incomplete upload?)"
         raise ValueError(f"{name}: {text}") from None

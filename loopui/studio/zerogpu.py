@@ -44,12 +44,14 @@ def estimate_gpu_seconds(spec: Any, values: dict) -> int:
     A visitor whose remaining quota is below the request is refused up front, so asking for a fixed 300 s turned
     free visitors away even for a 4-step preview. Per-step cost grows with the number of tokens (latent frames x
     area): half linear (MLPs), half quadratic (attention); window mode costs one trained-length pass per window;
-    seam polish adds its extra passes.
+    seam polish adds its extra passes; guidance 1 makes one model call per step instead of two; a speed recipe
+    (``values["recipe"]``) counts with the values it fills.
     """
+    from loopui.engine.plan import apply_recipe
     from loopui.engine.polish import polish_cost
-
     from loopui.engine.request import parse_sigmas
 
+    values, _ = apply_recipe(values, spec, values.get("recipe"))
     sigmas = parse_sigmas(values.get("sigmas"))
     # Empty: one step per sigma, else the model's own.
     steps = max(1, int(values.get("num_inference_steps") or (len(sigmas) if sigmas else spec.num_inference_steps)))
@@ -65,8 +67,13 @@ def estimate_gpu_seconds(spec: Any, values: dict) -> int:
     else:
         passes, tokens = 1, area * length / trained
     step_seconds = per_step * passes * (tokens + tokens**2) / 2.0
+    guidance = values.get("guidance_scale")
+    if guidance not in (None, "", "auto") and float(guidance) == 1.0:
+        step_seconds /= 2.0  # no classifier-free guidance: no unconditional pass
     level = values.get("seam_polish") or "off"
-    polish = polish_cost(level, steps) if level in ("off", "fast", "balanced", "strong") else 1.0
+    # A sigma list is the flow model's noise fraction before each step (then 0 after the last).
+    fractions = list(sigmas) + [0.0] if sigmas and len(sigmas) == steps else None
+    polish = polish_cost(level, steps, fractions) if level in ("off", "fast", "balanced", "strong") else 1.0
     decode = GPU_DECODE_SECONDS * area * length / trained
     total = GPU_SAFETY * (steps * step_seconds * polish + decode + GPU_OVERHEAD_SECONDS)
     return int(min(ZERO_GPU_MAX_SECONDS, max(ZERO_GPU_MIN_SECONDS, math.ceil(total))))

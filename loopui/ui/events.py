@@ -168,7 +168,8 @@ class Handlers:
                     outcome = event.payload
                     entry = history_entry(outcome, values, model_id)
                     new_history = ([entry] + list(history or []))[:MAX_HISTORY]
-                    warn = "".join(f"\n\n⚠ {w}" for w in outcome.warnings)
+                    # A warning said before the run (cost, an unused clip) is one of the notes already.
+                    warn = "".join(f"\n\n⚠ {w}" for w in outcome.warnings if w not in resolved.notes)
                     text = f"Done. {outcome.details}{notes}\n\n{outcome.model_text}{warn}"
                     yield (str(outcome.video), outcome.seam_text, str(outcome.strip),
                            [str(f) for f in outcome.files], text, new_history)

@@ -264,7 +264,7 @@ def layout(knobs: Knobs) -> Page:
                                             elem_id="loopui-sigmas")
 
                 lora_picks, lora_file, lora_scale, lora_expert = lora_controls(knobs, view)
-                first = recipe_update(knobs.model_id)
+                first = recipe_update(knobs.model_id, knobs.public)
                 recipe = gr.Dropdown(choices=first["choices"], value="", label="Speed recipe",
                                      info=first["info"], interactive=first["interactive"], elem_id="loopui-recipe")
 

@@ -133,20 +133,24 @@ def model_updates(knobs: Knobs, model_id: str, preset: Optional[str] = None, hei
         fps=gr.update(value=view.fps),
         lora_expert=gr.update(value=view.lora_expert.value, interactive=view.lora_expert.interactive,
                               info=view.lora_expert.note),
-        recipe=recipe_update(model_id),
+        recipe=recipe_update(model_id, knobs.public),
     )
 
 
 NO_RECIPE = ("None", "")
 
 
-def recipe_update(model_id: str) -> Any:
-    """The speed-recipe dropdown for ``model_id``: none, then the model's recipes (locked when it has none)."""
+def recipe_update(model_id: str, public: bool = False) -> Any:
+    """The speed-recipe dropdown for ``model_id``: none, then the model's recipes (locked when it has none, and on a
+    public server, which takes only its own LoRAs: a recipe downloads its distilled LoRA)."""
     from loopui.models.recipes import recipes_for
 
     recipes = recipes_for(model_id)
     info = ("Fills the knobs left at their automatic values (steps, guidance, scheduler, sigmas) with a distilled "
             "LoRA's few-step settings and adds its LoRA (downloaded on first use); what you set yourself wins."
             if recipes else "No published few-step recipe for this model.")
+    if recipes and public:
+        recipes, info = [], ("Not on this public server: a recipe downloads its LoRA, and this server takes only "
+                             "its own LoRAs (the LoRAs list).")
     return gr.update(choices=[NO_RECIPE] + [(r.label, r.name) for r in recipes], value="",
                      interactive=bool(recipes), info=info)
