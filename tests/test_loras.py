@@ -380,3 +380,27 @@ def test_cli_refuses_a_bad_lora_before_loading(tiny_model_dir, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"loopui: error: {needle}") and "[--lora]" in err
+
+
+def test_the_studio_looks_hub_loras_up_with_its_managers_offline_and_cache_settings(monkeypatch, cog_loras,
+                                                                                    tmp_path):
+    """A server whose model manager never contacts the hub (``local_files_only``, its own cache folder) looks a
+    request's hub LoRAs up the same way, before the job is queued."""
+    import huggingface_hub
+
+    from loopui.models import ModelManager
+    from loopui.studio import Studio
+
+    asked = []
+
+    def fake_download(repo, filename, **kwargs):
+        asked.append((repo, kwargs.get("local_files_only"), kwargs.get("cache_dir")))
+        return str(cog_loras["a"])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    manager = ModelManager(local_files_only=True, cache_dir=tmp_path / "hub")
+    studio = Studio(demo=True, has_gpu=False, output_root=tmp_path / "out", manager=manager)
+    plan = studio.build_request(dict(prompt="x", num_frames=9, height=32, width=48,
+                                     loras=["owner/repo/fast.safetensors:0.5"]))
+    assert asked == [("owner/repo", True, str(tmp_path / "hub"))]
+    assert [f.source for f in plan.lora_files] == ["owner/repo/fast.safetensors"]

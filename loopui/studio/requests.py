@@ -52,7 +52,8 @@ def check_model(model_id: Any, served: Sequence[str], default: str) -> Any:
 
 
 def build_request(values: dict, spec: Any, public: bool = False,
-                  server_loras: Optional[Mapping[str, str]] = None, recipe: Any = None) -> LoopPlan:
+                  server_loras: Optional[Mapping[str, str]] = None, recipe: Any = None,
+                  local_files_only: bool = False, cache_dir: Optional[str] = None) -> LoopPlan:
     """The plan of a validated request for ``spec`` with every automatic value filled in
     (``loopui.engine.plan.resolve_request``, the same function the CLI uses), from page or API values;
     ``ValueError`` naming the parameter otherwise.
@@ -62,7 +63,8 @@ def build_request(values: dict, spec: Any, public: bool = False,
     found, fit the model's family and are hashed (``LoopPlan.with_loras``), and in public mode the request and its
     uploads are within their caps. ``server_loras`` (file name -> path): the server's own LoRAs, named by file
     name; in public mode the only ones a request may use. ``recipe``: a speed recipe's name, filling the values left
-    automatic (the CLI's rule: what the caller gave wins).
+    automatic (the CLI's rule: what the caller gave wins). ``local_files_only`` / ``cache_dir``: where hub LoRAs
+    are looked up (the model manager's own settings).
     """
     data = {name: values[name] for name in REQUEST_FIELDS if name in values}
     if data.get("scheduler") == AUTO_SCHEDULER:
@@ -85,7 +87,8 @@ def build_request(values: dict, spec: Any, public: bool = False,
             else:
                 _check_upload(name, value)
     with _lora_names(request):
-        plan = plan.with_loras()  # a hub LoRA is fetched here, before the line: a bad one is refused at once
+        # A hub LoRA is fetched here, before the line (where the manager fetches models): a bad one is refused at once.
+        plan = plan.with_loras(local_files_only, cache_dir)
     # Said before the run (the status line's notes): a step far beyond the model's own, a clip that is not used.
     warned = tuple(w for w in plan.warnings if w.startswith(("cost:", "video:")))
     return dataclasses.replace(plan, notes=plan.notes + warned) if warned else plan

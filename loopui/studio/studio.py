@@ -109,8 +109,11 @@ class Studio:
         """The plan of a validated request (every automatic value filled in), from page or API values, for a model
         this server offers (``loopui.studio.requests.build_request``); ``ValueError`` naming the parameter
         otherwise. ``values["recipe"]`` (a speed recipe's name) fills the values left automatic."""
+        loader = getattr(self.manager, "loader", None)  # the manager's hub settings (offline, cache folder)
         return requests.build_request(values, self.check_model(model_id), public=self.public,
-                                      server_loras=self.loras, recipe=values.get("recipe"))
+                                      server_loras=self.loras, recipe=values.get("recipe"),
+                                      local_files_only=bool(getattr(loader, "local_files_only", False)),
+                                      cache_dir=getattr(loader, "cache_dir", None))
 
     def page_loras(self, picks: Any, upload: Any, scale: Any, expert: Any) -> list[tuple]:
         """The page's LoRA controls as the request's ``loras``: the server's LoRAs picked by name and an uploaded
