@@ -24,6 +24,9 @@ class FamilyFacts:
     config_states_training_shape: bool = True
     # Guidance for a model of this family that the registry does not know.
     default_guidance_scale: float = 6.0
+    # The image-to-video pipeline a text-to-video pipeline of this family becomes when its config expands timesteps
+    # per token (Wan 2.2 TI2V: the image is the first latent, at timestep 0); None where the family has none.
+    expanded_timesteps_image_pipeline: Optional[str] = None
 
     def vae_compression(self, vae_config: Mapping[str, Any]) -> tuple[Optional[int], Optional[int]]:
         """(spatial, temporal) compression of a VAE config, None where the config does not say."""
@@ -87,6 +90,7 @@ class WanFacts(FamilyFacts):
     pipelines = {"WanPipeline": False, "WanImageToVideoPipeline": True}
     config_states_training_shape = False
     default_guidance_scale = 5.0
+    expanded_timesteps_image_pipeline = "WanImageToVideoPipeline"
     # Wan 2.1/2.2 were trained on 81-frame clips (21 latents); a folder's configs do not say so.
     trained_frames = 81
 

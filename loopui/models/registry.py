@@ -309,12 +309,13 @@ def _spec_from_config(model_id: str, pipeline_class: str, transformer_config: Ma
     spatial, temporal = spatial or vae_spatial, temporal or vae_temporal
     arch = family.facts_from_config(cfg, spatial, temporal, model_id)
     image_to_video = family.pipelines[pipeline_class]
-    first_latent_image = family.name == "wan" and expand_timesteps
+    first_latent_image = bool(expand_timesteps and family.expanded_timesteps_image_pipeline)
     facts: dict[str, Any] = dict(model_id=model_id, pipeline_class=pipeline_class, family=family.name,
                                  image_to_video=image_to_video, experts=experts, local_path=local_path,
                                  first_latent_image=first_latent_image,
-                                 image_pipeline_class=("WanImageToVideoPipeline" if first_latent_image
-                                                       and not image_to_video else None), **arch)
+                                 image_pipeline_class=(family.expanded_timesteps_image_pipeline
+                                                       if first_latent_image and not image_to_video else None),
+                                 **arch)
     fingerprint = (pipeline_class, cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("in_channels"),
                    experts > 1)
     known = REGISTRY.get(_FINGERPRINTS.get(fingerprint, ""))
