@@ -13,7 +13,8 @@ import torch
 
 from loopui.engine import LoopRequest, generate_loop
 from loopui.engine.plan import resolve_request
-from loopui.engine.request import LoraRef, request_from_values
+from loopui.engine.lora_refs import LoraRef
+from loopui.engine.request import request_from_values
 from loopui.models import REGISTRY, spec_for
 from loopui.models.lora import lora_status
 from loopui.testing.lora_files import lora_delta, write_lora

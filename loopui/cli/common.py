@@ -8,7 +8,8 @@ import logging
 import sys
 from typing import Any, Callable, Optional
 
-from loopui.engine.request import knob_info, number_text, parse_sigmas, real_number, whole_number
+from loopui.engine.request import knob_info, parse_sigmas
+from loopui.engine.values import number_text, real_number, whole_number
 
 PROG = "loopui"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

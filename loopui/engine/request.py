@@ -11,6 +11,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .lora_refs import LoraRef, check_lora_refs, parse_loras
+from .values import number_text, real_number, whole_number
+
 WINDOW_MODES = ("full", "window")
 # CogVideoX: DDIM / DPM (v-prediction); Wan: UniPC / Euler / LCM (flow matching). A family refuses the others.
 # "lcm" is the few-step sampler of distilled models: the model's clean estimate, re-noised to the next level.
@@ -19,11 +22,6 @@ IMAGE_CHANNELS = ("estimate", "image", "roll")
 SEAM_POLISH_LEVELS = ("off", "fast", "balanced", "strong")
 STEP_CACHES = ("off", "loop")
 MOTION_REGIONS = ("object", "background", "everything")
-# Which denoiser of a two-expert model (Wan 2.2 A14B) a LoRA adapts: the high-noise expert (diffusers'
-# ``transformer``), the low-noise one (``transformer_2``) or both. One-expert models take only "both".
-LORA_EXPERTS = ("both", "high", "low")
-LORA_SCALE_MIN, LORA_SCALE_MAX = -4.0, 4.0
-LORA_SUFFIX = ".safetensors"
 
 
 def _knob(default: Any, help: str, minimum: float | None = None, maximum: float | None = None,
@@ -41,52 +39,6 @@ def latent_length(num_frames: int, temporal_compression: int = 4) -> int:
 def size_text(width: Optional[int], height: Optional[int]) -> str:
     """A frame size written the one way loopui writes sizes everywhere: width first, ``720x480``."""
     return f"{width}x{height}"
-
-
-def whole_number(name: str, value: Any) -> int:
-    """The one rule for whole-number knobs (frames, steps, seed, sizes, shift, fps, mask pixels).
-
-    ``7``, ``7.0`` and ``"7"`` are 7; a fraction (``7.5``), a non-finite value, a boolean or text that is not a
-    number is refused with a ``ValueError`` naming ``name`` -- never rounded silently.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        try:
-            number = float(text)
-        except ValueError:
-            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    elif isinstance(value, float) or (hasattr(value, "__float__") and not isinstance(value, complex)):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    else:
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if not math.isfinite(number) or number != int(number):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(number)
-
-
-def real_number(name: str, value: Any) -> float:
-    """A finite number (``2``, ``2.5``, ``"2.5"``); booleans, text that is not a number, NaN and infinity are
-    refused with a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or isinstance(value, complex):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        number = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return number
 
 
 def nearest_frame_count(num_frames: int, temporal_compression: int = 4) -> int:
@@ -121,110 +73,6 @@ def default_shift_skip(length: int) -> int:
         if math.gcd(k, length) == 1:
             return k
     return 1
-
-
-@dataclass(frozen=True)
-class LoraRef:
-    """One LoRA of a request: its ``source`` (a local ``.safetensors`` file, a hub repo id, or
-    ``owner/repo/file.safetensors``), its ``scale`` and, on a two-expert model, the ``expert`` it adapts.
-    ``sha256`` (from a sidecar's record) makes loading refuse a file that has changed since."""
-
-    source: str
-    scale: float = 1.0
-    expert: str = "both"
-    sha256: Optional[str] = None
-
-    def text(self) -> str:
-        """The CLI / API spelling, ``source:scale`` (``:expert`` when not both)."""
-        tail = "" if self.expert == "both" else f":{self.expert}"
-        return f"{self.source}:{number_text(self.scale)}{tail}"
-
-    def to_dict(self) -> dict:
-        out = {"source": self.source, "scale": self.scale, "expert": self.expert}
-        if self.sha256:
-            out["sha256"] = self.sha256
-        return out
-
-
-def parse_lora(value: Any, name: str = "loras") -> LoraRef:
-    """One LoRA from a ``LoraRef``, a ``"source[:scale[:expert]]"`` string, a ``(source, scale[, expert])`` pair or
-    a mapping with those keys (a sidecar's record: its ``sha256`` is kept, other keys are ignored).
-
-    Only a trailing number or expert name is split off a string, so a path with a colon in it stays whole. The
-    range of the scale is :func:`check_lora_refs`' business. ``ValueError`` names ``name`` and the source.
-    """
-    if isinstance(value, LoraRef):
-        return value
-    sha256 = None
-    if isinstance(value, str):
-        source, scale, expert = value.strip(), 1.0, "both"
-        head, sep, tail = source.rpartition(":")
-        if sep and tail.strip().lower() in LORA_EXPERTS:
-            source, expert = head, tail.strip().lower()
-            head, sep, tail = source.rpartition(":")
-        if sep and head and _number_or_none(tail) is not None:
-            source, scale = head, _number_or_none(tail)
-        elif sep and head.lower().endswith(LORA_SUFFIX):
-            raise ValueError(f"{name}: {head!r}: scale must be a number, got {tail!r}")
-    elif isinstance(value, Mapping):
-        if "source" not in value:
-            raise ValueError(f"{name}: a LoRA needs a source, got {dict(value)!r}")
-        source, scale = value["source"], value.get("scale", 1.0)
-        expert, sha256 = value.get("expert") or "both", value.get("sha256")
-    elif isinstance(value, (tuple, list)) and 1 <= len(value) <= 3:
-        source, scale, expert = (list(value) + [1.0, "both"][len(value) - 1:])[:3]
-    else:
-        raise ValueError(f"{name}: expected 'source:scale', got {value!r}")
-    if not isinstance(source, str) or not source.strip():
-        raise ValueError(f"{name}: a LoRA source must be a file or hub id, got {source!r}")
-    source = source.strip()
-    number = None if isinstance(scale, bool) else _number_or_none(scale)
-    if number is None:
-        raise ValueError(f"{name}: {source!r}: scale must be a number, got {scale!r}")
-    if not isinstance(expert, str) or expert.strip().lower() not in LORA_EXPERTS:
-        raise ValueError(f"{name}: {source!r}: expert must be one of {', '.join(LORA_EXPERTS)}; got {expert!r}")
-    return LoraRef(source=source, scale=number, expert=expert.strip().lower(),
-                   sha256=str(sha256).lower() if sha256 else None)
-
-
-def _number_or_none(value: Any) -> Optional[float]:
-    """``value`` as a float (NaN and infinity included, for the range check to name), else None."""
-    try:
-        return float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        return None
-
-
-def parse_loras(value: Any, name: str = "loras") -> tuple[LoraRef, ...]:
-    """The LoRAs of a request as a tuple of ``LoraRef``: from None or "" (none), one string (one LoRA per line), or
-    a list of anything :func:`parse_lora` reads."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [line for line in value.splitlines() if line.strip()]
-    elif isinstance(value, (LoraRef, Mapping)):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{name}: expected a list of 'source:scale', got {type(value).__name__}")
-    return tuple(parse_lora(item, name) for item in value)
-
-
-def check_lora_refs(loras: tuple[LoraRef, ...], name: str = "loras") -> None:
-    """Scales in range (NaN refused), known experts, no source listed twice; ``ValueError`` names the source."""
-    seen = set()
-    for lora in loras:
-        if not isinstance(lora, LoraRef):
-            raise ValueError(f"{name}: expected 'source:scale', got {lora!r}")
-        if not math.isfinite(lora.scale) or not LORA_SCALE_MIN <= lora.scale <= LORA_SCALE_MAX:
-            raise ValueError(f"{name}: {lora.source!r}: scale must be in {number_text(LORA_SCALE_MIN)}.."
-                             f"{number_text(LORA_SCALE_MAX)}, got {lora.scale!r}")
-        if lora.expert not in LORA_EXPERTS:
-            raise ValueError(f"{name}: {lora.source!r}: expert must be one of {', '.join(LORA_EXPERTS)}; "
-                             f"got {lora.expert!r}")
-        key = (lora.source, lora.expert)
-        if key in seen:
-            raise ValueError(f"{name}: {lora.source!r} is listed twice: give it once, with the sum of the scales")
-        seen.add(key)
 
 
 @dataclass
@@ -391,7 +239,6 @@ class LoopRequest:
         return out
 
 
-
 def check_sigmas(sigmas: Any, num_inference_steps: Optional[int]) -> tuple[float, ...]:
     """A sigma list as floats: one per step (any count while the steps are automatic: the list sets them), strictly
     decreasing, within (0, 1]; ``ValueError`` naming ``sigmas``."""
@@ -479,11 +326,6 @@ def request_from_values(values: Mapping[str, Any]) -> LoopRequest:
             value = real_number(name, value)
         data[name] = value
     return LoopRequest(**data).validate()
-
-
-def number_text(value: float) -> str:
-    """A number (a range bound as people write it: 4294967295, 0.5 -- never 4.29497e+09."""
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def knob_info(name: str) -> dict:

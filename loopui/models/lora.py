@@ -202,7 +202,7 @@ def guess_lora_target(shapes: Mapping[str, Sequence[int]]) -> tuple[Optional[str
 
 
 def check_lora_ref(ref: Any, spec: Any, allowed: Optional[Mapping[str, str]] = None, name: str = "loras") -> str:
-    """The checks of one LoRA (a ``loopui.engine.request.LoraRef``) that need no download and no weights: a server
+    """The checks of one LoRA (a ``loopui.engine.lora_refs.LoraRef``) that need no download and no weights: a server
     LoRA when ``allowed`` (name -> file) is given, a local file that exists and ends in ``.safetensors``, an expert
     choice only on a two-expert model. Returns the source to load (``allowed``'s file for a listed name).
     ``ValueError`` names ``name`` and the file."""
@@ -222,7 +222,7 @@ def check_lora_ref(ref: Any, spec: Any, allowed: Optional[Mapping[str, str]] = N
 def resolve_loras(refs: Sequence[Any], spec: Any, allowed: Optional[Mapping[str, str]] = None,
                   local_files_only: bool = False, cache_dir: Optional[str] = None,
                   name: str = "loras") -> tuple[LoraFile, ...]:
-    """The request's LoRAs (``loopui.engine.request.LoraRef``) as files found, checked against the model ``spec``
+    """The request's LoRAs (``loopui.engine.lora_refs.LoraRef``) as files found, checked against the model ``spec``
     and hashed -- everything that can be refused before the model loads: :func:`check_lora_ref`'s checks, a hub
     source that cannot be fetched, a file that is no valid safetensors file or whose keys are another model
     family's, a file changed since a sidecar recorded it. ``ValueError`` names ``name`` and the file."""

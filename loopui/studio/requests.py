@@ -15,7 +15,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from loopui.engine.plan import LoopPlan, apply_recipe, resolve_request
-from loopui.engine.request import LORA_SUFFIX, LoopRequest, request_from_values, size_text
+from loopui.engine.lora_refs import LORA_SUFFIX
+from loopui.engine.request import LoopRequest, request_from_values, size_text
 from loopui.messages import one_line
 
 AUTO_SCHEDULER = "auto"  # dropdown value for "the model's own scheduler" (LoopRequest.scheduler = None)

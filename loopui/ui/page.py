@@ -10,7 +10,8 @@ from typing import Any
 import gradio as gr
 
 from loopui.engine.plan import CLIP_INIT_STRENGTH
-from loopui.engine.request import LORA_EXPERTS, LORA_SCALE_MAX, LORA_SCALE_MIN, knob_info
+from loopui.engine.lora_refs import LORA_EXPERTS, LORA_SCALE_MAX, LORA_SCALE_MIN
+from loopui.engine.request import knob_info
 from loopui.saliency import MASK_MODEL_INFO, MASK_MODELS
 from loopui.studio import Studio
 from loopui.studio.knobs import (
