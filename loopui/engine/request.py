@@ -22,6 +22,11 @@ IMAGE_CHANNELS = ("estimate", "image", "roll")
 SEAM_POLISH_LEVELS = ("off", "fast", "balanced", "strong")
 STEP_CACHES = ("off", "loop")
 MOTION_REGIONS = ("object", "background", "everything")
+# The attention kernels a request may name ("auto": the server's setting, else the fastest installed one that fits
+# the GPU) and the weight quantizations; ``loopui.models.accel`` and ``loopui.models.quantize`` map them to
+# diffusers' backends and torchao's configs.
+ATTENTION_BACKENDS = ("auto", "native", "flash", "flash3", "sage", "xformers")
+QUANTIZE_MODES = ("none", "fp8", "int8")
 
 
 def _knob(default: Any, help: str, minimum: float | None = None, maximum: float | None = None,
@@ -143,6 +148,20 @@ class LoopRequest:
                                    "(never another rotation's), blended by where each clip saw the frame; about a "
                                    "third fewer model calls at 50 steps, none skipped at few steps. 'off' = every "
                                    "step calls the model.", choices=STEP_CACHES)
+    # How the model runs (speed and memory; the loop itself is the same up to rounding, and with quantize close).
+    attention: str = _knob("auto", "Attention kernel: 'auto' = the server's setting (LOOPUI_ATTENTION), else the "
+                                   "fastest installed one that fits the GPU (FlashAttention 3 on Hopper, then "
+                                   "SageAttention, FlashAttention 2, else PyTorch's own); 'native' = PyTorch's "
+                                   "scaled_dot_product_attention, the only one on a CPU. The GPU kernels install from "
+                                   "requirements-gpu.txt.", choices=ATTENTION_BACKENDS)
+    compile: Optional[bool] = _knob(None, "Compile the transformer's repeated blocks with torch.compile: the first "
+                                          "loop at a size compiles (a minute or more), later ones at that size run "
+                                          "faster; empty = the server's setting (LOOPUI_COMPILE, else off).")
+    quantize: Optional[str] = _knob(None, "Quantize the transformer's weights (torchao): 'fp8' = FP8 weights and "
+                                          "activations (GPUs of compute capability 8.9 or newer: Ada, Hopper), "
+                                          "'int8' = int8 weights (any GPU or the CPU; half the memory of bf16), "
+                                          "'none'. Changing it reloads the model; empty = the server's setting "
+                                          "(LOOPUI_QUANTIZE, else none).", choices=QUANTIZE_MODES)
     # Reference-image mode (all inert without an image).
     image: Any = field(default=None, metadata={"help": "Reference image (path, PIL image or HxWx3 array): the loop "
                                                        "starts and ends on it.", "json": False})
