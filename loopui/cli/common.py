@@ -88,13 +88,15 @@ KNOB_FLAGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("--loop-region", "loop_region", parse_number),
     ("--background-freeze", "background_freeze", parse_number),
     ("--image-channel", "image_channel", str),
+    ("--attention", "attention", str),
+    ("--quantize", "quantize", str),
 )
 
 # For error messages: "num_frames must be >= 5" is clearer as "... [--frames]" on the command line.
 FIELD_FLAGS = {field: flag for flag, field, _ in KNOB_FLAGS} | {
     "prompt": "--prompt", "use_dynamic_cfg": "--dynamic-cfg", "image": "--image", "mask": "--mask",
     "video": "--video", "frame_invariant_decoding": "--no-frame-invariant-decoding", "loras": "--lora",
-    "recipe": "--recipe"}
+    "recipe": "--recipe", "compile": "--compile"}
 
 
 def knob_default(field: str) -> Any:

@@ -48,6 +48,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_knob_flags(parser)
     parser.add_argument("--dynamic-cfg", dest="use_dynamic_cfg", action=argparse.BooleanOptionalAction,
                         default=None, help=knob_help("use_dynamic_cfg", recommended=True))
+    parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                        help=knob_help("compile"))
     parser.add_argument("--no-frame-invariant-decoding", dest="frame_invariant_decoding", action="store_false",
                         default=knob_default("frame_invariant_decoding"),
                         help="Stock decoding: decode the cycle as a plain clip (the VAE's own frame count, its first "
@@ -104,7 +106,8 @@ def build_request(args: argparse.Namespace, spec: Any) -> LoopPlan:
     first (its notes join the plan's, and the plan records it for the sidecar)."""
     values = {field: getattr(args, field) for _, field, _ in KNOB_FLAGS}
     values.update(prompt=args.prompt, use_dynamic_cfg=args.use_dynamic_cfg, image=args.image, mask=args.mask,
-                  video=args.video, frame_invariant_decoding=args.frame_invariant_decoding, loras=args.loras or ())
+                  video=args.video, frame_invariant_decoding=args.frame_invariant_decoding, loras=args.loras or (),
+                  compile=args.compile)
     if args.invert_mask:
         if values["motion_region"] not in ("object", "background"):
             raise ValueError(f"--invert-mask contradicts --motion-region {values['motion_region']}")
@@ -224,6 +227,7 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
             parallel, device, offload = _start_parallel(args, spec)
             if not parallel.is_main:
                 progress.enabled = False
+        quantize = _check_runtime(plan, device)
 
         # 2. Load the model (progress in bytes while it downloads)
         shown: dict[str, int] = {}
@@ -257,7 +261,7 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
         # back to).
         manager = ModelManager(device=device, offload=offload, lora_fuse="single")
         start = time.perf_counter()
-        loaded, render = manager.run(args.model, work, dtype=args.dtype, progress=on_load)
+        loaded, render = manager.run(args.model, work, dtype=args.dtype, progress=on_load, quantize=quantize)
         if parallel is not None and not parallel.is_main:
             return EXIT_OK
         if args.save_latents:
@@ -306,6 +310,20 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
     print(f"time {elapsed:.1f} s (denoise {timings.get('denoise', 0):.1f} s, decode {timings.get('decode', 0):.1f} s; "
           f"model load {loaded.load_seconds:.1f} s)")
     return EXIT_OK
+
+
+def _check_runtime(plan: LoopPlan, device: Optional[str]) -> str:
+    """``--attention`` and ``--quantize`` checked against this machine before the model loads (a kernel that is not
+    installed or does not fit the GPU is refused here, not after minutes of loading); returns the quantization the
+    model is loaded with."""
+    import torch
+
+    from loopui.models.accel import resolve_attention
+    from loopui.models.quantize import resolve_quantize
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    resolve_attention(plan.request.attention, device)
+    return resolve_quantize(plan.request.quantize, device)
 
 
 def _usable_offload(offload: Optional[str], device: Optional[str]) -> Optional[str]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from loopui.engine.request import LoopRequest, default_shift_skip, knob_info, latent_length, size_text
 from loopui.messages import one_line
-from loopui.studio.requests import AUTO_SCHEDULER, PUBLIC_LIMITS
+from loopui.studio.requests import AUTO_SCHEDULER, COMPILE_CHOICES, PUBLIC_LIMITS
 
 # Settings that make a generation take seconds on a CPU (a preview, not a finished loop).
 PREVIEW_SETTINGS: dict[str, int] = {"height": 64, "width": 96, "num_frames": 49, "num_inference_steps": 4}
@@ -254,6 +254,8 @@ class Knobs:
         stands for two values (high-noise and low-noise expert); the Steps slider the model's own count, which with a
         sigma list means "as many steps as sigmas"."""
         values = dict(values)
+        if isinstance(values.get("compile"), str):  # the page's dropdown: auto (the server's), on, off
+            values["compile"] = COMPILE_CHOICES.get(values["compile"], values["compile"])
         try:
             if int(values["num_inference_steps"]) == self.model_view(model_id).steps:
                 values["num_inference_steps"] = None

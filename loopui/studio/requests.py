@@ -27,8 +27,10 @@ REQUEST_FIELDS: tuple[str, ...] = (
     "guidance_scale", "seed", "height", "width", "scheduler", "flow_shift", "use_dynamic_cfg",
     "frame_invariant_decoding", "shift_start", "shift_end", "window_mode", "fps", "seam_polish", "anchor_strength",
     "init_strength", "loop_region", "background_freeze", "image_channel", "motion_region", "mask_model", "mask_threshold",
-    "mask_grow", "mask_feather", "step_cache", "sigmas", "loras",
+    "mask_grow", "mask_feather", "step_cache", "sigmas", "loras", "attention", "compile", "quantize",
 )
+# The page's compile dropdown: "auto" = the server's setting (LoopRequest.compile = None).
+COMPILE_CHOICES = {"auto": None, "on": True, "off": False}
 
 # Public mode (a shared server, e.g. a Space): what one request may ask for at most.
 # Wan 2.1 1.3B's native 832x480 at 81 frames and Wan 2.2 5B's 121 frames fit; 720p and longer cycles do not.
@@ -78,6 +80,7 @@ def build_request(values: dict, spec: Any, public: bool = False,
     request = plan.request
     if public:
         check_public_limits(request)
+        check_public_runtime(request)
     for name in ("image", "mask", "video"):
         value = getattr(request, name)
         if value is not None and not isinstance(value, np.ndarray):
@@ -93,6 +96,26 @@ def build_request(values: dict, spec: Any, public: bool = False,
     # Said before the run (the status line's notes): a step far beyond the model's own, a clip that is not used.
     warned = tuple(w for w in plan.warnings if w.startswith(("cost:", "video:")))
     return dataclasses.replace(plan, notes=plan.notes + warned) if warned else plan
+
+
+def check_public_runtime(request: LoopRequest) -> None:
+    """On a public server compilation and quantization are the server's (its LOOPUI_COMPILE / LOOPUI_QUANTIZE): a
+    visitor asking for another would make it compile again or load the model again for everyone."""
+    if request.compile is not None:
+        raise ValueError("compile: this public server decides compilation itself; leave compile empty (auto)")
+    if request.quantize is not None:
+        raise ValueError("quantize: this public server loads its models with its own quantization; leave quantize "
+                         "empty (auto)")
+
+
+def check_runtime(request: LoopRequest, device: str) -> None:
+    """The request's attention kernel and quantization checked against this server's device before the line (a
+    kernel that is not installed or does not fit the GPU: one line naming it and how to install it)."""
+    from loopui.models.accel import resolve_attention
+    from loopui.models.quantize import resolve_quantize
+
+    resolve_attention(request.attention, device)
+    resolve_quantize(request.quantize, device)
 
 
 def list_lora_dir(folder: Any) -> dict[str, str]:

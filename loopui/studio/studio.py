@@ -110,10 +110,13 @@ class Studio:
         this server offers (``loopui.studio.requests.build_request``); ``ValueError`` naming the parameter
         otherwise. ``values["recipe"]`` (a speed recipe's name) fills the values left automatic."""
         loader = getattr(self.manager, "loader", None)  # the manager's hub settings (offline, cache folder)
-        return requests.build_request(values, self.check_model(model_id), public=self.public,
+        plan = requests.build_request(values, self.check_model(model_id), public=self.public,
                                       server_loras=self.loras, recipe=values.get("recipe"),
                                       local_files_only=bool(getattr(loader, "local_files_only", False)),
                                       cache_dir=getattr(loader, "cache_dir", None))
+        # Checked against this server's GPUs (all of one kind, or the CPU) before the line.
+        requests.check_runtime(plan.request, self.pool.devices[0])
+        return plan
 
     def page_loras(self, picks: Any, upload: Any, scale: Any, expert: Any) -> list[tuple]:
         """The page's LoRA controls as the request's ``loras``: the server's LoRAs picked by name and an uploaded
@@ -174,7 +177,8 @@ class Studio:
                 with self.pool.acquire(prefer=lambda device: self.manager.holds(model_id, device), cancel=cancel,
                                        on_wait=on_wait) as device:
                     return self.manager.run(model_id, work, device=device, progress=on_load, cancel=cancel,
-                                            offload="none" if self.zero_gpu else None)
+                                            offload="none" if self.zero_gpu else None,
+                                            quantize=plan.request.quantize)
             except LoadCancelled as exc:
                 raise LoopInterrupted(str(exc)) from None
             finally:

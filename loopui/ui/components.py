@@ -164,7 +164,7 @@ def api_inputs(knobs: Knobs) -> dict[str, gr.components.Component]:
     on Wan 2.1 I2V and Wan 2.2 A14B; with ``sigmas``, one per sigma); ``sigmas`` and ``loras`` take a JSON list or
     one string."""
     automatic = {"shift_skip", "rope_scale", "height", "width", "scheduler", "guidance_scale", "use_dynamic_cfg",
-                 "fps", "flow_shift", "init_strength", "num_inference_steps", "sigmas"}
+                 "fps", "flow_shift", "init_strength", "num_inference_steps", "sigmas", "compile", "quantize"}
     hints = typing.get_type_hints(LoopRequest)
     out: dict[str, gr.components.Component] = {}
     for name in REQUEST_FIELDS:

@@ -114,6 +114,7 @@ class Handlers:
                  use_dynamic_cfg: Optional[bool] = None, fps: Optional[float] = None,
                  flow_shift: Optional[float] = None, init_strength: Optional[float] = None,
                  sigmas: Optional[Any] = None, loras: Optional[Any] = None, recipe: Optional[str] = None,
+                 attention: str = "auto", compile: Optional[Any] = None, quantize: Optional[str] = None,
                  image: Optional[str] = None, mask: Optional[str] = None, video: Optional[str] = None,
                  lora_file: Optional[str] = None, lora_scale: Optional[float] = None,
                  lora_expert: Optional[str] = None,
@@ -123,7 +124,8 @@ class Handlers:
         settings JSON) and a status line. Knobs left out (or null / "auto") get the automatic values the page
         and the CLI use (steps: the model's; init strength: 1, or 0.7 with a clip). ``sigmas``: a list or
         "1, 0.94, 0.83" (Wan); ``loras``: a list of "source:scale" (or one per line); ``recipe``: a speed recipe's
-        name (``loopui models`` lists them), filling the knobs left out."""
+        name (``loopui models`` lists them), filling the knobs left out. ``attention``, ``compile`` and ``quantize``:
+        how the model runs (left out: the server's setting)."""
         arguments = dict(locals())
         values = {name: value for name, value in arguments.items() if name in REQUEST_FIELDS}
         values["recipe"] = recipe

@@ -25,6 +25,7 @@ from loopui.studio.knobs import (
     window_state,
 )
 from loopui.studio.masks import PAINT_MOVE_COLOR, PAINT_STILL_COLOR
+from loopui.studio.requests import COMPILE_CHOICES
 from loopui.ui.components import (Page, api_inputs, knob_dropdown, knob_slider, name_refused_paths, uploaded_image,
                                   uploaded_video)
 from loopui.ui.events import NO_CLIP_NOTE, wire
@@ -263,6 +264,7 @@ def layout(knobs: Knobs) -> Page:
                                             value=view.sigmas.value, placeholder="1, 0.9375, 0.8333, 0.625",
                                             info=view.sigmas.note, interactive=view.sigmas.interactive,
                                             elem_id="loopui-sigmas")
+                    attention, compile_, quantize = runtime_controls(knobs)
 
                 lora_picks, lora_file, lora_scale, lora_expert = lora_controls(knobs, view)
                 first = recipe_update(knobs.model_id, knobs.public)
@@ -304,7 +306,8 @@ def layout(knobs: Knobs) -> Page:
         anchor_strength=anchor_strength, init_strength=init_strength, background_freeze=background_freeze,
         image_channel=image_channel, video=clip, loop_region=loop_region,
         motion_region=motion_region, mask_model=mask_model, mask_threshold=mask_threshold, mask_grow=mask_grow,
-        mask_feather=mask_feather, step_cache=step_cache, sigmas=sigmas, loras=lora_picks,
+        mask_feather=mask_feather, step_cache=step_cache, sigmas=sigmas, loras=lora_picks, attention=attention,
+        compile=compile_, quantize=quantize,
     )
 
     return Page(fields=fields, api=api, model=model, history=history, banner_md=banner_md, preview_btn=preview_btn,
@@ -314,6 +317,22 @@ def layout(knobs: Knobs) -> Page:
                 api_mask=api_mask, api_mask_trigger=api_mask_trigger, api_generate_trigger=api_generate_trigger,
                 page_origin=page_origin, api_origin=api_origin, lora_file=lora_file, lora_scale=lora_scale,
                 lora_expert=lora_expert, recipe=recipe)
+
+
+def runtime_controls(knobs: Knobs) -> tuple[Any, Any, Any]:
+    """How the model runs: the attention kernel, compilation and quantization ("auto" = the server's setting). On a
+    public server compilation and quantization stay the server's (another choice would compile or load again for
+    everyone)."""
+    locked = " Fixed on this public server." if knobs.public else ""
+    with gr.Row():
+        attention = knob_dropdown("attention", "Attention kernel", knobs.default("attention"),
+                                  elem_id="loopui-attention")
+        compile_ = gr.Dropdown(choices=list(COMPILE_CHOICES), value="auto", label="Compile",
+                               info=help_text("compile") + locked, interactive=not knobs.public,
+                               elem_id="loopui-compile")
+        quantize = knob_dropdown("quantize", "Quantize", "auto", choices=["auto", *knob_info("quantize")["choices"]],
+                                 interactive=not knobs.public, elem_id="loopui-quantize")
+    return attention, compile_, quantize
 
 
 def lora_controls(knobs: Knobs, view: Any) -> tuple[Any, Any, Any, Any]:
