@@ -81,11 +81,15 @@ class StepFlops:
         """JSON-ready summary: the counts in TFLOP and the bf16 / FP8 bounds in s/step."""
         out = asdict(self)
         for key in ("linear", "self_attention", "cross_attention", "other"):
-            out[key] = round(out[key] / 1e12, 3)
-        out.update(tflop_per_step=round(self.total / 1e12, 2), bound_bf16_s=round(self.bound_s(), 3),
-                   bound_fp8_linear_s=round(self.bound_s(H200_FP8_TFLOPS, H200_BF16_TFLOPS), 3),
-                   bound_fp8_s=round(self.bound_s(H200_FP8_TFLOPS), 3))
+            out[key] = _digits(out[key] / 1e12)
+        out.update(tflop_per_step=_digits(self.total / 1e12), bound_bf16_s=_digits(self.bound_s()),
+                   bound_fp8_linear_s=_digits(self.bound_s(H200_FP8_TFLOPS, H200_BF16_TFLOPS)),
+                   bound_fp8_s=_digits(self.bound_s(H200_FP8_TFLOPS)))
         return out
+
+
+def _digits(value: float) -> float:
+    return float(f"{value:.4g}")  # 4 significant digits: a shrunk smoke model's microseconds stay visible
 
 
 def stack_bound_s(flops: StepFlops, quantize: str = "none", attention: str = "native") -> float:
