@@ -78,7 +78,8 @@ def run_stack(bench: Any, pipe: Any, flops: Any, sizes: tuple, steps: int, image
     compiled = getattr(result, "compiled", None)
     # A knob the engine does not read yet runs today's path silently: say so instead of timing it as the stack.
     if attention not in ("native", "auto") and ran_attention != attention:
-        raise RuntimeError(f"asked attention {attention!r}, the engine reports {ran_attention!r} (LoopResult.attention)")
+        raise RuntimeError(f"asked attention {attention!r}, the engine reports {ran_attention!r} "
+                           "(LoopResult.attention)")
     if compile and compiled is not True:
         raise RuntimeError(f"asked compile, the engine reports compiled={compiled!r} (LoopResult.compiled)")
     bound = stack_bound_s(flops, quantize, ran_attention or attention)

@@ -96,4 +96,5 @@ def test_the_table_of_the_h200_runs_so_far_is_the_committed_one(tmp_path):
     rows = [line for line in done.stdout.splitlines() if "native (before #16)" in line]
     assert len(rows) == 9  # every registry model the old runs measured
     # the figure: the 1.3B loop at 2.2x its bf16 bound
-    assert "| Wan-AI/Wan2.1-T2V-1.3B-Diffusers | 832x480x81 | native (before #16) | 1.244 s | 0.572 s | 2.17 |" in rows[0]
+    wan = "| Wan-AI/Wan2.1-T2V-1.3B-Diffusers | 832x480x81 | native (before #16) |"
+    assert rows[0].startswith(f"{wan} 1.244 s | 0.572 s | 2.17 |")
