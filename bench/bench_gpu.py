@@ -9,8 +9,12 @@ its own. Timings are per denoising step (CUDA-synchronised in the step callback)
 "per loop" extrapolates to 50 steps plus the decode. Sections run in priority order inside ``--budget-s`` and every
 result is written as soon as it exists, so a cut-off run still reports what it measured.
 
+The "kernels" and "low_vram" sections (bench/bench_stacks.py) time attention kernels, compile, FP8 and group offload
+through the request knobs, each figure next to its FLOP bound (loopui/testing/flops.py).
+
     python bench/bench_gpu.py --out DIR [--budget-s 420] [--sections ...]
     python bench/bench_gpu.py --smoke --out DIR     # the same code on CPU with shrunk models (tests run this)
+    python bench/bench_gpu.py --table docs/gpu_bench_h200.json [--out DIR]   # the README table of a bench JSON
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from typing import Any, Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import bench_stacks  # noqa: E402  (bench/ is the script's own folder, on sys.path when run as a script)
+
 T0 = time.monotonic()
 STEPS_FOR_LOOP = 50
 # (model id, height, width, num_frames, steps, decode?) in priority order. Wan 14B runs at 480p: its 720p step
@@ -45,6 +51,7 @@ MODELS = [
     ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", 480, 832, 81, 2, False),
 ]
 WAN_SMALL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+WAN_14B = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 PROMPT = "ocean waves rolling onto a beach at sunset"
 
 
@@ -66,6 +73,10 @@ class Bench:
 
     def save(self) -> None:
         (self.out / "gpu_bench.json").write_text(json.dumps(self.results, indent=2, default=str))
+
+    def save_partial(self) -> None:
+        """Write what a running section measured so far (a cut-off lease keeps it)."""
+        self.save()
 
     def section(self, name: str, needs_s: float, fn: Callable[[], Any]) -> None:
         if self.left() < needs_s:
@@ -136,6 +147,17 @@ class Bench:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def image_for(self, model_id: str, height: int, width: int) -> Any:
+        """A grey reference image for an image-to-video pipeline, None for text-to-video."""
+        from loopui.models.registry import REGISTRY
+
+        if not REGISTRY[model_id].image_to_video:
+            return None
+        import numpy as np
+        from PIL import Image
+
+        return Image.fromarray(np.full((height, width, 3), 128, np.uint8))
+
     def size(self, model_id: str, height: int, width: int, frames: int) -> tuple[int, int, int]:
         from loopui.models.registry import REGISTRY
 
@@ -169,8 +191,10 @@ class Bench:
         from loopui.engine import LoopRequest, generate_loop
 
         stamps: list[float] = []
+        self.last_stages = stages = []
 
         def progress(stage: str, step: int, total: int) -> None:
+            stages.append(stage)
             if stage == "denoise":
                 self.sync()
                 stamps.append(time.perf_counter())
@@ -186,7 +210,25 @@ class Bench:
         timing.update(model_calls_per_step=result.settings["model_calls"] / steps,
                       rope_scale=result.settings["rope_scale"], shift_skip=result.settings["shift_skip"])
         self.last_latents = result.latents
+        self.last_result = result
         return timing
+
+    def has_latents(self) -> bool:
+        return getattr(self, "last_latents", None) is not None
+
+    def time_decode(self, pipe: Any, frame_invariant: bool = True) -> dict:
+        """Seconds and peak VRAM of decoding the last run's latents as a loop is decoded."""
+        from loopui.engine.decode import decode_cycle
+        from loopui.engine.families import family_for
+
+        latents = self.last_latents.to(self.device)
+        self.reset_peak()
+        self.sync()
+        start = time.perf_counter()
+        with self.torch.no_grad():
+            video = decode_cycle(pipe, latents, frame_invariant=frame_invariant, family=family_for(pipe))
+        self.sync()
+        return {"s": round(time.perf_counter() - start, 2), "frames": int(video.shape[2]), "peak_gib": self.peak_gib()}
 
     def _timing(self, start: float, stamps: list[float]) -> dict:
         steps = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
@@ -196,21 +238,12 @@ class Bench:
 
     # -- sections ------------------------------------------------------------------------------------------------
     def model_section(self, model_id: str, height: int, width: int, frames: int, steps: int, decode: bool) -> dict:
-        torch = self.torch
-        from loopui.engine.decode import decode_cycle
-        from loopui.engine.families import family_for
-
         height, width, frames = self.size(model_id, height, width, frames)
         build_start = time.perf_counter()
         pipe = self.build(model_id)
         out: dict[str, Any] = {"size": f"{width}x{height}x{frames}", "build_s": round(time.perf_counter()
                                                                                         - build_start, 1)}
-        image = None
-        if pipe.__class__.__name__.endswith("ImageToVideoPipeline"):
-            import numpy as np
-            from PIL import Image
-
-            image = Image.fromarray(np.full((height, width, 3), 128, np.uint8))
+        image = self.image_for(model_id, height, width)
         stock = self.run_stock(pipe, height, width, frames, steps, image)
         loop = self.run_loop(pipe, height, width, frames, steps, image)
         out.update(stock=stock, loop=loop)
@@ -219,18 +252,8 @@ class Bench:
         stock_step = min(stock["step_s"], out.get("stock_again", stock)["step_s"])
         out["loop_vs_stock"] = round(loop["step_s"] / stock_step, 3)
         if decode:
-            family = family_for(pipe)
-            latents = self.last_latents.to(self.device)
             for name, invariant in (("decode_stock", False), ("decode_invariant", True)):
-                self.reset_peak()
-                self.sync()
-                start = time.perf_counter()
-                with torch.no_grad():
-                    video = decode_cycle(pipe, latents, frame_invariant=invariant, family=family)
-                self.sync()
-                out[name] = {"s": round(time.perf_counter() - start, 2), "frames": int(video.shape[2]),
-                             "peak_gib": self.peak_gib()}
-                del video
+                out[name] = self.time_decode(pipe, frame_invariant=invariant)
         decode_s = out.get("decode_invariant", {}).get("s", 0.0)
         out["loop_s_at_50_steps"] = round(loop["step_s"] * STEPS_FOR_LOOP + decode_s, 1)
         del pipe
@@ -343,8 +366,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU, shrunk models: checks the code paths")
     parser.add_argument("--models", nargs="*", default=None, help="model ids (default: all in priority order)")
     parser.add_argument("--sections", nargs="*", default=None,
-                        help="only these sections: model ids, 'windows', 'offload', 'text_encoders'")
+                        help="only these sections: model ids, 'kernels', 'low_vram' (or 'kernels:<model id>'), "
+                             "'windows', 'offload', 'text_encoders'")
+    parser.add_argument("--table", type=Path, default=None, metavar="JSON",
+                        help="print the README table (stacks vs FLOP bound) of a bench JSON; also written to "
+                             "OUT/gpu_bench_stacks.md")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(bench_stacks.write_table(args.table, args.out / "gpu_bench_stacks.md"), end="")
+        return 0
     bench = Bench(args.out, args.budget_s, args.smoke)
     if not args.smoke and not bench.torch.cuda.is_available():
         print("bench_gpu: no CUDA device; use --smoke for the CPU check", file=sys.stderr)
@@ -359,7 +390,25 @@ def main(argv: Optional[list[str]] = None) -> int:
             _, h, w, f, steps, decode = wanted[model_id]
             bench.section(f"model:{model_id}", needs_s, lambda: bench.model_section(model_id, h, w, f, steps, decode))
 
-    # Priority order: what most users run first, then what the issue's figures need, then the rest.
+    def kernels(model_id: str, needs_s: float) -> None:
+        if model_id in wanted and (chosen("kernels") or chosen(f"kernels:{model_id}")):
+            _, h, w, f, steps, _ = wanted[model_id]
+            bench.section(f"kernels:{model_id}", needs_s,
+                          lambda: bench_stacks.kernels_section(bench, model_id, h, w, f, steps))
+
+    def low_vram(model_id: str, needs_s: float) -> None:
+        if model_id in wanted and (chosen("low_vram") or chosen(f"low_vram:{model_id}")):
+            _, h, w, f, steps, _ = wanted[model_id]
+            bench.section(f"low_vram:{model_id}", needs_s,
+                          lambda: bench_stacks.low_vram_section(bench, model_id, h, w, f, steps))
+
+    # Priority order: the speed stacks of what most users run (issue #16), the 14B on a 24 GB budget, then the
+    # native figures of every model, then the stacks of the rest.
+    kernels(WAN_SMALL, 60)
+    kernels("THUDM/CogVideoX-5b", 90)
+    low_vram(WAN_14B, 90)
+    kernels("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 120)
+    kernels(WAN_14B, 200)
     model(WAN_SMALL, 20)
     model("THUDM/CogVideoX-5b", 45)
     if WAN_SMALL in wanted and chosen("windows"):
@@ -375,8 +424,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     model("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", 80)
     model("Wan-AI/Wan2.2-T2V-A14B-Diffusers", 80)
     model("Wan-AI/Wan2.2-I2V-A14B-Diffusers", 80)
+    for model_id in ("THUDM/CogVideoX-2b", "THUDM/CogVideoX-5b-I2V", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+                     "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "Wan-AI/Wan2.2-I2V-A14B-Diffusers"):
+        kernels(model_id, 200)
     table = markdown(bench.results)
     (args.out / "gpu_bench.md").write_text(table + "\n")
+    (args.out / "gpu_bench_stacks.md").write_text(bench_stacks.stack_table(bench.results) + "\n")
     print(table)
     return 0
 
