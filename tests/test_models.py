@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from loopui.models import (
     DEFAULT_MODEL_ID,
@@ -170,6 +171,59 @@ def test_spec_for_pipeline_reads_the_built_transformer(tiny_pipe):
 def test_choose_memory_policy(free_gib, need_gib, has_cuda, offload_gib, expected):
     offload = None if offload_gib is None else offload_gib * GIB
     assert choose_memory_policy(free_gib * GIB, need_gib * GIB, has_cuda, offload) == expected
+
+
+@pytest.mark.parametrize("free_gib, offload_gib, group_gib, expected", [
+    (24, 16, 6, "model"),        # model offload fits: group offload is not needed
+    (12, 16, 6, "group"),        # a 12 GB card: blocks streamed, the rest resident
+    (6, 16, 6, "sequential"),    # group offload's peak does not fit the headroom either
+    (12, 16, None, "sequential"),  # no estimate for group offload: not chosen blindly
+])
+def test_choose_memory_policy_group_offload_sits_between_model_and_sequential(free_gib, offload_gib, group_gib,
+                                                                               expected):
+    group = None if group_gib is None else group_gib * GIB
+    assert choose_memory_policy(free_gib * GIB, 26 * GIB, True, offload_gib * GIB, group) == expected
+
+
+def test_the_out_of_memory_ladder_and_the_offload_setting_know_group(monkeypatch):
+    from loopui.models.memory import MEMORY_POLICIES, NEXT_POLICY, POLICY_TEXT, check_policy, offload_from_env
+
+    ladder, policy = [], "none"
+    while policy is not None:
+        ladder.append(policy)
+        policy = NEXT_POLICY[policy]
+    assert ladder == ["none", "model", "group", "sequential"] and tuple(ladder) == MEMORY_POLICIES
+    assert set(POLICY_TEXT) == set(MEMORY_POLICIES)
+    assert check_policy(" Group ") == "group"
+    monkeypatch.setenv("LOOPUI_OFFLOAD", "group")
+    assert offload_from_env() == "group"
+
+
+def test_memory_needs_of_a_quantized_pipeline_and_of_group_offload():
+    pytest.importorskip("torchao")
+    from loopui.models.memory import memory_needs
+    from loopui.models.quantize import module_bytes, quantize_pipeline
+    from loopui.testing.faithful import build_faithful_pipeline
+
+    model = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    spec = REGISTRY[model]
+    stock = build_faithful_pipeline(model, layers=3)
+    need, offload_need, group_need = memory_needs(spec, stock)
+    assert need == int(spec.vram_gb * GIB)  # the registry's figure, nothing saved
+    # Model offload: the figure's activations beside the biggest component (here the text encoder); group offload:
+    # the activations, the transformer outside its blocks and two of its three blocks.
+    components = [m for m in stock.components.values() if isinstance(m, torch.nn.Module)]
+    activations = int(spec.offload_vram_gb * GIB) - max(module_bytes(m) for m in components)
+    assert offload_need == activations + max(module_bytes(m) for m in components)
+    block = module_bytes(stock.transformer.blocks[0])
+    outside = module_bytes(stock.transformer) - module_bytes(stock.transformer.blocks)
+    assert group_need == activations + outside + 2 * block
+    quantized = build_faithful_pipeline(model, layers=3)
+    quantize_pipeline(quantized, "int8")
+    saved = module_bytes(stock.transformer) - module_bytes(quantized.transformer)
+    q_need, _q_offload, q_group = memory_needs(spec, quantized)
+    assert saved > 0 and q_need == need - saved
+    assert q_group == activations + outside + 2 * module_bytes(quantized.transformer.blocks[0]) < group_need
 
 
 def test_choose_memory_policy_rejects_negative_sizes():

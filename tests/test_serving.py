@@ -223,6 +223,38 @@ def test_a_model_all_on_the_gpu_is_evicted_before_the_next_is_measured(fake_cuda
     assert len(manager.loaded()) == 2
 
 
+def test_group_offload_on_a_gpu_and_as_the_retry_after_model_offload(fake_cuda):
+    """Group offload (diffusers' real hooks, onloading to the CPU here) serves the same loop, and an out-of-memory
+    error under model offload is retried with group offload, which the model keeps."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    from loopui.models import ModelManager
+
+    reference = generate_loop(ModelManager().get("demo", device="cpu").pipe, LoopRequest(**QUICK),
+                              output_type="latent").latents
+    grouped = ModelManager(offload="group").get("demo", device="cuda:0")
+    assert grouped.policy == "group" and ("group", "cuda:0") in fake_cuda.placements
+    assert "group offload" in grouped.describe() and _is_group_offload_enabled(grouped.pipe.transformer)
+    torch.testing.assert_close(generate_loop(grouped.pipe, LoopRequest(**QUICK), output_type="latent").latents,
+                               reference, rtol=0, atol=0)
+    manager = ModelManager(offload="model")
+    failures = [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")]
+    said = []
+
+    def work(loaded):
+        if failures:
+            raise failures.pop()
+        return generate_loop(loaded.pipe, LoopRequest(**QUICK), output_type="latent").latents
+
+    latents = manager.run("demo", work, device="cuda:0", progress=lambda stage, f, message: said.append(message))
+    loaded = manager.loaded()[0]
+    assert loaded.policy == "group" and _is_group_offload_enabled(loaded.pipe.transformer)
+    assert not hasattr(loaded.pipe.transformer, "_hf_hook")  # model offload's hooks are gone
+    assert any("retrying once with group offload" in m for m in said)
+    torch.testing.assert_close(latents, reference, rtol=0, atol=0)
+    assert manager.release() == 1 and not _is_group_offload_enabled(loaded.pipe.transformer)
+
+
 # -- 2a. several GPUs: the device pool ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, expected", [

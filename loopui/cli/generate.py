@@ -75,7 +75,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="Torch device (default: cuda when available, else cpu).")
     parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                         help="Weights dtype (default: the model's on CUDA, float32 on CPU).")
-    parser.add_argument("--offload", default=None, choices=("auto", "none", "model", "sequential"),
+    parser.add_argument("--offload", default=None, choices=("auto", "none", "model", "group", "sequential"),
                         help="GPU memory policy (default: LOOPUI_OFFLOAD, else chosen from free VRAM).")
     parser.add_argument("--parallel", action="store_true",
                         help="Split one loop across several GPUs (context parallelism; models with a diffusers "

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from loopui.models.lora import active_loras
+from loopui.models.quantize import check_pipeline_quantization
 
 from .conditioning import ImageConditioning, mask_to_latent_grid
 from .decode import decode_cycle, video_to_uint8
@@ -281,6 +282,7 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         if plan.spec.family != family.name:
             raise ValueError(f"the plan was made for a {plan.spec.family} model, not for this {family.name} pipeline")
     check_no_diffusers_cache(pipe, family.denoisers(pipe), plan.shift_skip)
+    check_pipeline_quantization(pipe, plan.request.quantize)
     plan = plan.with_clip().with_loras()
     request, spec = plan.request, plan.spec
     length, skip = plan.num_latents, plan.shift_skip

@@ -40,19 +40,22 @@ class LoadedModel:
     spec: ModelSpec
     device: str
     dtype: str
-    policy: str  # "none" | "model" | "sequential"
+    policy: str  # "none" | "model" | "group" | "sequential"
     load_seconds: float
     key: tuple = field(default=(), repr=False)
+    quantize: str = "none"  # the denoisers' weights: "none" | "fp8" | "int8" (loopui.models.quantize)
     # Leases (``ModelManager.use``): a model in use is never evicted; ``retired`` = released while in use.
     users: int = field(default=0, repr=False, compare=False)
     holders: dict = field(default_factory=dict, repr=False, compare=False)  # thread id -> leases it holds
     retired: bool = field(default=False, repr=False, compare=False)
 
     def describe(self) -> str:
-        """One line such as ``THUDM/CogVideoX-5b on cuda:0, bfloat16, model CPU offload, loaded in 41.2 s``."""
-        placement = {"none": "all on device", "model": "model CPU offload",
+        """One line such as ``THUDM/CogVideoX-5b on cuda:0, bfloat16 (int8 transformer), model CPU offload, loaded
+        in 41.2 s``."""
+        placement = {"none": "all on device", "model": "model CPU offload", "group": "group offload",
                      "sequential": "sequential CPU offload"}[self.policy]
-        return (f"{self.spec.model_id} on {self.device}, {self.dtype}, {placement}, "
+        weights = f"{self.dtype} ({self.quantize} transformer)" if self.quantize != "none" else self.dtype
+        return (f"{self.spec.model_id} on {self.device}, {weights}, {placement}, "
                 f"loaded in {self.load_seconds:.1f} s")
 
 

@@ -324,6 +324,8 @@ def _load(pipe: Any, lora: LoraFile, component: str) -> None:
         with warnings.catch_warnings():
             # PEFT warns whenever a second adapter joins a model: that is the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            # On a quantized transformer, once per layer: sets are never folded into quantized weights (_fusable).
+            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
             pipe.load_lora_weights(lora.path, adapter_name=lora.adapter_name, **kwargs)
     except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as exc:
         # diffusers/PEFT: no target module found (ValueError), a shape mismatch (RuntimeError), a converter that
@@ -361,7 +363,16 @@ def _lora_layers(module: Any, adapters: Sequence[str]) -> Iterator[tuple[str, An
 
 
 def _fusable(pipe: Any, wanted: Mapping[str, Any]) -> bool:
-    """Weights that live somewhere (not on the meta device of sequential offload) can be fused."""
+    """Weights that live somewhere (not on the meta device of sequential offload), in the load dtype and held by
+    the module itself can be fused. A quantized weight (``loopui.models.quantize``) would be rounded to int8/fp8
+    again with the set folded in, and unfolding could not give the original back (PEFT's torchao layer refuses to
+    merge anyway); group offload streams its own pinned copies of the weights, which a fold would miss."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    from loopui.models.quantize import pipeline_quantization
+
+    if pipeline_quantization(pipe) != "none" or any(_is_group_offload_enabled(getattr(pipe, c)) for c in wanted):
+        return False
     return all(p.device.type != "meta" for c in wanted for p in getattr(pipe, c).parameters())
 
 

@@ -4,11 +4,13 @@ Nothing happens at construction: the first ``get()`` / ``use()`` loads the model
 build) and places it (``loopui.models.memory``: the memory policy); later calls with the same (model, dtype, device)
 return the cached one. By default one model is kept per device, so switching models frees the previous one first --
 but never while a generation still uses it: ``use()`` leases a model, and a load that needs its room waits until the
-lease ends. ``LOOPUI_OFFLOAD=none|model|sequential`` (or the ``offload`` argument) forces a memory policy.
+lease ends. ``LOOPUI_OFFLOAD=none|model|group|sequential`` (or the ``offload`` argument) forces a memory policy.
+``LOOPUI_QUANTIZE=none|fp8|int8`` (or the ``quantize`` argument) quantizes the denoisers after the build and before
+placement (``loopui.models.quantize``); a model in another quantization is another load.
 
 ``run()`` is how a generation should use a model: it leases it, and after any failure resets the offload hooks
 and empties the CUDA cache outside the ``except`` block (where the traceback would still pin the failed run's
-tensors); a CUDA out-of-memory error is retried once with the next policy (none -> model -> sequential).
+tensors); a CUDA out-of-memory error is retried once with the next policy (none -> model -> group -> sequential).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from loopui.messages import REASON_LIMIT, one_line
 from loopui.models import memory
 from loopui.models.loader import LoadedModel, LoadProgress, PipelineLoader, log_progress
 from loopui.models.lora import FUSE_POLICIES, set_fuse_policy
+from loopui.models.quantize import check_mode, quantize_pipeline, resolve_quantize
 from loopui.models.registry import DEFAULT_MODEL_ID, ModelSpec, resolve_model_id, spec_for
 
 logger = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ T = TypeVar("T")
 
 
 class ModelManager:
-    """Lazy, thread-safe cache of loaded pipelines keyed by (model, dtype, device).
+    """Lazy, thread-safe cache of loaded pipelines keyed by (model, dtype, device, quantization).
 
     ``max_models`` bounds how many stay loaded on each device (least recently used goes first, but never one in
     use). ``device`` and ``offload`` fix the device / memory policy for every load (default: CUDA when present,
@@ -42,12 +45,15 @@ class ModelManager:
     (default: a ``PipelineLoader`` with those two settings; pass your own to serve weights from elsewhere).
     ``lora_fuse`` is how each pipeline's LoRA sets are fused (``loopui.models.lora``): ``auto`` (once a set serves
     a second request in a row), ``always``, ``never`` or ``single`` (a process that serves one set, the CLI: folded
-    at once, no copy of the original weights kept). A model's LoRAs are unloaded with it.
+    at once, no copy of the original weights kept). A model's LoRAs are unloaded with it. ``quantize`` (``none``,
+    ``fp8``, ``int8``; default ``LOOPUI_QUANTIZE``, else none) is the denoisers' weights for every load that does
+    not name its own.
     """
 
     def __init__(self, max_models: int = 1, device: Optional[str] = None, offload: Optional[str] = None,
                  local_files_only: bool = False, cache_dir: Optional[str | Path] = None,
-                 loader: Optional[PipelineLoader] = None, lora_fuse: str = "auto") -> None:
+                 loader: Optional[PipelineLoader] = None, lora_fuse: str = "auto",
+                 quantize: Optional[str] = None) -> None:
         if not isinstance(max_models, int) or max_models < 1:
             raise ValueError(f"max_models must be an integer >= 1, got {max_models!r}")
         if lora_fuse not in FUSE_POLICIES:
@@ -58,6 +64,7 @@ class ModelManager:
         if loader is not None and (local_files_only or cache_dir is not None):
             raise ValueError("loader: pass local_files_only and cache_dir to the loader, not to the manager")
         self.offload = memory.check_policy(offload)
+        self.quantize = None if quantize is None else check_mode(quantize)
         self.loader = loader or PipelineLoader(local_files_only=local_files_only, cache_dir=cache_dir)
         self._cache: OrderedDict[tuple, LoadedModel] = OrderedDict()
         # Guards _cache, the leases and the counters; waited on by a load that needs an in-use model's room.
@@ -76,24 +83,26 @@ class ModelManager:
 
     def get(self, model: Optional[str | Path] = None, dtype: Any = None, device: Optional[str] = None,
             offload: Optional[str] = None, progress: Optional[LoadProgress] = None,
-            cancel: Optional[threading.Event] = None) -> LoadedModel:
+            cancel: Optional[threading.Event] = None, quantize: Optional[str] = None) -> LoadedModel:
         """Return the loaded ``model`` (hub id, ``demo`` or folder; default ``DEFAULT_MODEL_ID``), loading it once.
 
         ``progress(stage, fraction, message)`` hears "downloading" (with the fraction of bytes), "loading",
         "moving to GPU", "memory" (a policy change after running out of GPU memory) and "ready". A set ``cancel``
         stops a download at its next chunk (``LoadCancelled``). Raises ``ValueError`` for an unknown model or bad
         argument, ``ModelLoadError`` when loading fails. The model is not leased: another load on the same device
-        may release it -- use :meth:`use` or :meth:`run` while generating.
+        may release it -- use :meth:`use` or :meth:`run` while generating. ``quantize`` (``none``, ``fp8``,
+        ``int8``; default: the manager's, else ``LOOPUI_QUANTIZE``, else none) is checked against the device
+        before anything loads (``ValueError`` naming ``quantize``).
         """
-        return self._obtain(model, dtype, device, offload, progress, cancel, lease=False)
+        return self._obtain(model, dtype, device, offload, progress, cancel, lease=False, quantize=quantize)
 
     @contextmanager
     def use(self, model: Optional[str | Path] = None, dtype: Any = None, device: Optional[str] = None,
             offload: Optional[str] = None, progress: Optional[LoadProgress] = None,
-            cancel: Optional[threading.Event] = None) -> Iterator[LoadedModel]:
+            cancel: Optional[threading.Event] = None, quantize: Optional[str] = None) -> Iterator[LoadedModel]:
         """Like :meth:`get`, but the model is leased for the block: no other load evicts it meanwhile (a load that
         needs its room waits for the block to end)."""
-        loaded = self._obtain(model, dtype, device, offload, progress, cancel, lease=True)
+        loaded = self._obtain(model, dtype, device, offload, progress, cancel, lease=True, quantize=quantize)
         try:
             yield loaded
         finally:
@@ -101,18 +110,20 @@ class ModelManager:
 
     def run(self, model: Optional[str | Path], work: Callable[[LoadedModel], T], dtype: Any = None,
             device: Optional[str] = None, offload: Optional[str] = None,
-            progress: Optional[LoadProgress] = None, cancel: Optional[threading.Event] = None) -> T:
+            progress: Optional[LoadProgress] = None, cancel: Optional[threading.Event] = None,
+            quantize: Optional[str] = None) -> T:
         """``work(loaded)`` with ``model`` leased (see :meth:`use`), cleaning up after failures.
 
         After any exception the failed frames' locals are cleared, the pipeline's offload hooks are reset
         (``maybe_free_model_hooks``: under model offload this moves a component stranded on the GPU back) and the
         CUDA cache is emptied -- outside the ``except`` block, so the memory really comes back. A CUDA
-        out-of-memory error is then retried once with the next memory policy (none -> model -> sequential, told
+        out-of-memory error is then retried once with the next memory policy (none -> model -> group -> sequential, told
         through ``progress("memory", ...)``); the model keeps that policy. When that fails too, or there is no next
         policy, :class:`OutOfGPUMemory` says what to change.
         """
         report = progress or log_progress
-        with self.use(model, dtype=dtype, device=device, offload=offload, progress=progress, cancel=cancel) as loaded:
+        with self.use(model, dtype=dtype, device=device, offload=offload, progress=progress, cancel=cancel,
+                      quantize=quantize) as loaded:
             retried = False
             while True:
                 failure: Optional[Exception] = None
@@ -175,13 +186,15 @@ class ModelManager:
     # -- internals --------------------------------------------------------------------------------------------
 
     def _obtain(self, model: Optional[str | Path], dtype: Any, device: Optional[str], offload: Optional[str],
-                progress: Optional[LoadProgress], cancel: Optional[threading.Event], lease: bool) -> LoadedModel:
+                progress: Optional[LoadProgress], cancel: Optional[threading.Event], lease: bool,
+                quantize: Optional[str] = None) -> LoadedModel:
         spec = spec_for(DEFAULT_MODEL_ID if model is None else model)
         progress = progress or log_progress
         device_name = self._resolve_device(device)
         dtype_name = self._resolve_dtype(dtype, spec, device_name)
         forced = memory.check_policy(offload) or self.offload or memory.offload_from_env()
-        key = (spec.local_path or spec.model_id, dtype_name, device_name)
+        quant = resolve_quantize(quantize if quantize is not None else self.quantize, device_name)
+        key = (spec.local_path or spec.model_id, dtype_name, device_name, quant)
         hit = self._lookup(key, lease)
         if hit is None:
             with self._device_lock(device_name):
@@ -189,7 +202,7 @@ class ModelManager:
                 if hit is None:
                     # Free memory before loading the next model, so the policy sees the VRAM the old one held.
                     self._make_room(device_name, spec, forced)
-                    loaded = self._load(spec, key, dtype_name, device_name, forced, progress, cancel)
+                    loaded = self._load(spec, key, dtype_name, device_name, forced, progress, cancel, quant)
                     with self._state:
                         self._cache[key] = loaded
                         self._load_count += 1
@@ -304,12 +317,17 @@ class ModelManager:
         return name
 
     def _load(self, spec: ModelSpec, key: tuple, dtype_name: str, device: str, forced: Optional[str],
-              progress: LoadProgress, cancel: Optional[threading.Event] = None) -> LoadedModel:
+              progress: LoadProgress, cancel: Optional[threading.Event] = None, quant: str = "none") -> LoadedModel:
         start = time.perf_counter()
         pipe = self.loader.load(spec, dtype_name, progress, cancel)
+        if quant != "none":
+            # Still on the CPU: a large model never sits on the GPU unquantized.
+            progress("loading", None, f"quantizing {spec.model_id}'s transformer to {quant}")
+            quantize_pipeline(pipe, quant)
         policy = memory.place_on_device(pipe, spec, device, forced, progress)
         set_fuse_policy(pipe, self.lora_fuse)
         seconds = time.perf_counter() - start
-        logger.info("loaded %s on %s (%s, policy %s) in %.1f s", spec.model_id, device, dtype_name, policy, seconds)
+        logger.info("loaded %s on %s (%s, quantize %s, policy %s) in %.1f s", spec.model_id, device, dtype_name, quant,
+                    policy, seconds)
         return LoadedModel(pipe=pipe, spec=spec, device=device, dtype=dtype_name, policy=policy,
-                           load_seconds=seconds, key=key)
+                           load_seconds=seconds, key=key, quantize=quant)

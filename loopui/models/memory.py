@@ -1,9 +1,11 @@
 """How a loaded pipeline uses GPU memory: the memory policy, placing a pipeline, noticing running out, freeing.
 
-A policy is ``"none"`` (everything on the GPU), ``"model"`` (model CPU offload: one component on the GPU at a time)
-or ``"sequential"`` (sequential CPU offload: layer by layer). It is chosen per device from free VRAM against the
-registry's estimate, the FramePack way; ``LOOPUI_OFFLOAD=none|model|sequential`` forces one. Out of memory, the
-next policy in ``NEXT_POLICY`` is the one to try. Freeing always happens outside an ``except`` block: there the
+A policy is ``"none"`` (everything on the GPU), ``"model"`` (model CPU offload: one component on the GPU at a time),
+``"group"`` (diffusers' group offload: block by block, the next block copied on a CUDA stream while the current
+one computes) or ``"sequential"`` (sequential CPU offload: layer by layer). It is chosen per device from free VRAM
+against the registry's estimate, corrected by what the loaded pipeline's weights really take (quantized denoisers
+are smaller), the FramePack way; ``LOOPUI_OFFLOAD=none|model|group|sequential`` forces one. Out of memory, the next
+policy in ``NEXT_POLICY`` is the one to try. Freeing always happens outside an ``except`` block: there the
 traceback would still pin the failed run's tensors.
 """
 
@@ -27,9 +29,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MEMORY_POLICIES = ("none", "model", "sequential")
-NEXT_POLICY: dict[str, Optional[str]] = {"none": "model", "model": "sequential", "sequential": None}
-POLICY_TEXT = {"none": "everything on the GPU", "model": "model CPU offload", "sequential": "sequential CPU offload"}
+MEMORY_POLICIES = ("none", "model", "group", "sequential")
+NEXT_POLICY: dict[str, Optional[str]] = {"none": "model", "model": "group", "group": "sequential",
+                                         "sequential": None}
+POLICY_TEXT = {"none": "everything on the GPU", "model": "model CPU offload", "group": "group offload",
+               "sequential": "sequential CPU offload"}
 OFFLOAD_ENV = "LOOPUI_OFFLOAD"
 # Plan against this share of free VRAM: the CUDA context, the allocator's fragmentation and other processes
 # need the rest.
@@ -37,6 +41,11 @@ VRAM_HEADROOM = 0.9
 # Without a per-model figure, model offload peaks at about the biggest component (T5 or transformer) plus
 # activations: roughly 60% of keeping everything resident.
 MODEL_OFFLOAD_SHARE = 0.6
+# Group offload keeps a denoiser's non-block layers, the block computing and the block being copied in.
+GROUP_BLOCKS_RESIDENT = 2
+# diffusers' hook names of group offloading (diffusers.hooks.group_offloading: _GROUP_OFFLOADING,
+# _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING); 0.42.1 has no public way to remove them.
+GROUP_OFFLOAD_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
 _GIB = 2**30
 
 
@@ -55,11 +64,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def choose_memory_policy(free_bytes: int, need_bytes: int, has_cuda: bool,
-                         offload_need_bytes: Optional[int] = None) -> str:
-    """Pick ``"none"`` (all on the GPU), ``"model"`` or ``"sequential"`` CPU offload from free VRAM.
+                         offload_need_bytes: Optional[int] = None, group_need_bytes: Optional[int] = None) -> str:
+    """Pick ``"none"`` (all on the GPU), ``"model"``, ``"group"`` or ``"sequential"`` offload from free VRAM.
 
     ``need_bytes`` is what the model needs fully resident; ``offload_need_bytes`` its peak under model offload
-    (default: ``MODEL_OFFLOAD_SHARE`` of ``need_bytes``). Without CUDA nothing can be offloaded: ``"none"``.
+    (default: ``MODEL_OFFLOAD_SHARE`` of ``need_bytes``); ``group_need_bytes`` its peak under group offload
+    (:func:`memory_needs`; None = no estimate: group offload is skipped). Without CUDA nothing can be offloaded:
+    ``"none"``.
     """
     if free_bytes < 0 or need_bytes < 0:
         raise ValueError(f"memory sizes must be >= 0, got free={free_bytes!r}, need={need_bytes!r}")
@@ -71,6 +82,8 @@ def choose_memory_policy(free_bytes: int, need_bytes: int, has_cuda: bool,
     offload_need = need_bytes * MODEL_OFFLOAD_SHARE if offload_need_bytes is None else offload_need_bytes
     if offload_need <= budget:
         return "model"
+    if group_need_bytes is not None and group_need_bytes <= budget:
+        return "group"
     return "sequential"
 
 
@@ -91,16 +104,73 @@ def check_policy(value: Optional[str], source: str = "offload") -> Optional[str]
 
 # -- placement ----------------------------------------------------------------------------------------------------
 
-def auto_policy(spec: ModelSpec, device: str) -> str:
-    """The policy for ``spec`` on CUDA ``device`` from the VRAM free there now."""
+def auto_policy(spec: ModelSpec, device: str, pipe: Any = None) -> str:
+    """The policy for ``spec`` on CUDA ``device`` from the VRAM free there now (``pipe``: the loaded pipeline, whose
+    weights correct the registry's estimate and give group offload's)."""
     import torch
 
     free_bytes, _total = torch.cuda.mem_get_info(torch.device(device))
-    policy = choose_memory_policy(free_bytes, int(spec.vram_gb * _GIB), True,
-                                  int(spec.offload_vram_gb * _GIB) if spec.offload_vram_gb else None)
-    logger.info("%.1f GiB free on %s, %s needs ~%.0f GiB: memory policy %s", free_bytes / _GIB, device,
-                spec.model_id, spec.vram_gb, policy)
+    if pipe is None:
+        need = int(spec.vram_gb * _GIB)
+        offload_need = int(spec.offload_vram_gb * _GIB) if spec.offload_vram_gb else None
+        group_need = None
+    else:
+        need, offload_need, group_need = memory_needs(spec, pipe)
+    policy = choose_memory_policy(free_bytes, need, True, offload_need, group_need)
+    logger.info("%.1f GiB free on %s, %s needs ~%.1f GiB: memory policy %s", free_bytes / _GIB, device,
+                spec.model_id, need / _GIB, policy)
     return policy
+
+
+def memory_needs(spec: ModelSpec, pipe: Any) -> tuple[int, int, int]:
+    """(all resident, model offload peak, group offload peak) in bytes for ``spec``'s loaded ``pipe``.
+
+    The registry's figures (``vram_gb``, ``offload_vram_gb``) are for the stock weights; what quantization saved on
+    the denoisers (measured: dense size minus the bytes held now) comes off both. The activations are what the
+    model-offload figure leaves beside the biggest stock component; group offload's peak is those activations
+    plus each denoiser's layers outside its repeated blocks plus ``GROUP_BLOCKS_RESIDENT`` of its biggest blocks
+    (the one computing, the one streaming in). The text encoder and the VAE stream the same way and peak lower.
+    """
+    from loopui.models.quantize import DENOISERS, module_bytes
+
+    modules = {name: m for name, m in _components(pipe)}
+    held = {name: module_bytes(m) for name, m in modules.items()}
+    dense = {name: _dense_bytes(m) for name, m in modules.items()}
+    saved = sum(dense[n] - held[n] for n in modules)
+    need = max(int(spec.vram_gb * _GIB) - saved, 0)
+    offload_figure = int((spec.offload_vram_gb or spec.vram_gb * MODEL_OFFLOAD_SHARE) * _GIB)
+    activations = max(offload_figure - max(dense.values(), default=0), 0)
+    offload_need = activations + max(held.values(), default=0)
+    streamed = 0
+    for name in DENOISERS:
+        module = modules.get(name)
+        if module is None:
+            continue
+        blocks = [b for blocks in _repeated_blocks(module) for b in blocks]
+        block_bytes = sorted((module_bytes(b) for b in blocks), reverse=True)
+        outside = held[name] - sum(block_bytes)
+        streamed = max(streamed, outside + sum(block_bytes[:GROUP_BLOCKS_RESIDENT]))
+    return need, min(offload_need, need), min(activations + streamed, need)
+
+
+def _components(pipe: Any) -> list[tuple[str, Any]]:
+    import torch
+
+    return [(name, c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
+
+
+def _dense_bytes(module: Any) -> int:
+    # A torchao tensor reports its logical shape and dtype: the size it had before quantization.
+    seen: dict[int, Any] = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def _repeated_blocks(module: Any) -> list[Any]:
+    """The ModuleLists of a denoiser's blocks (Wan ``blocks``, CogVideoX ``transformer_blocks``): what block-level
+    group offload streams one at a time."""
+    import torch
+
+    return [child for child in module.children() if isinstance(child, torch.nn.ModuleList)]
 
 
 def fits_beside(spec: ModelSpec, device: str) -> bool:
@@ -119,7 +189,7 @@ def place_on_device(pipe: Any, spec: ModelSpec, device: str, forced: Optional[st
         if forced not in (None, "none"):
             logger.warning("%s=%s ignored: CPU offload needs a CUDA device", OFFLOAD_ENV, forced)
         return "none"
-    policy = place_with_retry(pipe, spec, forced or auto_policy(spec, device), device, progress)
+    policy = place_with_retry(pipe, spec, forced or auto_policy(spec, device, pipe), device, progress)
     # Decoding 49 frames at 720x480 in one go needs more VRAM than denoising; tiles and slices bound it.
     pipe.vae.enable_tiling()
     pipe.vae.enable_slicing()
@@ -156,19 +226,85 @@ def place_with_retry(pipe: Any, spec: ModelSpec, policy: str, device: str, progr
 
 
 def place(pipe: Any, policy: str, device: str) -> None:
-    """Apply ``policy`` to ``pipe`` on ``device`` through diffusers' own offload methods."""
+    """Apply ``policy`` to ``pipe`` on ``device`` through diffusers' own offload methods (a pipeline placed before,
+    as on an out-of-memory retry, loses its group offload hooks first: diffusers refuses to mix them)."""
+    if policy not in MEMORY_POLICIES:
+        raise ValueError(f"offload must be one of {', '.join(MEMORY_POLICIES)}; got {policy!r}")
+    if remove_group_offload(pipe):
+        pipe.to("cpu")
     if policy == "none":
         pipe.to(device)
     elif policy == "model":
         pipe.enable_model_cpu_offload(device=device)
+    elif policy == "group":
+        place_group_offload(pipe, device)
     else:
         pipe.enable_sequential_cpu_offload(device=device)
+
+
+def place_group_offload(pipe: Any, device: str) -> None:
+    """diffusers' group offload of every component, one block per group (``enable_group_offload``, diffusers
+    0.42.1 ``DiffusionPipeline.enable_group_offload`` / ``hooks.group_offloading.apply_group_offloading``).
+
+    On CUDA the next block is copied on a side stream while the current one computes (``use_stream``), and
+    ``record_stream`` lets the allocator reuse a block's memory without a synchronisation ("faster at the expense
+    of slightly more memory usage", its docstring). ``low_cpu_mem_usage`` stays off: the weights are pinned once
+    when offloading starts instead of on every transfer (pinned RAM = the model's size). Streams need a device that
+    has them; on the CPU (tests) the blocks move synchronously.
+    """
+    import torch
+
+    onload = torch.device(device)
+    streams = onload.type == "cuda"
+    # Accelerate's hooks (model/sequential offload) and group offload refuse each other.
+    if any(hasattr(m, "_hf_hook") for _n, m in _components(pipe)):
+        pipe.remove_all_hooks()
+    pipe.to("cpu")
+    pipe.enable_group_offload(onload_device=onload, offload_device=torch.device("cpu"), offload_type="block_level",
+                              num_blocks_per_group=1, use_stream=streams, record_stream=streams,
+                              low_cpu_mem_usage=False)
+
+
+def remove_group_offload(pipe: Any) -> bool:
+    """Take diffusers' group offload hooks off every component of ``pipe``; whether there were any.
+
+    Needed besides ``remove_all_hooks``: that one removes only accelerate's hooks (``_hf_hook``), not diffusers'
+    ``HookRegistry`` hooks. The weights stay where they are (the CPU, between blocks).
+    """
+    removed = False
+    for _name, component in _components(pipe):
+        for module in component.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None:
+                continue
+            for hook in GROUP_OFFLOAD_HOOKS:
+                if registry.get_hook(hook) is not None:
+                    registry.remove_hook(hook, recurse=False)
+                    removed = True
+    return removed
+
+
+def offload_groups(pipe: Any) -> None:
+    """Every group-offloaded block back on the CPU (after a run that failed inside a block left it on the GPU)."""
+    for _name, component in _components(pipe):
+        for module in component.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            hook = registry.get_hook(GROUP_OFFLOAD_HOOKS[0]) if registry is not None else None
+            if hook is not None and hook.group.offload_leader is module:
+                hook.group.offload_()
+
+
+def remove_offload(pipe: Any) -> None:
+    """No offload hooks of any kind on ``pipe`` (accelerate's and diffusers' group offload)."""
+    remove_group_offload(pipe)
+    if hasattr(pipe, "remove_all_hooks"):
+        pipe.remove_all_hooks()
 
 
 def unplace(pipe: Any) -> None:
     """Best effort after a failed placement: no hooks, every component back on the CPU."""
     try:
-        pipe.remove_all_hooks()
+        remove_offload(pipe)
         pipe.to("cpu")
     except (RuntimeError, ValueError, NotImplementedError) as exc:
         logger.warning("could not move the pipeline back to the CPU: %s", one_line(exc, REASON_LIMIT))
@@ -179,11 +315,13 @@ def unplace(pipe: Any) -> None:
 def recover(loaded: LoadedModel) -> None:
     """After a failed run: offload hooks back to their idle state (components off the GPU), cache emptied."""
     free_hooks = getattr(loaded.pipe, "maybe_free_model_hooks", None)
-    if callable(free_hooks):
-        try:
+    try:
+        if loaded.policy == "group":
+            offload_groups(loaded.pipe)
+        if callable(free_hooks):
             free_hooks()
-        except (RuntimeError, ValueError) as exc:
-            logger.warning("could not reset the offload hooks after a failure: %s", one_line(exc, REASON_LIMIT))
+    except (RuntimeError, ValueError) as exc:
+        logger.warning("could not reset the offload hooks after a failure: %s", one_line(exc, REASON_LIMIT))
     free_memory()
 
 
@@ -223,9 +361,10 @@ def dispose(entries: list[LoadedModel], verb: str) -> None:
         pipe = entry.pipe
         # Its LoRAs go with it (fused weights unfolded): a stray reference sees the stock model.
         unload_loras(pipe)
-        if entry.policy != "none" and hasattr(pipe, "remove_all_hooks"):
-            # accelerate's offload hooks keep references to the modules; drop them so memory can be freed.
-            pipe.remove_all_hooks()
+        if entry.policy != "none":
+            # Offload hooks keep references to the modules (group offload: pinned copies); drop them so memory can
+            # be freed.
+            remove_offload(pipe)
         logger.info("%s %s", verb, entry.spec.model_id)
         if entry.device.startswith("cuda") and entry.policy != "sequential":
             survivors.append((weakref.ref(pipe), entry.spec.model_id))
