@@ -214,11 +214,14 @@ def use_attention(modules: Iterable[Any], name: str) -> None:
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     for module in modules:
-        if getattr(module, "_loopui_attention", "native" if not supports_attention_backends(module) else None) == name:
-            continue
         if not supports_attention_backends(module):
-            raise ValueError(f"attention {name!r}: {type(module).__name__}'s attention in diffusers calls PyTorch's "
-                             f"scaled_dot_product_attention directly, so only 'native' applies (or 'auto')")
+            if name != "native":
+                raise ValueError(f"attention {name!r}: {type(module).__name__}'s attention in diffusers calls "
+                                 f"PyTorch's scaled_dot_product_attention directly, so only 'native' applies (or "
+                                 f"'auto')")
+            continue
+        if getattr(module, "_loopui_attention", None) == name:
+            continue
         previous = _AttentionBackendRegistry._active_backend
         try:
             module.set_attention_backend(ATTENTION_KERNELS[name].backend)
