@@ -309,3 +309,33 @@ def test_cogvideox_compiles_its_transformer_blocks_too():
     compiled = generate_loop(pipe, LoopRequest(**run, compile=True), output_type="latent")
     assert compiled.compiled and accel.compile_count() > start
     assert torch.allclose(compiled.latents, eager.latents, atol=1e-3, rtol=0)
+
+
+def test_the_page_says_compiling_first_run_only_for_the_compile_stage():
+    from loopui.studio.jobs import JobEvent, ProgressClock
+    from loopui.studio.studio import ENGINE_STAGE_TEXTS
+    from loopui.ui.updates import progress_view
+
+    assert ENGINE_STAGE_TEXTS["compile"] == "compiling (first run only)"
+    (args, kwargs), line = progress_view(JobEvent("progress", stage="compile", step=0, total=2,
+                                                  message=ENGINE_STAGE_TEXTS["compile"]), ProgressClock(lambda: 0.0))
+    assert line == "Compiling (first run only)…" and kwargs["desc"].startswith("Compiling (first run only) · ")
+
+
+def test_the_gpu_kernels_install_from_requirements_gpu_and_never_from_requirements():
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+
+    def names(path: Path) -> set[str]:
+        lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+        return {Requirement(line).name for line in lines if line and not line.startswith("-")}
+
+    gpu = names(root / "requirements-gpu.txt")
+    pip_names = {k.distribution.replace("_", "-") for k in accel.ATTENTION_KERNELS.values()
+                 if k.distribution and k.min_version}
+    assert pip_names <= gpu  # flash-attn, sageattention, xformers (FlashAttention 3 builds from source)
+    assert not (pip_names & names(root / "requirements.txt"))
+    assert "hopper && python setup.py install" in (root / "requirements-gpu.txt").read_text()
