@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from loopui.models import accel
 from loopui.models.lora import active_loras
 from loopui.models.quantize import check_pipeline_quantization
 
@@ -43,7 +44,8 @@ from .shift import CycleDenoiser, ImageChannel, ShiftSchedule, StepState, noise_
 
 logger = logging.getLogger(__name__)
 
-# callback(stage, step, total): "encode", "denoise" (after each step), "decode", "export" (render_loop).
+# callback(stage, step, total): "encode", "compile" (before a first call at a shape with compile on), "denoise" (after
+# each step), "decode", "export" (render_loop).
 ProgressCallback = Callable[[str, int, int], None]
 
 __all__ = ["LoopResult", "generate_loop", "pipeline_spec"]
@@ -75,6 +77,8 @@ class LoopResult:
     # The largest jump anywhere in the cycle, wrap included, against the steps around it: no rotation changes it.
     cycle_ratio: Optional[float] = None
     latent_cycle_ratio: Optional[float] = None
+    attention: str = "native"  # the attention kernel the denoiser(s) ran with (loopui.models.accel)
+    compiled: bool = False  # whether their repeated blocks ran compiled
 
     @property
     def settings(self) -> dict:
@@ -94,6 +98,7 @@ class LoopResult:
             num_inference_steps=plan.num_inference_steps, negative_prompt=plan.negative_prompt,
             image_channel=plan.image_channel,  # None: inert without image-to-video conditioning
             loras=[lora.record() for lora in plan.lora_files or ()],  # each with its file's sha256
+            attention=self.attention, compile=self.compiled,
         )
         if plan.request.video is not None:
             settings["anchor_strength"] = 0.0  # inert with a clip: its first frame may change too
@@ -132,6 +137,36 @@ def _scheduler_for(pipe: Any, family: Family, plan: LoopPlan) -> Any:
     if plan.flow_shift is not None:
         return family.reshifted_scheduler(pipe.scheduler, plan.flow_shift)
     return None
+
+
+def _resolve_accel(pipe: Any, family: Family, request: LoopRequest, device: Any) -> tuple[str, bool]:
+    """The attention kernel and whether to compile, checked before any work (a kernel that cannot run here is one
+    ``ValueError`` line). ``auto`` never refuses: on a model whose attention does not dispatch (CogVideoX) it is
+    native."""
+    attention = accel.resolve_attention(request.attention, device)
+    if attention != "native" and request.attention == "auto" and not all(
+            accel.supports_attention_backends(module) for module in family.denoisers(pipe)):
+        attention = "native"
+    return attention, accel.resolve_compile(request.compile)
+
+
+def _apply_accel(modules: list, attention: str, compiled: bool) -> None:
+    """Kernel and compilation on the denoiser(s): module state that stays between calls (switched only on change)."""
+    accel.use_attention(modules, attention)
+    for module in modules:
+        if compiled:
+            accel.compile_blocks(module)
+        else:
+            accel.uncompile_blocks(module)  # a pipeline compiled by an earlier call runs eagerly again
+
+
+def _compile_key(plan: LoopPlan, dtype: torch.dtype) -> tuple:
+    """What fixes the shapes (and the LoRA layers) the compiled blocks see in one call: the loop's rotations keep
+    every shape of a call fixed, so a new key is a first compilation."""
+    window = plan.spec.trained_latent_frames if plan.request.window_mode == "window" else None
+    loras = tuple((lora.sha256, lora.scale, lora.expert) for lora in plan.lora_files or ())
+    return (plan.height, plan.width, plan.num_latents, window, plan.guidance_scale > 1, plan.image_to_video,
+            str(dtype), loras)
 
 
 def _prepare_conditioning(pipe: Any, family: Family, plan: LoopPlan, device: Any, dtype: torch.dtype,
@@ -254,7 +289,9 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
                   plan: Optional[LoopPlan] = None) -> LoopResult:
     """Generate a seamless loop with ``pipe`` (a built CogVideoX or Wan text/image-to-video pipeline).
 
-    ``callback(stage, step, total)`` reports "encode", "denoise" (after each step) and "decode"; setting
+    ``callback(stage, step, total)`` reports "encode", "compile" (with ``compile`` on, before the first call at a
+    shape), "denoise" (after each step) and "decode"; ``request.attention`` and ``request.compile`` choose how the
+    denoiser runs (:mod:`loopui.models.accel`; state kept on the modules between calls); setting
     ``cancel_event`` stops the denoising loop within one step (decoding between two decoder calls) and raises
     :class:`LoopInterrupted`. One call at a time per pipeline: a second call on the same pipeline (or on one sharing
     its components) waits for the first. NaN/Inf output raises ``NonFiniteOutput`` instead of a black video.
@@ -298,6 +335,7 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
     # 2. Scheduler, device and the pipeline's own noise (drawn exactly as prepare_latents draws it)
     scheduler = _scheduler_for(pipe, family, plan)
     device = pipe._execution_device
+    attention, compiled = _resolve_accel(pipe, family, request, device)
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     schedule = ShiftSchedule(length=length, skip=skip, num_steps=steps, start=request.shift_start,
                              end=request.shift_end, polish=SEAM_POLISH_PRESETS[request.seam_polish],
@@ -323,7 +361,10 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
             override = lambda step, noisy, t: conditioning.override_prediction(  # noqa: E731
                 step, noisy, family.level(sched, step))
 
-        # 4. Hooks: transformer forward(s), rotary tables, step callback (and, for I2V, the clean estimate)
+        # 4. Attention kernel and compiled blocks; hooks: transformer forward(s), rotary tables, step callback (and,
+        # for I2V, the clean estimate)
+        _apply_accel(family.denoisers(pipe), attention, compiled)
+        compile_key = _compile_key(plan, dtype)
         window = spec.trained_latent_frames if request.window_mode == "window" else None
         condition = family.condition_latent_channels(pipe)
         image_channel = None
@@ -375,7 +416,11 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
             if record_clean:
                 hooks.enter_context(_watch_scheduler(sched, family, state, prediction_type, conditioning,
                                                      record_clean))
+            if compiled and callback and accel.compiled_shape_pending(family.denoisers(pipe), compile_key):
+                callback("compile", 0, steps)  # the first call at this shape compiles (a minute or more on a GPU)
             final = pipe(**call_kwargs).frames  # the family's latent layout
+            if compiled:
+                accel.remember_compiled_shape(family.denoisers(pipe), compile_key)
     t_denoise = time.perf_counter()
     if state.step < steps:  # only an interrupt leaves steps undone
         raise LoopInterrupted(f"stopped after {state.step} of {steps} steps")
@@ -434,5 +479,5 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         latent_seam_ratio=None if latent_metrics is None else float(latent_metrics.seam_ratio),
         latent_interior_ratio=None if latent_metrics is None else float(latent_metrics.interior_ratio),
         latent_cycle_ratio=None if latent_metrics is None else float(latent_metrics.cycle_ratio),
-        scores=scores,
+        scores=scores, attention=attention, compiled=compiled,
     )

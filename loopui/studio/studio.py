@@ -27,6 +27,9 @@ from loopui.studio.zerogpu import ZERO_GPU_MAX_SECONDS, estimate_gpu_seconds
 
 logger = logging.getLogger(__name__)
 
+# What the page says for an engine stage that needs words of its own (the others are named by the page).
+ENGINE_STAGE_TEXTS = {"compile": "compiling (first run only)"}
+
 
 class Studio:
     """State shared by every session of the app: the model manager, the device pool, the waiting line, the jobs.
@@ -163,11 +166,14 @@ class Studio:
             def on_wait() -> None:
                 report("load", 0, 100, f"Waiting for a free GPU ({self.pool.size} in use by other visitors)…")
 
+            def engine_report(stage: str, step: int, total: int) -> None:
+                report(stage, step, total, ENGINE_STAGE_TEXTS.get(stage, ""))
+
             def work(loaded: Any) -> LoopOutcome:
                 if cancel.is_set():
                     raise LoopInterrupted("stopped before sampling started")
                 render = render_loop(loaded.pipe, None, outputs=outputs, model_id=loaded.spec.model_id,
-                                     callback=report, cancel_event=cancel, plan=plan)
+                                     callback=engine_report, cancel_event=cancel, plan=plan)
                 return loop_outcome(index, render, stem, loaded, notes)
 
             try:

@@ -19,8 +19,9 @@ from loopui.studio.knobs import (
     window_state,
 )
 
-STAGE_LABELS = {"queue": "Queued", "load": "Loading model", "encode": "Encoding prompt", "denoise": "Denoising",
-                "decode": "Decoding frames", "export": "Writing MP4 / GIF / WebP"}
+STAGE_LABELS = {"queue": "Queued", "load": "Loading model", "encode": "Encoding prompt",
+                "compile": "Compiling (first run only)", "denoise": "Denoising", "decode": "Decoding frames",
+                "export": "Writing MP4 / GIF / WebP"}
 
 # The components that follow the model, in the order model_updates returns them.
 FOLLOW_MODEL = ("model_md", "banner_md", "resolution", "height", "width", "num_frames", "shift_skip", "window_mode",
