@@ -281,6 +281,10 @@ def test_sigmas_and_step_cache_flags_reach_the_loop(faithful_wan_dir, tmp_path, 
     (["--sigmas", "0.5,1"], "sigmas must decrease from step to step, got [0.5, 1.0] [--sigmas]"),
     (["--height", "40"], "height must be a multiple of 16, got 40 [--height]"),
     (["--flow-shift", "0"], "flow_shift must be >= 0.5, got 0.0 [--flow-shift]"),
+    # How the model runs, checked against this (CPU) machine before the model loads.
+    (["--attention", "flash3"], "attention 'flash3' (FlashAttention 3) needs a CUDA GPU"),
+    (["--attention", "cudnn"], "argument --attention: invalid choice"),
+    (["--quantize", "fp8"], "quantize 'fp8' needs"),
 ])
 def test_a_knob_wan_cannot_use_is_refused_before_loading(faithful_wan_dir, tmp_path, capsys, monkeypatch, argv,
                                                          needle):
@@ -292,6 +296,21 @@ def test_a_knob_wan_cannot_use_is_refused_before_loading(faithful_wan_dir, tmp_p
                  *argv])
     assert code == 2
     assert _error_line(capsys).startswith(f"loopui: error: {needle}")
+
+
+def test_quantize_and_compile_flags_reach_the_model_and_the_sidecar(faithful_wan_dir, tmp_path, capsys):
+    """--quantize int8 loads the model with int8 transformer weights, --compile runs its blocks compiled (said
+    while it compiles); the sidecar and the summary say how the model ran."""
+    out = tmp_path / "fast.gif"
+    code = main(["generate", "--model", str(faithful_wan_dir), "--prompt", "waves", "--frames", "9", "--height",
+                 "32", "--width", "48", "--steps", "2", "--quantize", "int8", "--compile", "--attention", "native",
+                 "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    settings = json.loads(out.with_suffix(".json").read_text())["settings"]
+    assert (settings["quantize"], settings["compile"], settings["attention"]) == ("int8", True, "native")
+    assert "compiling the transformer blocks (first run at this size only)" in captured.err
+    assert "(int8 transformer)" in captured.out and "attention native, compiled" in captured.out
 
 
 # -- a clip to loop -------------------------------------------------------------------------------------------------

@@ -209,6 +209,32 @@ def test_public_mode_caps_requests_and_refuses_folders(tmp_path, tiny_model_dir)
     assert private.build_request({**ok, "num_inference_steps": 200}).request.num_inference_steps == 200
 
 
+def test_how_the_model_runs_is_checked_before_the_line_and_locked_on_a_public_server(tmp_path):
+    """attention, compile and quantize from page or API values: a kernel or quantization this server cannot run
+    is one line naming it before anything is queued; a public server keeps compilation and quantization its own
+    (another value would compile or load the model again for everyone); the page's compile dropdown reads
+    auto / on / off."""
+    from loopui.studio import Studio
+
+    ok = {"prompt": "x", "num_frames": 9, "height": 32, "width": 48}
+    private = Studio(demo=True, has_gpu=False, output_root=tmp_path, manager=object())
+    plan = private.build_request({**ok, "attention": "native", "compile": True, "quantize": "int8"})
+    assert (plan.request.attention, plan.request.compile, plan.request.quantize) == ("native", True, "int8")
+    for change, message in [({"attention": "sage"}, "attention 'sage'"), ({"quantize": "fp8"}, "quantize 'fp8'"),
+                            ({"attention": "flash4"}, "attention must be one of auto, native")]:
+        with pytest.raises(ValueError, match=message):
+            private.build_request({**ok, **change})
+    assert private.page_values({**ok, "compile": "off"}, private.model_id)["compile"] is False
+    assert private.page_values({**ok, "compile": "auto"}, private.model_id)["compile"] is None
+    public = Studio(demo=True, public=True, has_gpu=False, output_root=tmp_path / "p", manager=object())
+    assert public.build_request({**ok, "attention": "native", "quantize": "auto"}).request.quantize is None
+    for change, message in [({"compile": True}, "compile: this public server"),
+                            ({"compile": False}, "compile: this public server"),
+                            ({"quantize": "int8"}, "quantize: this public server")]:
+        with pytest.raises(ValueError, match=message):
+            public.build_request({**ok, **change})
+
+
 def test_public_mode_is_on_by_default_on_a_space(monkeypatch):
     import app
 

@@ -33,6 +33,7 @@ from loopui.cli.common import (
 from loopui.engine.plan import LoopPlan, apply_recipe, resolve_request
 from loopui.engine.request import request_from_values, size_text
 from loopui.messages import one_line
+from loopui.studio.results import runtime_text
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ class _Progress:
 
                 self.bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr, dynamic_ncols=True)
             self.bar.update(max(0, step - self.bar.n))
+        elif stage == "compile":
+            print(f"{PROG}: compiling the transformer blocks (first run at this size only)", file=sys.stderr)
         elif stage == "decode" and step == 0:
             self.close()
             print(f"{PROG}: decoding", file=sys.stderr)
@@ -308,7 +311,7 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
         print(f"scores: {format_scores(result.scores)} (`{PROG} score` for all)")
     timings = result.timings
     print(f"time {elapsed:.1f} s (denoise {timings.get('denoise', 0):.1f} s, decode {timings.get('decode', 0):.1f} s; "
-          f"model load {loaded.load_seconds:.1f} s)")
+          f"model load {loaded.load_seconds:.1f} s; {loaded.describe()}; {runtime_text(result)})")
     return EXIT_OK
 
 

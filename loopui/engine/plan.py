@@ -240,6 +240,9 @@ def plan_loop(request: LoopRequest, spec: Any, allowed_loras: Optional[Mapping[s
     length = latent_length(request.num_frames, spec.temporal_compression)
     skip, warnings = resolve_shift_skip(request, length)
     warnings += family.check_request(request, spec, length)
+    if request.attention not in ("auto", "native") and not family.attention_kernels:
+        raise ValueError(f"attention {request.attention!r} does not apply to {name}: its attention in diffusers runs "
+                         f"PyTorch's own kernel only; use auto or native")
     rope_scale = resolve_rope_scale(request, spec, length)
     scheduler = request.scheduler or spec.scheduler
     if scheduler is not None and scheduler not in family.schedulers:

@@ -27,6 +27,9 @@ class FamilyFacts:
     # The image-to-video pipeline a text-to-video pipeline of this family becomes when its config expands timesteps
     # per token (Wan 2.2 TI2V: the image is the first latent, at timestep 0); None where the family has none.
     expanded_timesteps_image_pipeline: Optional[str] = None
+    # Whether the transformer's attention goes through diffusers' attention dispatcher, so that an attention kernel
+    # (flash, sage, ...) can be chosen; CogVideoX's processor in diffusers 0.42.1 calls PyTorch's SDPA itself.
+    attention_kernels: bool = True
 
     def vae_compression(self, vae_config: Mapping[str, Any]) -> tuple[Optional[int], Optional[int]]:
         """(spatial, temporal) compression of a VAE config, None where the config does not say."""
@@ -48,6 +51,7 @@ class CogVideoXFacts(FamilyFacts):
     pipelines = {"CogVideoXPipeline": False, "CogVideoXImageToVideoPipeline": True}
     config_states_training_shape = True
     default_guidance_scale = 6.0
+    attention_kernels = False
     # CogVideoX's VAE: 8x spatial, 4x temporal compression (block_out_channels has 4 entries -> 2**3).
     default_spatial_compression = 8
 

@@ -117,7 +117,7 @@ def loop_outcome(index: int, render: Any, stem: Path, loaded: Any, notes: Option
                                               result.interior_ratio, result.cycle_ratio) + _scores_line(result.scores),
                        details=details,
                        warnings=list(notes or []) + list(result.warnings) + list(result.scores.get("warnings", [])),
-                       model_text=loaded.describe(), shift_skip=plan.shift_skip)
+                       model_text=f"{loaded.describe()}; {runtime_text(result)}", shift_skip=plan.shift_skip)
 
 
 def history_entry(outcome: LoopOutcome, values: dict, model_id: str) -> HistoryEntry:
@@ -167,3 +167,8 @@ def _load_error_text(exc: BaseException, text: str) -> str:
     reason = one_line(cause)
     reason = re.split(r"(?<=[a-z0-9)])\. |\s\(", reason, maxsplit=1)[0].rstrip(". ")
     return f"{head}: {reason}." + (f" To fix: {advice}" if advice else "")
+
+
+def runtime_text(result: Any) -> str:
+    """How the denoiser(s) ran, for the status line and the CLI summary: ``attention sage, compiled``."""
+    return f"attention {result.attention}" + (", compiled" if result.compiled else "")
