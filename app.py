@@ -24,7 +24,12 @@ HOUSEKEEPING_DEFAULTS = {"keep_hours": ("LOOPUI_KEEP_HOURS", 24.0), "keep_gb": (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of the app."""
-    parser = argparse.ArgumentParser(description="loopui: seamless looping videos in the browser.")
+    parser = argparse.ArgumentParser(
+        description="loopui: seamless looping videos in the browser.",
+        epilog="How the models run, from the environment (the page's 'auto'; a bad value stops the app at start): "
+               "LOOPUI_ATTENTION=native|flash|flash3|sage|xformers (default: the fastest installed kernel that fits "
+               "the GPU), LOOPUI_COMPILE=1 (compile the transformer blocks), LOOPUI_QUANTIZE=none|fp8|int8, "
+               "LOOPUI_OFFLOAD=none|model|group|sequential (default: chosen from free VRAM).")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for all interfaces)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
     parser.add_argument("--share", action="store_true", help="also open a public *.gradio.live link")

@@ -266,7 +266,7 @@ def test_an_anchored_loops_seam_strip_straddles_its_real_wrap(tmp_path):
     result = SimpleNamespace(frames=frames, anchor_frame_shift=3, worst_step=None, timings={}, scores={},
                              warnings=[], seam_ratio=1.0, interior_ratio=1.0, cycle_ratio=1.0,
                              plan=plan_loop(LoopRequest(prompt="x", num_frames=9), spec_for("demo")),
-                             describe_worst_step=lambda: "")
+                             describe_worst_step=lambda: "", attention="native", compiled=False)
     render = SimpleNamespace(result=result, files=[tmp_path / "loop.mp4"], sidecar=tmp_path / "loop.json")
     outcome = loop_outcome(1, render, tmp_path / "loop", SimpleNamespace(describe=lambda: "demo on cpu"))
     strip = np.asarray(Image.open(outcome.strip))

@@ -235,6 +235,28 @@ def test_how_the_model_runs_is_checked_before_the_line_and_locked_on_a_public_se
             public.build_request({**ok, **change})
 
 
+def test_the_page_offers_the_kernels_a_model_can_use_and_says_what_auto_is_here(tmp_path, monkeypatch):
+    """CogVideoX's attention does not dispatch: the page offers auto and native only, with the engine's reason;
+    a Wan model offers every kernel and says what auto means on this server. A bad server setting stops the
+    server at start, in one line naming it."""
+    from loopui.studio import Studio
+
+    studio = Studio(demo=True, has_gpu=False, output_root=tmp_path, manager=object())
+    cog = studio.knobs.model_view("THUDM/CogVideoX-5b")
+    assert cog.attentions == ["auto", "native"] and "PyTorch's own kernel only" in cog.attention_note
+    wan = studio.knobs.model_view("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    assert wan.attentions == ["auto", "native", "flash", "flash3", "sage", "xformers"]
+    assert wan.attention_note.endswith("Here auto = native.")
+    assert studio.knobs.runtime == {"attention": "native", "compile": False, "quantize": "none"}
+    monkeypatch.setenv("LOOPUI_COMPILE", "1")
+    assert Studio(demo=True, has_gpu=False, output_root=tmp_path, manager=object()).knobs.runtime["compile"] is True
+    for variable, value in [("LOOPUI_ATTENTION", "flash9"), ("LOOPUI_COMPILE", "maybe"), ("LOOPUI_QUANTIZE", "int4")]:
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ValueError, match=variable):
+            Studio(demo=True, has_gpu=False, output_root=tmp_path, manager=object())
+        monkeypatch.delenv(variable)
+
+
 def test_public_mode_is_on_by_default_on_a_space(monkeypatch):
     import app
 

@@ -90,6 +90,8 @@ class ModelView:
     image_channel: KnobState
     sigmas: KnobState  # the sigma list box: locked (with the engine's reason) where the model takes none
     lora_expert: KnobState  # which expert a LoRA adapts: two-expert models only
+    attentions: list[str]  # the attention kernels the model can use ("auto" first)
+    attention_note: str
     preview: dict[str, Any]  # "Use preview settings": resolution, height, width, num_frames, num_inference_steps
 
 
@@ -226,6 +228,8 @@ class Knobs:
     has_gpu: bool = True
     public: bool = False
     loras: dict = field(default_factory=dict)
+    # What "auto" means on this server for attention, compile and quantize (``requests.server_runtime``).
+    runtime: dict = field(default_factory=lambda: {"attention": "native", "compile": False, "quantize": "none"})
     _views: dict = field(default_factory=dict, repr=False)  # (model, public, preview) -> ModelView
 
     @property
@@ -385,6 +389,14 @@ class Knobs:
                        KnobState("both", False, "Off: this model has one denoiser; only Wan 2.2 A14B has two "
                                                 "experts."))
 
+        kernels = list(knob_info("attention")["choices"])
+        attention_reason = _refusal(model, attention=kernels[-1])
+        if attention_reason:
+            attentions, attention_note = ["auto", "native"], f"PyTorch's own kernel only: {attention_reason}."
+        else:
+            attentions = kernels
+            attention_note = f"{help_text('attention')} Here auto = {self.runtime['attention']}."
+
         h, w = RESOLUTION_PRESETS[smallest]
         preview = {"resolution": smallest, "height": h, "width": w, "num_frames": preview_frames,
                    "num_inference_steps": PREVIEW_SETTINGS["num_inference_steps"]}
@@ -394,7 +406,8 @@ class Knobs:
             steps=plan.num_inference_steps,
             guidance=KnobState(plan.guidance_scale, True, guidance_note), schedulers=schedulers,
             scheduler=model.scheduler or AUTO_SCHEDULER, dynamic_cfg=dynamic_cfg, flow_shift=flow_shift,
-            image_channel=image_channel, sigmas=sigmas, lora_expert=lora_expert, preview=preview)
+            image_channel=image_channel, sigmas=sigmas, lora_expert=lora_expert, attentions=attentions,
+            attention_note=attention_note, preview=preview)
 
     def default(self, name: str, model_id: Optional[str] = None) -> Any:
         """The initial value of one knob for ``model_id`` (default: the start-up model): LoopRequest's default,

@@ -108,6 +108,17 @@ def check_public_runtime(request: LoopRequest) -> None:
                          "empty (auto)")
 
 
+def server_runtime(device: str) -> dict:
+    """What "auto" means on this server for the attention kernel, compilation and quantization (its
+    LOOPUI_ATTENTION, LOOPUI_COMPILE and LOOPUI_QUANTIZE, else what fits ``device``); a bad setting is one
+    ``ValueError`` line naming it, at start-up."""
+    from loopui.models.accel import resolve_attention, resolve_compile
+    from loopui.models.quantize import resolve_quantize
+
+    return {"attention": resolve_attention("auto", device), "compile": resolve_compile(None),
+            "quantize": resolve_quantize(None, device)}
+
+
 def check_runtime(request: LoopRequest, device: str) -> None:
     """The request's attention kernel and quantization checked against this server's device before the line (a
     kernel that is not installed or does not fit the GPU: one line naming it and how to install it)."""

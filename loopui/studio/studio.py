@@ -75,6 +75,7 @@ class Studio:
                            loras=list_lora_dir(lora_dir) if lora_dir is not None else {})
         self.masks = MaskPreviews()
         self.pool = pool if pool is not None else device_pool(devices, self.has_gpu, zero_gpu)
+        self.knobs.runtime = requests.server_runtime(self.pool.devices[0])  # a bad LOOPUI_* setting fails here
         self.line = line if line is not None else WaitingLine(slots=self.pool.size)
         self.jobs = jobs if jobs is not None else JobRegistry()
 

@@ -264,7 +264,7 @@ def layout(knobs: Knobs) -> Page:
                                             value=view.sigmas.value, placeholder="1, 0.9375, 0.8333, 0.625",
                                             info=view.sigmas.note, interactive=view.sigmas.interactive,
                                             elem_id="loopui-sigmas")
-                    attention, compile_, quantize = runtime_controls(knobs)
+                    attention, compile_, quantize = runtime_controls(knobs, view)
 
                 lora_picks, lora_file, lora_scale, lora_expert = lora_controls(knobs, view)
                 first = recipe_update(knobs.model_id, knobs.public)
@@ -319,19 +319,21 @@ def layout(knobs: Knobs) -> Page:
                 lora_expert=lora_expert, recipe=recipe)
 
 
-def runtime_controls(knobs: Knobs) -> tuple[Any, Any, Any]:
+def runtime_controls(knobs: Knobs, view: Any) -> tuple[Any, Any, Any]:
     """How the model runs: the attention kernel, compilation and quantization ("auto" = the server's setting). On a
     public server compilation and quantization stay the server's (another choice would compile or load again for
     everyone)."""
+    here = knobs.runtime
     locked = " Fixed on this public server." if knobs.public else ""
     with gr.Row():
-        attention = knob_dropdown("attention", "Attention kernel", knobs.default("attention"),
-                                  elem_id="loopui-attention")
+        attention = gr.Dropdown(choices=view.attentions, value="auto", label="Attention kernel",
+                                info=view.attention_note, elem_id="loopui-attention")
         compile_ = gr.Dropdown(choices=list(COMPILE_CHOICES), value="auto", label="Compile",
-                               info=help_text("compile") + locked, interactive=not knobs.public,
-                               elem_id="loopui-compile")
-        quantize = knob_dropdown("quantize", "Quantize", "auto", choices=["auto", *knob_info("quantize")["choices"]],
-                                 interactive=not knobs.public, elem_id="loopui-quantize")
+                               info=f"{help_text('compile')} Here auto = {'on' if here['compile'] else 'off'}."
+                                    f"{locked}", interactive=not knobs.public, elem_id="loopui-compile")
+        quantize = gr.Dropdown(choices=["auto", *knob_info("quantize")["choices"]], value="auto", label="Quantize",
+                               info=f"{help_text('quantize')} Here auto = {here['quantize']}.{locked}",
+                               interactive=not knobs.public, elem_id="loopui-quantize")
     return attention, compile_, quantize
 
 

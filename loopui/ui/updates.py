@@ -26,7 +26,7 @@ STAGE_LABELS = {"queue": "Queued", "load": "Loading model", "encode": "Encoding 
 # The components that follow the model, in the order model_updates returns them.
 FOLLOW_MODEL = ("model_md", "banner_md", "resolution", "height", "width", "num_frames", "shift_skip", "window_mode",
                 "rope_scale", "num_inference_steps", "guidance_scale", "scheduler", "use_dynamic_cfg", "flow_shift",
-                "sigmas", "image_channel", "fps", "lora_expert", "recipe")
+                "sigmas", "image_channel", "fps", "lora_expert", "recipe", "attention")
 
 
 def progress_view(event: JobEvent, clock: ProgressClock) -> tuple[tuple[tuple, dict], str]:
@@ -135,6 +135,7 @@ def model_updates(knobs: Knobs, model_id: str, preset: Optional[str] = None, hei
         lora_expert=gr.update(value=view.lora_expert.value, interactive=view.lora_expert.interactive,
                               info=view.lora_expert.note),
         recipe=recipe_update(model_id, knobs.public),
+        attention=gr.update(choices=view.attentions, value="auto", info=view.attention_note),
     )
 
 
