@@ -27,6 +27,8 @@ class FamilyFacts:
     # The image-to-video pipeline a text-to-video pipeline of this family becomes when its config expands timesteps
     # per token (Wan 2.2 TI2V: the image is the first latent, at timestep 0); None where the family has none.
     expanded_timesteps_image_pipeline: Optional[str] = None
+    # The torch dtype the VAE decodes in on an accelerator when it is loaded wider (docs/vae_decode.md).
+    vae_decode_dtype: str = "bfloat16"
 
     def vae_compression(self, vae_config: Mapping[str, Any]) -> tuple[Optional[int], Optional[int]]:
         """(spatial, temporal) compression of a VAE config, None where the config does not say."""
