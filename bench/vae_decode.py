@@ -65,11 +65,13 @@ def tile(vae, small: bool):
         vae.disable_tiling()
         return
     if "Wan" in type(vae).__name__:
-        size = 16 * vae.spatial_compression_ratio // 4  # 4 latents a tile, 3 a stride
+        size = 4 * vae.spatial_compression_ratio  # 4 latents a tile, 3 a stride
         vae.enable_tiling(tile_sample_min_height=size, tile_sample_min_width=size,
                           tile_sample_stride_height=size * 3 // 4, tile_sample_stride_width=size * 3 // 4)
     else:
-        vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32)
+        # overlap 1/4: its latent stride (3) times 8 is the kept tile (24 px), so the tiles add up to the frame
+        vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_overlap_factor_height=0.25,
+                          tile_overlap_factor_width=0.25)
 
 
 class DecoderCount:
@@ -93,10 +95,11 @@ def measure(name: str, model_id: str, quick: bool) -> dict:
     vae = pipe.vae
     # Shorter cycles and smaller frames than the models' own (13 / 21 latents, 480p): a shared 2-core CPU.
     n = 7 if family.name == "cogvideox" else 8  # CogVideoX: odd like its 13
-    hw = (4, 6) if vae.spatial_compression_ratio == 16 else (6, 8)
+    spatial = pipe.vae_scale_factor_spatial
+    hw = (4, 6) if spatial == 16 else (6, 8)
     lat = cycle_latents(pipe, family, n, *hw)
     out = {"model_id": model_id, "latents": list(lat.shape),
-           "pixels": [hw[0] * vae.spatial_compression_ratio, hw[1] * vae.spatial_compression_ratio]}
+           "pixels": [hw[0] * spatial, hw[1] * spatial]}
     bf16_vae = copy.deepcopy(vae).to(torch.bfloat16)
 
     with torch.no_grad():

@@ -29,7 +29,10 @@ class Family(FamilyFacts):
     channel_dim: int = 2  # axis on which I2V conditioning is concatenated to the noisy latents
     flow_matching: bool = False  # schedulers write x = (1 - sigma) x0 + sigma noise and predict a velocity
     schedulers: tuple[str, ...] = ()  # names accepted by request.scheduler
-    decode_context: int = 2  # latents decoded again after the cycle's end as its context (frame-invariant decoding)
+    # Latents decoded again after the cycle's end as its context (frame-invariant decoding). On the faithful VAEs
+    # (random weights) no c <= 3 is invariant within a pixel tolerance, so nothing supports fewer than 2
+    # (docs/vae_decode.md).
+    decode_context: int = 2
     # The VAE decodes the first latent of a stream with nothing before it, exactly as that latent alone (a causal
     # decoder fed one latent at a time); false where latents are normalised in batches (CogVideoX).
     first_latent_decodes_alone: bool = False
