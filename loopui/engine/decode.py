@@ -1,12 +1,19 @@
-"""Frame-invariant decoding of a latent cycle with a causal 3D VAE (any family)."""
+"""Frame-invariant decoding of a latent cycle with a causal 3D VAE (any family), in the family's decode dtype.
+
+Measured on the faithful VAEs (random weights) in ``docs/vae_decode.md``: the decode dtype's pixel error, the
+wrap-seam error against the number of borrowed context latents, and the decode time before and after.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+
+from .guards import _on_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -20,33 +27,104 @@ def decoded_frame_count(num_latents: int, temporal_compression: int, frame_invar
     return 1 + temporal_compression * (num_latents - 1)
 
 
+def decode_dtype(pipe: Any, family: Any) -> torch.dtype:
+    """The dtype ``pipe``'s VAE decodes in: the family's ``vae_decode_dtype`` on an accelerator, unless the VAE is
+    already in a dtype of that width (a float16 VAE the model card chose stays float16); the VAE's own on a CPU
+    (half-precision convolutions are slow there)."""
+    vae_dtype = pipe.vae.dtype
+    if not _on_accelerator(pipe):
+        return vae_dtype
+    wanted = getattr(torch, family.vae_decode_dtype)
+    return vae_dtype if wanted.itemsize == vae_dtype.itemsize else wanted
+
+
+@contextmanager
+def decode_precision(vae: Any, dtype: torch.dtype) -> Iterator[None]:
+    """Run ``vae`` in ``dtype`` for a block without leaving it recast: a narrower dtype through autocast (its
+    weights untouched, so the encoder and other pipelines sharing it see no change); a wider one by casting it up
+    and back down after, which is exact (every bfloat16/float16 value is a float32 value)."""
+    vae_dtype = vae.dtype
+    if dtype == vae_dtype:
+        yield
+        return
+    if dtype.itemsize < vae_dtype.itemsize:
+        device_type = next(vae.parameters()).device.type
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            yield
+        return
+    vae.to(dtype=dtype)
+    try:
+        yield
+    finally:
+        vae.to(dtype=vae_dtype)
+
+
+def _stream(latents: torch.Tensor, time_dim: int, context: int) -> torch.Tensor:
+    """The cycle followed by its first ``context`` latents again: one causal pass decodes latent 0 first and alone,
+    and the cycle's first latents a second time at the end, after the cycle's last ones as their context."""
+    return torch.cat([latents, latents.narrow(time_dim, 0, context)], dim=time_dim)
+
+
 def decode_cycle(pipe: Any, latents: torch.Tensor, frame_invariant: bool = True,
-                 context: int | None = None, family: Any = None) -> torch.Tensor:
+                 context: int | None = None, family: Any = None, dtype: Optional[torch.dtype] = None,
+                 with_first: bool = False) -> Any:
     """Decode a cycle's latents (the family's layout) to a video tensor ``(B, C, F, H, W)``.
 
     A causal VAE decodes its first latent into 1 frame and every other latent into ``r`` frames with the previous
-    latents as context. Frame-invariant decoding borrows the last ``context`` latents of the cycle as context before
-    the first one, decodes, and drops the frames of the borrowed latents: every latent of the cycle is decoded as a
-    non-first latent, so the loop plays ``r * L`` evenly made frames and the wrap has no doubled frame.
+    latents as context. Frame-invariant decoding decodes the cycle once in order and continues the same causal
+    stream over its first ``context`` latents (the family's measured ``decode_context``): every latent kept is
+    decoded as a non-first latent with at least ``context`` cycle latents before it, so the loop plays ``r * L``
+    evenly made frames and the wrap, decoded in one stream, has no doubled frame. ``dtype`` defaults to
+    :func:`decode_dtype`. ``with_first=True`` returns ``(video, first)``: ``first`` is the stream's first latent
+    decoded with nothing before it, as it would be alone (None where the family's decoder does not decode it so:
+    CogVideoX normalises a batch of latents together).
     """
     if family is None:
         from .families import family_for
 
         family = family_for(pipe)
-    if not frame_invariant:
-        return family.decode(pipe, latents)
-    time_dim = family.time_dim
-    num_latents = latents.shape[time_dim]
-    ratio = pipe.vae_scale_factor_temporal
-    context = family.decode_context if context is None else context
-    context = max(1, min(context, num_latents))
-    padded = torch.cat([latents.narrow(time_dim, num_latents - context, context), latents], dim=time_dim)
-    video = family.decode(pipe, padded)  # (B, C, F, H, W)
-    keep = ratio * num_latents
-    if video.shape[2] < keep:
-        raise RuntimeError(f"VAE returned {video.shape[2]} frames for {padded.shape[time_dim]} latents; "
-                           f"expected >= {keep}")
-    return video[:, :, video.shape[2] - keep:]
+    dtype = decode_dtype(pipe, family) if dtype is None else dtype
+    first = None
+    with decode_precision(pipe.vae, dtype):
+        if not frame_invariant:
+            video = family.decode(pipe, latents, dtype)
+        else:
+            time_dim = family.time_dim
+            num_latents = latents.shape[time_dim]
+            ratio = pipe.vae_scale_factor_temporal
+            context = family.decode_context if context is None else context
+            context = max(1, min(context, num_latents))
+            streamed = family.decode(pipe, _stream(latents, time_dim, context), dtype)  # (B, C, F, H, W)
+            keep = ratio * num_latents
+            if streamed.shape[2] < keep:
+                raise RuntimeError(f"VAE returned {streamed.shape[2]} frames for {num_latents + context} latents; "
+                                   f"expected >= {keep}")
+            # The last r * L frames are the cycle from latent `context` on, then its first `context` latents.
+            video = torch.roll(streamed[:, :, streamed.shape[2] - keep:], shifts=ratio * context, dims=2)
+            if family.first_latent_decodes_alone:
+                first = streamed[:, :, : streamed.shape[2] - ratio * (num_latents + context - 1)]
+    return (video, first) if with_first else video
+
+
+def decode_with_still(pipe: Any, latents: torch.Tensor, reference: Optional[torch.Tensor], frame_invariant: bool,
+                      family: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The cycle's video and, when ``reference`` (a one-latent still) is given, the still decoded alone.
+
+    An anchored loop's first latent *is* its reference (anchor strength 1): where the family's stream decodes its
+    first latent alone, the still is that first latent's frame and is not decoded a second time.
+    """
+    if reference is None:
+        return decode_cycle(pipe, latents, frame_invariant=frame_invariant, family=family), None
+    first = latents.narrow(family.time_dim, 0, 1)
+    first_is_reference = torch.equal(first, reference.to(first.device, first.dtype))
+    if frame_invariant and first_is_reference and family.first_latent_decodes_alone:
+        video, still = decode_cycle(pipe, latents, frame_invariant=True, family=family, with_first=True)
+        if still is not None:
+            return video, still
+    video = decode_cycle(pipe, latents, frame_invariant=frame_invariant, family=family)
+    dtype = decode_dtype(pipe, family)
+    with decode_precision(pipe.vae, dtype):
+        return video, family.decode(pipe, reference, dtype)
 
 
 def video_to_uint8(pipe: Any, video: torch.Tensor) -> np.ndarray:

@@ -28,7 +28,7 @@ from loopui.models.lora import active_loras
 from loopui.models.quantize import check_pipeline_quantization
 
 from .conditioning import ImageConditioning, mask_to_latent_grid
-from .decode import decode_cycle, video_to_uint8
+from .decode import decode_with_still, video_to_uint8
 from .families import Family, family_for
 from .families.base import patch_attribute
 from .errors import LoopInterrupted
@@ -434,11 +434,11 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         stop = lambda: LoopInterrupted("stopped while decoding")  # noqa: E731
         with torch.no_grad(), vae_memory_defaults(pipe), \
                 cancel_checkpoint(getattr(pipe.vae, "decoder", pipe.vae), cancel_event, stop):
-            video = decode_cycle(pipe, final, frame_invariant=request.frame_invariant_decoding, family=family)
-            still = None
-            if conditioning is not None and (conditioning.anchor_strength > 0 or conditioning.background_freeze > 0):
-                # The reference latent decoded on its own: the picture the anchored frame and the background hold.
-                still = video_to_uint8(pipe, family.decode(pipe, conditioning.reference))[0]
+            # The reference latent decoded on its own: the picture the anchored frame and the background hold.
+            holds = conditioning is not None and (conditioning.anchor_strength > 0 or conditioning.background_freeze > 0)
+            video, still = decode_with_still(pipe, final, conditioning.reference if holds else None,
+                                             request.frame_invariant_decoding, family)
+            still = None if still is None else video_to_uint8(pipe, still)[0]
         ensure_finite(video, "decoded frames", pipe.vae.dtype)
         frames = video_to_uint8(pipe, video)
         if still is not None:

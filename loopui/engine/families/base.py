@@ -29,7 +29,13 @@ class Family(FamilyFacts):
     channel_dim: int = 2  # axis on which I2V conditioning is concatenated to the noisy latents
     flow_matching: bool = False  # schedulers write x = (1 - sigma) x0 + sigma noise and predict a velocity
     schedulers: tuple[str, ...] = ()  # names accepted by request.scheduler
-    decode_context: int = 2  # latents borrowed from the cycle's end for frame-invariant decoding
+    # Latents decoded again after the cycle's end as its context (frame-invariant decoding). On the faithful VAEs
+    # (random weights) no c <= 3 is invariant within a pixel tolerance, so nothing supports fewer than 2
+    # (docs/vae_decode.md).
+    decode_context: int = 2
+    # The VAE decodes the first latent of a stream with nothing before it, exactly as that latent alone (a causal
+    # decoder fed one latent at a time); false where latents are normalised in batches (CogVideoX).
+    first_latent_decodes_alone: bool = False
     context_parallel: bool = False  # the diffusers transformer ships a context-parallel plan (one loop, N GPUs)
 
     # -- identity ---------------------------------------------------------------------------------------------
@@ -123,8 +129,9 @@ class Family(FamilyFacts):
         next update does not mix edited latents with an unedited history). ``arguments`` are the ``step`` call's."""
 
     # -- decoding ---------------------------------------------------------------------------------------------
-    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-        """The pipeline's own decoding of latents to a video ``(B, C, F, H, W)`` in [-1, 1]."""
+    def decode(self, pipe: Any, latents: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The pipeline's own decoding of latents (cast to ``dtype``, the VAE's own by default) to a video
+        ``(B, C, F, H, W)`` in [-1, 1]."""
         raise NotImplementedError
 
 

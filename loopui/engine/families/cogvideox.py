@@ -131,8 +131,8 @@ class CogVideoXFamily(Family, CogVideoXFacts):
         latent = latent.permute(0, 2, 1, 3, 4) * pipe.vae_scaling_factor_image  # (1, L, C, h, w)
         return latent.to(device=device, dtype=dtype)
 
-    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-        return pipe.decode_latents(latents.to(pipe.vae.dtype))  # (B, C, F, H, W)
+    def decode(self, pipe: Any, latents: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return pipe.decode_latents(latents.to(dtype or pipe.vae.dtype))  # (B, C, F, H, W)
 
 
 def _check_learned_positions(request: Any, spec: Any, length: int) -> None:

@@ -62,6 +62,7 @@ class WanFamily(Family, WanFacts):
     flow_matching = True
     schedulers = ("unipc", "euler", "lcm")
     context_parallel = True  # WanTransformer3DModel has a _cp_plan in diffusers 0.42
+    first_latent_decodes_alone = True  # AutoencoderKLWan._decode: one latent per decoder call, the first as a chunk
 
     def latent_channels(self, pipe: Any) -> int:
         return int(pipe.vae.config.z_dim)
@@ -182,8 +183,8 @@ class WanFamily(Family, WanFacts):
         latent = (latent - mean) * (1.0 / std)
         return latent.to(device=device, dtype=dtype)
 
-    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents.to(pipe.vae.dtype)
+    def decode(self, pipe: Any, latents: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        latents = latents.to(dtype or pipe.vae.dtype)
         mean, std = self._normalisation(pipe, latents.device, latents.dtype)
         # As WanPipeline.__call__ un-normalises: latents / (1 / std) + mean.
         latents = latents / (1.0 / std) + mean
