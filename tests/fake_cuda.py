@@ -63,6 +63,9 @@ def fake_cuda(monkeypatch) -> FakeCuda:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", fake.mem_get_info)
     monkeypatch.setattr(torch.cuda, "empty_cache", fake.empty_cache)
+    # An Ampere card (no attention kernel installed here, so "auto" is native on it).
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake CUDA GPU")
 
     pipeline = diffusers.DiffusionPipeline
     to, model_offload = pipeline.to, pipeline.enable_model_cpu_offload

@@ -46,6 +46,7 @@ def gpu(monkeypatch):
 
         monkeypatch.setattr(importlib.util, "find_spec", find_spec)
         monkeypatch.setattr(importlib.metadata, "version", version)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU sm{capability[0]}{capability[1]}")
 
@@ -85,6 +86,33 @@ def test_auto_picks_the_fastest_installed_kernel_that_fits_the_gpu(gpu, capabili
     gpu(capability, installed)
     assert accel.resolve_attention("auto", "cuda") == chosen
     assert accel.resolve_attention(None, "cuda:0") == chosen
+
+
+def test_the_choice_follows_the_models_dtype_and_context_parallelism(gpu):
+    """FlashAttention and SageAttention take 16-bit inputs only (a float32 model would fail in its first attention
+    call); FlashAttention 3 and xFormers do not run split across GPUs (diffusers' registry says so)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    for kernel in accel.ATTENTION_KERNELS.values():
+        assert kernel.context_parallel == (kernel.backend in _AttentionBackendRegistry._supports_context_parallel)
+    gpu((9, 0), {"flash", "flash3", "sage", "xformers"})
+    assert accel.resolve_attention("auto", "cuda", torch.bfloat16) == "flash3"
+    assert accel.resolve_attention("auto", "cuda", torch.float32) == "native"
+    assert accel.resolve_attention("auto", "cuda", "bfloat16", parallel=True) == "sage"
+    assert accel.resolve_attention("xformers", "cuda", torch.float32) == "xformers"
+    with pytest.raises(ValueError, match=r"^attention 'sage' \(SageAttention 2\) takes float16 or bfloat16 only, "
+                                         r"and this model runs in float32: use attention 'auto' or 'native'$"):
+        accel.resolve_attention("sage", "cuda", torch.float32)
+    with pytest.raises(ValueError, match=r"^attention 'flash3' .* does not run split across GPUs"):
+        accel.resolve_attention("flash3", "cuda", torch.bfloat16, parallel=True)
+
+
+def test_a_bad_device_is_one_line_before_anything_loads():
+    with pytest.raises(ValueError, match=r"^unknown device 'gpu0': use cpu, cuda or cuda:N$"):
+        accel.resolve_attention("auto", "gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device 'cuda' requested but CUDA is not available$"):
+            accel.resolve_attention("auto", "cuda")
 
 
 def test_auto_is_native_on_a_cpu_and_named_native_runs_anywhere(gpu):

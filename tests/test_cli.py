@@ -285,6 +285,8 @@ def test_sigmas_and_step_cache_flags_reach_the_loop(faithful_wan_dir, tmp_path, 
     (["--attention", "flash3"], "attention 'flash3' (FlashAttention 3) needs a CUDA GPU"),
     (["--attention", "cudnn"], "argument --attention: invalid choice"),
     (["--quantize", "fp8"], "quantize 'fp8' needs"),
+    (["--device", "foo"], "unknown device 'foo': use cpu, cuda or cuda:N"),
+    (["--device", "cuda"], "device 'cuda' requested but CUDA is not available"),
 ])
 def test_a_knob_wan_cannot_use_is_refused_before_loading(faithful_wan_dir, tmp_path, capsys, monkeypatch, argv,
                                                          needle):

@@ -58,7 +58,11 @@ def test_decode_dtype_is_the_family_fact_on_an_accelerator(wan, tiny_pipe, monke
         assert family.vae_decode_dtype == "bfloat16"
         assert decode_dtype(pipe, family) == torch.float32  # a CPU decodes in the VAE's own dtype
         monkeypatch.setattr(decode_module, "_on_accelerator", lambda p: True)
-        assert decode_dtype(pipe, family) == torch.bfloat16  # a float32 VAE on a GPU decodes in bfloat16
+        # a pipeline loaded in float32 on purpose (--dtype float32) decodes in float32 on a GPU too
+        assert decode_dtype(pipe, family) == torch.float32
+        # a float32 VAE beside a bfloat16 transformer (diffusers' Wan examples) decodes in bfloat16 on a GPU
+        monkeypatch.setattr(type(family), "transformer_dtype", lambda self, p: torch.bfloat16)
+        assert decode_dtype(pipe, family) == torch.bfloat16
         # a 16-bit VAE the model card chose stays so (a stand-in: casting the shared fixtures' would round them)
         half = SimpleNamespace(vae=SimpleNamespace(dtype=torch.float16))
         assert decode_dtype(half, family) == torch.float16
@@ -87,10 +91,28 @@ def test_decode_runs_in_bfloat16_without_recasting_the_shared_vae(wan):
     assert 0 < diff.mean() < 2.5 and diff.max() < 64
 
 
+def test_autocast_runs_on_the_device_the_pipeline_executes_on(wan, monkeypatch):
+    """Under CPU offload the VAE's weights rest on the CPU (or the meta device) between calls while it decodes on
+    the GPU: autocast must be entered for the execution device, not for where the weights rest."""
+    entered = []
+    real_autocast = torch.autocast
+
+    def recording(device_type, dtype=None, **kwargs):
+        entered.append((device_type, dtype))
+        return real_autocast("cpu", dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording)
+    offloaded = SimpleNamespace(vae=wan.vae, _execution_device=torch.device("cuda", 0))
+    with decode_precision(offloaded, torch.bfloat16) as latent_dtype:
+        pass
+    assert entered == [("cuda", torch.bfloat16)]
+    assert latent_dtype == torch.float32  # the latents go in as the VAE's own; autocast narrows its convolutions
+
+
 def test_a_wider_decode_dtype_casts_the_vae_back_exactly(wan):
     vae = build_tiny_wan().vae.to(torch.bfloat16)
     before = {k: v.clone() for k, v in vae.state_dict().items()}
-    with decode_precision(vae, torch.float32):
+    with decode_precision(SimpleNamespace(vae=vae, _execution_device=torch.device("cpu")), torch.float32):
         assert vae.dtype == torch.float32
     assert vae.dtype == torch.bfloat16
     assert all(torch.equal(vae.state_dict()[k], before[k]) for k in before)

@@ -219,6 +219,8 @@ def test_zero_gpu_loads_the_model_at_start_up_and_sizes_the_gpu_time(zero_gpu, m
     assert app.main(["--demo", "--port", str(free_port())]) == 0  # never the README app's 7860: it may be running
     studio = built["studio"]
     assert studio.zero_gpu and studio.pool.devices == ["cuda"] and built["launched"]
+    # The GPU is not asked at start-up (ZeroGPU lends it only inside a call): the kernel is chosen there.
+    assert studio.knobs.runtime == {"attention": "chosen on the GPU", "compile": False, "quantize": "none"}
     # Loaded before the page was built (so before any visitor's GPU call), all on the GPU.
     assert built["loads_before_build"] == 1
     (model,) = studio.manager.loaded()

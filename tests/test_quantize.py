@@ -162,6 +162,9 @@ def test_manager_loads_once_per_quantization(monkeypatch):
     loop = manager.run("demo", lambda loaded: generate_loop(loaded.pipe, LoopRequest(**DEMO, quantize="int8"),
                                                             output_type="latent"))
     assert loop.latents.shape[1] == 3
+    # The server's setting chose int8 (the request left quantize empty): the sidecar says what ran.
+    served = manager.run("demo", lambda loaded: generate_loop(loaded.pipe, LoopRequest(**DEMO), output_type="latent"))
+    assert served.plan.request.quantize is None and served.settings["quantize"] == "int8"
     assert ModelManager(quantize="int8").get("demo", quantize="none").quantize == "none"
     with pytest.raises(ValueError, match="quantize must be one of"):
         ModelManager(quantize="int3")

@@ -33,6 +33,7 @@ from loopui.cli.common import (
 from loopui.engine.plan import LoopPlan, apply_recipe, resolve_request
 from loopui.engine.request import request_from_values, size_text
 from loopui.messages import one_line
+from loopui.studio.requests import check_runtime
 from loopui.studio.results import runtime_text
 
 logger = logging.getLogger(__name__)
@@ -230,7 +231,8 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
             parallel, device, offload = _start_parallel(args, spec)
             if not parallel.is_main:
                 progress.enabled = False
-        quantize = _check_runtime(plan, device)
+        # --device, --attention and --quantize against this machine: refused here, not after minutes of loading.
+        quantize = check_runtime(plan.request, device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
         # 2. Load the model (progress in bytes while it downloads)
         shown: dict[str, int] = {}
@@ -313,20 +315,6 @@ def run_generate(args: argparse.Namespace, shown_warnings: set[str]) -> int:
     print(f"time {elapsed:.1f} s (denoise {timings.get('denoise', 0):.1f} s, decode {timings.get('decode', 0):.1f} s; "
           f"model load {loaded.load_seconds:.1f} s; {loaded.describe()}; {runtime_text(result)})")
     return EXIT_OK
-
-
-def _check_runtime(plan: LoopPlan, device: Optional[str]) -> str:
-    """``--attention`` and ``--quantize`` checked against this machine before the model loads (a kernel that is not
-    installed or does not fit the GPU is refused here, not after minutes of loading); returns the quantization the
-    model is loaded with."""
-    import torch
-
-    from loopui.models.accel import resolve_attention
-    from loopui.models.quantize import resolve_quantize
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    resolve_attention(plan.request.attention, device)
-    return resolve_quantize(plan.request.quantize, device)
 
 
 def _usable_offload(offload: Optional[str], device: Optional[str]) -> Optional[str]:

@@ -28,33 +28,39 @@ def decoded_frame_count(num_latents: int, temporal_compression: int, frame_invar
 
 
 def decode_dtype(pipe: Any, family: Any) -> torch.dtype:
-    """The dtype ``pipe``'s VAE decodes in: the family's ``vae_decode_dtype`` on an accelerator, unless the VAE is
-    already in a dtype of that width (a float16 VAE the model card chose stays float16); the VAE's own on a CPU
-    (half-precision convolutions are slow there)."""
+    """The dtype ``pipe``'s VAE decodes in: the family's ``vae_decode_dtype`` on an accelerator when the pipeline
+    runs its transformer narrower than its VAE (a float32 VAE beside a bfloat16 transformer, as diffusers' Wan
+    examples load it); otherwise the VAE's own -- a float16 VAE the model card chose stays float16, a pipeline
+    loaded in float32 on purpose decodes in float32, and a CPU decodes in the VAE's dtype (half-precision
+    convolutions are slow there)."""
     vae_dtype = pipe.vae.dtype
-    if not _on_accelerator(pipe):
+    if not _on_accelerator(pipe) or family.transformer_dtype(pipe).itemsize >= vae_dtype.itemsize:
         return vae_dtype
-    wanted = getattr(torch, family.vae_decode_dtype)
-    return vae_dtype if wanted.itemsize == vae_dtype.itemsize else wanted
+    return getattr(torch, family.vae_decode_dtype)
 
 
 @contextmanager
-def decode_precision(vae: Any, dtype: torch.dtype) -> Iterator[None]:
-    """Run ``vae`` in ``dtype`` for a block without leaving it recast: a narrower dtype through autocast (its
-    weights untouched, so the encoder and other pipelines sharing it see no change); a wider one by casting it up
-    and back down after, which is exact (every bfloat16/float16 value is a float32 value)."""
+def decode_precision(pipe: Any, dtype: torch.dtype) -> Iterator[torch.dtype]:
+    """Run ``pipe``'s VAE in ``dtype`` for a block without leaving it recast; yields the dtype the latents go in as.
+
+    A narrower dtype runs through autocast on the device the pipeline executes on (under CPU offload the weights
+    rest on the CPU or the meta device between calls, so their own device would be the wrong one): the weights are
+    untouched, so the encoder and other pipelines sharing the VAE see no change, and the latents go in in the VAE's
+    dtype. A wider dtype casts the VAE up and back down after, which is exact (every bfloat16/float16 value is a
+    float32 value)."""
+    vae = pipe.vae
     vae_dtype = vae.dtype
     if dtype == vae_dtype:
-        yield
+        yield dtype
         return
     if dtype.itemsize < vae_dtype.itemsize:
-        device_type = next(vae.parameters()).device.type
+        device_type = torch.device(pipe._execution_device).type
         with torch.autocast(device_type=device_type, dtype=dtype):
-            yield
+            yield vae_dtype
         return
     vae.to(dtype=dtype)
     try:
-        yield
+        yield dtype
     finally:
         vae.to(dtype=vae_dtype)
 
@@ -85,16 +91,16 @@ def decode_cycle(pipe: Any, latents: torch.Tensor, frame_invariant: bool = True,
         family = family_for(pipe)
     dtype = decode_dtype(pipe, family) if dtype is None else dtype
     first = None
-    with decode_precision(pipe.vae, dtype):
+    with decode_precision(pipe, dtype) as latent_dtype:
         if not frame_invariant:
-            video = family.decode(pipe, latents, dtype)
+            video = family.decode(pipe, latents, latent_dtype)
         else:
             time_dim = family.time_dim
             num_latents = latents.shape[time_dim]
             ratio = pipe.vae_scale_factor_temporal
             context = family.decode_context if context is None else context
             context = max(1, min(context, num_latents))
-            streamed = family.decode(pipe, _stream(latents, time_dim, context), dtype)  # (B, C, F, H, W)
+            streamed = family.decode(pipe, _stream(latents, time_dim, context), latent_dtype)  # (B, C, F, H, W)
             keep = ratio * num_latents
             if streamed.shape[2] < keep:
                 raise RuntimeError(f"VAE returned {streamed.shape[2]} frames for {num_latents + context} latents; "
@@ -122,9 +128,8 @@ def decode_with_still(pipe: Any, latents: torch.Tensor, reference: Optional[torc
         if still is not None:
             return video, still
     video = decode_cycle(pipe, latents, frame_invariant=frame_invariant, family=family)
-    dtype = decode_dtype(pipe, family)
-    with decode_precision(pipe.vae, dtype):
-        return video, family.decode(pipe, reference, dtype)
+    with decode_precision(pipe, decode_dtype(pipe, family)) as latent_dtype:
+        return video, family.decode(pipe, reference, latent_dtype)
 
 
 def video_to_uint8(pipe: Any, video: torch.Tensor) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 
 from loopui.models import accel
 from loopui.models.lora import active_loras
-from loopui.models.quantize import check_pipeline_quantization
+from loopui.models.quantize import check_pipeline_quantization, pipeline_quantization
 
 from .conditioning import ImageConditioning, mask_to_latent_grid
 from .decode import decode_with_still, video_to_uint8
@@ -79,6 +79,7 @@ class LoopResult:
     latent_cycle_ratio: Optional[float] = None
     attention: str = "native"  # the attention kernel the denoiser(s) ran with (loopui.models.accel)
     compiled: bool = False  # whether their repeated blocks ran compiled
+    quantize: str = "none"  # the quantization of their weights (loopui.models.quantize), whoever chose it
 
     @property
     def settings(self) -> dict:
@@ -98,7 +99,7 @@ class LoopResult:
             num_inference_steps=plan.num_inference_steps, negative_prompt=plan.negative_prompt,
             image_channel=plan.image_channel,  # None: inert without image-to-video conditioning
             loras=[lora.record() for lora in plan.lora_files or ()],  # each with its file's sha256
-            attention=self.attention, compile=self.compiled,
+            attention=self.attention, compile=self.compiled, quantize=self.quantize,
         )
         if plan.request.video is not None:
             settings["anchor_strength"] = 0.0  # inert with a clip: its first frame may change too
@@ -140,13 +141,13 @@ def _scheduler_for(pipe: Any, family: Family, plan: LoopPlan) -> Any:
 
 
 def _resolve_accel(pipe: Any, family: Family, request: LoopRequest, device: Any) -> tuple[str, bool]:
-    """The attention kernel and whether to compile, checked before any work (a kernel that cannot run here is one
-    ``ValueError`` line). ``auto`` never refuses: on a model whose attention does not dispatch (CogVideoX) it is
-    native."""
-    attention = accel.resolve_attention(request.attention, device)
-    if attention != "native" and request.attention == "auto" and not all(
-            accel.supports_attention_backends(module) for module in family.denoisers(pipe)):
-        attention = "native"
+    """The attention kernel and whether to compile, checked before any work (a kernel that cannot run here -- this
+    GPU, the transformer's dtype, context parallelism -- is one ``ValueError`` line). ``auto`` never refuses: on a
+    family whose attention does not dispatch (CogVideoX; the plan refuses a named kernel there) it is native."""
+    if not family.attention_kernels:
+        return "native", accel.resolve_compile(request.compile)
+    parallel = any(getattr(module, "_parallel_config", None) is not None for module in family.denoisers(pipe))
+    attention = accel.resolve_attention(request.attention, device, family.transformer_dtype(pipe), parallel)
     return attention, accel.resolve_compile(request.compile)
 
 
@@ -479,5 +480,5 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         latent_seam_ratio=None if latent_metrics is None else float(latent_metrics.seam_ratio),
         latent_interior_ratio=None if latent_metrics is None else float(latent_metrics.interior_ratio),
         latent_cycle_ratio=None if latent_metrics is None else float(latent_metrics.cycle_ratio),
-        scores=scores, attention=attention, compiled=compiled,
+        scores=scores, attention=attention, compiled=compiled, quantize=pipeline_quantization(pipe),
     )

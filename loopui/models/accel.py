@@ -51,6 +51,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from loopui.models.devices import cuda_capability
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ATTENTION_KERNELS", "AttentionKernel", "compile_blocks", "compile_count", "compiled_blocks",
@@ -75,6 +77,9 @@ class AttentionKernel:
     install: str = ""
     min_capability: Optional[tuple[int, int]] = None  # None: runs anywhere (native)
     max_major: Optional[int] = None  # FlashAttention 3 is Hopper (9.x) only
+    half_only: bool = False  # float16 / bfloat16 inputs only (FlashAttention, SageAttention)
+    # Whether diffusers' context parallelism (--parallel) runs on it (its registry's _supports_context_parallel)
+    context_parallel: bool = True
 
     def fits(self, capability: tuple[int, int]) -> bool:
         """Whether a GPU of this compute capability runs the kernel."""
@@ -93,20 +98,20 @@ ATTENTION_KERNELS: dict[str, AttentionKernel] = {
     "native": AttentionKernel("native", "native", "PyTorch scaled_dot_product_attention"),
     "flash": AttentionKernel(
         "flash", "flash", "FlashAttention 2", modules=("flash_attn",), distribution="flash-attn", min_version="2.6.3",
-        install="pip install flash-attn --no-build-isolation", min_capability=(8, 0)),
+        install="pip install flash-attn --no-build-isolation", min_capability=(8, 0), half_only=True),
     "flash3": AttentionKernel(
         "flash3", "_flash_3", "FlashAttention 3", modules=("flash_attn_3", "flash_attn_interface"),
         distribution="flash_attn_3",
         install="build it from source: git clone https://github.com/Dao-AILab/flash-attention && "
                 "cd flash-attention/hopper && python setup.py install",
-        min_capability=(9, 0), max_major=9),
+        min_capability=(9, 0), max_major=9, half_only=True, context_parallel=False),
     "sage": AttentionKernel(
         "sage", "sage", "SageAttention 2", modules=("sageattention",), distribution="sageattention",
         min_version="2.1.1", install="pip install sageattention==2.2.0 --no-build-isolation",
-        min_capability=(8, 0)),
+        min_capability=(8, 0), half_only=True),
     "xformers": AttentionKernel(
         "xformers", "xformers", "xFormers", modules=("xformers",), distribution="xformers", min_version="0.0.29",
-        install="pip install xformers", min_capability=(6, 0)),
+        install="pip install xformers", min_capability=(6, 0), context_parallel=False),
 }
 # The names a request may give (loopui.engine.request.ATTENTION_BACKENDS; the models room cannot import it, a test
 # keeps the two equal).
@@ -138,26 +143,20 @@ def _missing(kernel: AttentionKernel) -> Optional[str]:
     return None
 
 
-def _cuda_capability(device: Any) -> Optional[tuple[int, int]]:
-    """The compute capability of ``device`` when it is a CUDA GPU, else None."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return tuple(torch.cuda.get_device_capability(device))
-
-
-def resolve_attention(name: Optional[str], device: Any) -> str:
+def resolve_attention(name: Optional[str], device: Any, dtype: Any = None, parallel: bool = False) -> str:
     """The concrete attention kernel (``ATTENTION_NAMES`` minus ``auto``) for ``name`` on ``device``.
 
     ``auto`` (or None) = the server's setting ``LOOPUI_ATTENTION`` when set, else the fastest installed kernel that fits
     this GPU (FlashAttention 3 on Hopper, then SageAttention, then FlashAttention 2), else ``native`` -- always
-    ``native`` on a CPU. A named kernel that is not installed, needs a CUDA GPU, or does not fit this one raises one
-    line (``ValueError``) naming ``attention``.
+    ``native`` on a CPU. ``dtype`` (the transformer's, when known) and ``parallel`` (diffusers' context parallelism)
+    narrow the choice: the FlashAttention and SageAttention kernels take 16-bit inputs only, FlashAttention 3 and
+    xFormers do not run context-parallel. A named kernel that is not installed, needs a CUDA GPU, does not fit this
+    one or this run raises one line (``ValueError``) naming ``attention``.
     """
     name = "auto" if name is None else str(name).strip().lower()
     if name not in ATTENTION_NAMES:
         raise ValueError(f"attention must be one of {_choices()}; got {name!r}")
-    capability = _cuda_capability(device)
+    capability = cuda_capability(device)
     if name == "auto":
         server = os.environ.get(ATTENTION_ENV, "").strip().lower()
         if server and server != "auto":
@@ -166,12 +165,12 @@ def resolve_attention(name: Optional[str], device: Any) -> str:
             if capability is None and server != "native":
                 logger.info("%s=%s does not apply on %s: attention native", ATTENTION_ENV, server, device)
                 return "native"
-            return resolve_attention(server, device)
+            return resolve_attention(server, device, dtype, parallel)
         if capability is None:
             return "native"
         for candidate in AUTO_ORDER:
             kernel = ATTENTION_KERNELS[candidate]
-            if kernel.fits(capability) and _missing(kernel) is None:
+            if kernel.fits(capability) and _missing(kernel) is None and _unfit(kernel, dtype, parallel) is None:
                 return candidate
         return "native"
     kernel = ATTENTION_KERNELS[name]
@@ -187,7 +186,23 @@ def resolve_attention(name: Optional[str], device: Any) -> str:
         raise ValueError(f"attention {name!r} ({kernel.title}) needs a GPU of {kernel.gpus()}; this GPU "
                          f"({torch.cuda.get_device_name(device)}) is {capability[0]}.{capability[1]}: use attention "
                          f"'auto' or 'native'")
+    unfit = _unfit(kernel, dtype, parallel)
+    if unfit is not None:
+        raise ValueError(f"attention {name!r} ({kernel.title}) {unfit}: use attention 'auto' or 'native'")
     return name
+
+
+def _unfit(kernel: AttentionKernel, dtype: Any, parallel: bool) -> Optional[str]:
+    """Why ``kernel`` cannot run this model's call (its dtype, context parallelism); None when it can."""
+    if kernel.half_only and dtype is not None and torch.empty(0, dtype=_dtype(dtype)).element_size() > 2:
+        return f"takes float16 or bfloat16 only, and this model runs in {str(dtype).replace('torch.', '')}"
+    if parallel and not kernel.context_parallel:
+        return "does not run split across GPUs (diffusers' context parallelism, --parallel)"
+    return None
+
+
+def _dtype(value: Any) -> torch.dtype:
+    return value if isinstance(value, torch.dtype) else getattr(torch, str(value).replace("torch.", ""))
 
 
 def _attention_processors(module: Any) -> list:

@@ -18,6 +18,22 @@ logger = logging.getLogger(__name__)
 _WAIT_POLL_SECONDS = 0.1  # how often a waiting job looks at its cancel event
 
 
+def cuda_capability(device: object) -> Optional[tuple[int, int]]:
+    """(major, minor) compute capability of ``device`` when it is a CUDA GPU, None for another device. A device
+    torch does not know, or a CUDA device without CUDA, is one ``ValueError`` line (before anything loads)."""
+    import torch
+
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
+    if dev.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+    return tuple(torch.cuda.get_device_capability(dev))
+
+
 def parse_devices(text: Optional[str | Sequence[str]] = None) -> list[str]:
     """Device names from ``"cuda:0,cuda:1"`` (or a list); None, ``""`` or ``"auto"``: every visible CUDA device,
     else ``["cpu"]``. Raises ``ValueError`` naming a malformed, unavailable or repeated device."""

@@ -27,6 +27,8 @@ import os
 import re
 from typing import Any, Iterator, Optional
 
+from loopui.models.devices import cuda_capability
+
 logger = logging.getLogger(__name__)
 
 # The same names as ``loopui.engine.request.QUANTIZE_MODES`` (the models room does not import the engine; a test
@@ -82,17 +84,6 @@ def torchao_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("torchao") is not None
-
-
-def cuda_capability(device: str) -> Optional[tuple[int, int]]:
-    """(major, minor) compute capability of CUDA ``device``; None for a non-CUDA device or without CUDA."""
-    if not str(device).startswith("cuda"):
-        return None
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return tuple(torch.cuda.get_device_capability(torch.device(device)))
 
 
 def quantize_pipeline(pipe: Any, mode: str) -> None:

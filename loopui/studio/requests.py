@@ -108,25 +108,37 @@ def check_public_runtime(request: LoopRequest) -> None:
                          "empty (auto)")
 
 
-def server_runtime(device: str) -> dict:
+def server_runtime(device: Optional[str]) -> dict:
     """What "auto" means on this server for the attention kernel, compilation and quantization (its
     LOOPUI_ATTENTION, LOOPUI_COMPILE and LOOPUI_QUANTIZE, else what fits ``device``); a bad setting is one
-    ``ValueError`` line naming it, at start-up."""
-    from loopui.models.accel import resolve_attention, resolve_compile
-    from loopui.models.quantize import resolve_quantize
+    ``ValueError`` line naming it, at start-up. ``device`` None: the GPU cannot be asked yet (ZeroGPU lends it only
+    inside a call), so only the settings' spelling is checked and the kernel is chosen on the GPU."""
+    import os
 
+    from loopui.models.accel import ATTENTION_ENV, ATTENTION_NAMES, resolve_attention, resolve_compile
+    from loopui.models.quantize import QUANTIZE_ENV, check_mode, resolve_quantize
+
+    if device is None:
+        attention = os.environ.get(ATTENTION_ENV, "").strip().lower() or "auto"
+        if attention not in ATTENTION_NAMES:
+            raise ValueError(f"{ATTENTION_ENV} must be one of {', '.join(ATTENTION_NAMES)}; got {attention!r}")
+        quantize = os.environ.get(QUANTIZE_ENV, "").strip()
+        return {"attention": attention if attention != "auto" else "chosen on the GPU",
+                "compile": resolve_compile(None),
+                "quantize": check_mode(quantize, QUANTIZE_ENV) if quantize else "none"}
     return {"attention": resolve_attention("auto", device), "compile": resolve_compile(None),
             "quantize": resolve_quantize(None, device)}
 
 
-def check_runtime(request: LoopRequest, device: str) -> None:
-    """The request's attention kernel and quantization checked against this server's device before the line (a
-    kernel that is not installed or does not fit the GPU: one line naming it and how to install it)."""
+def check_runtime(request: LoopRequest, device: str) -> str:
+    """The request's attention kernel and quantization checked against ``device`` before the model loads (a device
+    torch does not know, a kernel that is not installed or does not fit the GPU: one ``ValueError`` line naming it
+    and how to install it); returns the quantization the model is loaded with."""
     from loopui.models.accel import resolve_attention
     from loopui.models.quantize import resolve_quantize
 
     resolve_attention(request.attention, device)
-    resolve_quantize(request.quantize, device)
+    return resolve_quantize(request.quantize, device)
 
 
 def list_lora_dir(folder: Any) -> dict[str, str]:

@@ -75,7 +75,8 @@ class Studio:
                            loras=list_lora_dir(lora_dir) if lora_dir is not None else {})
         self.masks = MaskPreviews()
         self.pool = pool if pool is not None else device_pool(devices, self.has_gpu, zero_gpu)
-        self.knobs.runtime = requests.server_runtime(self.pool.devices[0])  # a bad LOOPUI_* setting fails here
+        # A bad LOOPUI_* setting fails here. ZeroGPU lends the GPU only inside a call: the engine checks there.
+        self.knobs.runtime = requests.server_runtime(None if zero_gpu else self.pool.devices[0])
         self.line = line if line is not None else WaitingLine(slots=self.pool.size)
         self.jobs = jobs if jobs is not None else JobRegistry()
 
@@ -119,7 +120,8 @@ class Studio:
                                       local_files_only=bool(getattr(loader, "local_files_only", False)),
                                       cache_dir=getattr(loader, "cache_dir", None))
         # Checked against this server's GPUs (all of one kind, or the CPU) before the line.
-        requests.check_runtime(plan.request, self.pool.devices[0])
+        if not self.zero_gpu:
+            requests.check_runtime(plan.request, self.pool.devices[0])
         return plan
 
     def page_loras(self, picks: Any, upload: Any, scale: Any, expert: Any) -> list[tuple]:
