@@ -189,8 +189,9 @@ def low_vram_section(bench: Any, model_id: str, height: int, width: int, frames:
                            mode)
     peak = out["run"]["peak_gib"]
     out["fits_24gb"] = None if peak is None else peak <= LOW_VRAM_GOAL_GIB
-    if hasattr(pipe, "remove_all_hooks"):
-        pipe.remove_all_hooks()
+    from loopui.models.memory import remove_offload
+
+    remove_offload(pipe)  # diffusers' group offload hooks too (accelerate's remove_all_hooks leaves them)
     del pipe
     return out
 

@@ -95,15 +95,16 @@ def fake_cuda(monkeypatch) -> FakeCuda:
         fake.placements.append(("sequential", str(device)))
         return model_offload(self, device="cpu")
 
-    group_offload = pipeline.enable_group_offload
+    from loopui.models import memory
 
-    def fake_group(self, onload_device=None, **kwargs):
+    group_offload = memory.place_group_offload
+
+    def fake_group(pipe, device):
         # CUDA streams cannot be made on a CPU: diffusers' real group offload hooks, onloading to the CPU.
-        fake.placements.append(("group", str(onload_device)))
-        kwargs.update(use_stream=False, record_stream=False)
-        return group_offload(self, onload_device=torch.device("cpu"), **kwargs)
+        fake.placements.append(("group", str(device)))
+        return group_offload(pipe, "cpu")
 
-    monkeypatch.setattr(pipeline, "enable_group_offload", fake_group)
+    monkeypatch.setattr(memory, "place_group_offload", fake_group)
     monkeypatch.setattr(pipeline, "to", fake_to)
     monkeypatch.setattr(pipeline, "enable_model_cpu_offload", fake_model_offload)
     monkeypatch.setattr(pipeline, "enable_sequential_cpu_offload", fake_sequential)

@@ -179,6 +179,12 @@ def test_group_offload_gives_the_same_loop_with_the_cycle_stop_and_loras(tmp_pat
     path = write_lora(stock.transformer, tmp_path / "style.safetensors", seed=3)
     memory.place(grouped, "group", "cpu")  # onload to the CPU: no streams there
     assert _is_group_offload_enabled(grouped.transformer) and _is_group_offload_enabled(grouped.text_encoder)
+    # The UMT5 text encoder keeps its blocks a level down (encoder.block): streamed block by block, not whole.
+    encoder_blocks = grouped.text_encoder.encoder.block
+    leaders = [m._diffusers_hook.get_hook(memory.GROUP_OFFLOAD_HOOKS[0]).group.offload_leader
+               for m in encoder_blocks]
+    assert leaders == list(encoder_blocks)
+    assert memory.block_lists(grouped.text_encoder) == ([encoder_blocks], ["encoder"])
     torch.testing.assert_close(_latents(grouped, shift_skip=2), _latents(stock, shift_skip=2), rtol=0, atol=0)
     torch.testing.assert_close(_latents(grouped, loras=[(str(path), 0.8)]),
                                _latents(stock, loras=[(str(path), 0.8)]), rtol=0, atol=0)

@@ -127,9 +127,11 @@ def memory_needs(spec: ModelSpec, pipe: Any) -> tuple[int, int, int]:
 
     The registry's figures (``vram_gb``, ``offload_vram_gb``) are for the stock weights; what quantization saved on
     the denoisers (measured: dense size minus the bytes held now) comes off both. The activations are what the
-    model-offload figure leaves beside the biggest stock component; group offload's peak is those activations
-    plus each denoiser's layers outside its repeated blocks plus ``GROUP_BLOCKS_RESIDENT`` of its biggest blocks
-    (the one computing, the one streaming in). The text encoder and the VAE stream the same way and peak lower.
+    model-offload figure leaves beside the biggest stock component. Group offload streams every component by its
+    block lists (:func:`block_lists`): a component holds its layers outside those lists plus
+    ``GROUP_BLOCKS_RESIDENT`` of its biggest blocks (the one computing, the one streaming in). Its peak is the
+    larger of a denoiser's share plus the activations, and any other component's share (the text encoder's: its
+    own activations are small).
     """
     from loopui.models.quantize import DENOISERS, module_bytes
 
@@ -141,16 +143,13 @@ def memory_needs(spec: ModelSpec, pipe: Any) -> tuple[int, int, int]:
     offload_figure = int((spec.offload_vram_gb or spec.vram_gb * MODEL_OFFLOAD_SHARE) * _GIB)
     activations = max(offload_figure - max(dense.values(), default=0), 0)
     offload_need = activations + max(held.values(), default=0)
-    streamed = 0
-    for name in DENOISERS:
-        module = modules.get(name)
-        if module is None:
-            continue
-        blocks = [b for blocks in _repeated_blocks(module) for b in blocks]
+    group_need = 0
+    for name, module in modules.items():
+        blocks = [b for blocks in block_lists(module)[0] for b in blocks]
         block_bytes = sorted((module_bytes(b) for b in blocks), reverse=True)
-        outside = held[name] - sum(block_bytes)
-        streamed = max(streamed, outside + sum(block_bytes[:GROUP_BLOCKS_RESIDENT]))
-    return need, min(offload_need, need), min(activations + streamed, need)
+        streamed = held[name] - sum(block_bytes) + sum(block_bytes[:GROUP_BLOCKS_RESIDENT])
+        group_need = max(group_need, streamed + (activations if name in DENOISERS else 0))
+    return need, min(offload_need, need), min(group_need, need)
 
 
 def _components(pipe: Any) -> list[tuple[str, Any]]:
@@ -165,12 +164,25 @@ def _dense_bytes(module: Any) -> int:
     return sum(t.numel() * t.element_size() for t in seen.values())
 
 
-def _repeated_blocks(module: Any) -> list[Any]:
-    """The ModuleLists of a denoiser's blocks (Wan ``blocks``, CogVideoX ``transformer_blocks``): what block-level
-    group offload streams one at a time."""
+def block_lists(module: Any) -> tuple[list[Any], list[str]]:
+    """(the block lists group offload streams one block at a time, the children holding them one level down).
+
+    diffusers' block-level grouping takes a module's top-level ``ModuleList`` / ``Sequential`` children (Wan
+    ``blocks``, CogVideoX ``transformer_blocks``) and puts everything else in one group. A transformers text encoder
+    keeps its blocks a level down (T5 / UMT5: ``encoder.block``), so it would stream whole -- Wan's UMT5-XXL is
+    ~10.6 GiB in bf16 at once. For such a module the second list names those children (``["encoder"]``), which
+    ``apply_group_offloading(..., block_modules=...)`` streams block by block too.
+    """
     import torch
 
-    return [child for child in module.children() if isinstance(child, torch.nn.ModuleList)]
+    sequences = (torch.nn.ModuleList, torch.nn.Sequential)
+    top = [child for child in module.children() if isinstance(child, sequences)]
+    if top:
+        return top, []
+    nested = [(name, [c for c in child.children() if isinstance(c, sequences)])
+              for name, child in module.named_children()]
+    nested = [(name, lists) for name, lists in nested if lists]
+    return [lst for _name, lists in nested for lst in lists], [name for name, _lists in nested]
 
 
 def fits_beside(spec: ModelSpec, device: str) -> bool:
@@ -260,9 +272,21 @@ def place_group_offload(pipe: Any, device: str) -> None:
     if any(hasattr(m, "_hf_hook") for _n, m in _components(pipe)):
         pipe.remove_all_hooks()
     pipe.to("cpu")
-    pipe.enable_group_offload(onload_device=onload, offload_device=torch.device("cpu"), offload_type="block_level",
-                              num_blocks_per_group=1, use_stream=streams, record_stream=streams,
-                              low_cpu_mem_usage=False)
+    from diffusers.hooks import apply_group_offloading
+
+    options = dict(onload_device=onload, offload_device=torch.device("cpu"), offload_type="block_level",
+                   num_blocks_per_group=1, use_stream=streams, record_stream=streams, low_cpu_mem_usage=False)
+    # What the pipeline's enable_group_offload does per component, except that a text encoder whose blocks sit a
+    # level down is streamed block by block (``block_modules``) instead of whole (its ``exclude_modules`` would put
+    # the excluded component on the GPU entirely).
+    for _name, component in _components(pipe):
+        parents = block_lists(component)[1]
+        if parents:
+            apply_group_offloading(component, block_modules=parents, **options)
+        elif hasattr(component, "enable_group_offload"):
+            component.enable_group_offload(**options)
+        else:
+            apply_group_offloading(component, **options)
 
 
 def remove_group_offload(pipe: Any) -> bool:
