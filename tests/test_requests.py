@@ -233,6 +233,18 @@ def test_how_the_model_runs_is_checked_before_the_line_and_locked_on_a_public_se
                             ({"quantize": "int8"}, "quantize: this public server")]:
         with pytest.raises(ValueError, match=message):
             public.build_request({**ok, **change})
+    # A public server that compiles keeps its own kernel: another one would compile again for everyone.
+    import loopui.studio.requests as requests_module
+
+    wan = Studio(model_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", public=True, has_gpu=False,
+                 output_root=tmp_path / "w", manager=object())
+    wan.knobs.runtime = {"attention": "sage", "compile": True, "quantize": "none"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(requests_module, "check_runtime", lambda request, device: "none")  # as on its GPU
+        assert wan.build_request({**ok, "attention": "sage"}).request.attention == "sage"
+        with pytest.raises(ValueError, match=r"attention: this public server compiles its model for its own kernel "
+                                             r"\(sage\)"):
+            wan.build_request({**ok, "attention": "flash"})
 
 
 def test_the_page_offers_the_kernels_a_model_can_use_and_says_what_auto_is_here(tmp_path, monkeypatch):

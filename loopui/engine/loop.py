@@ -161,13 +161,13 @@ def _apply_accel(modules: list, attention: str, compiled: bool) -> None:
             accel.uncompile_blocks(module)  # a pipeline compiled by an earlier call runs eagerly again
 
 
-def _compile_key(plan: LoopPlan, dtype: torch.dtype) -> tuple:
-    """What fixes the shapes (and the LoRA layers) the compiled blocks see in one call: the loop's rotations keep
-    every shape of a call fixed, so a new key is a first compilation."""
+def _compile_key(plan: LoopPlan, dtype: torch.dtype, attention: str) -> tuple:
+    """What fixes the shapes (and the LoRA layers and the attention kernel) the compiled blocks see in one call: the
+    loop's rotations keep every shape of a call fixed, so a new key is a first compilation."""
     window = plan.spec.trained_latent_frames if plan.request.window_mode == "window" else None
     loras = tuple((lora.sha256, lora.scale, lora.expert) for lora in plan.lora_files or ())
     return (plan.height, plan.width, plan.num_latents, window, plan.guidance_scale > 1, plan.image_to_video,
-            str(dtype), loras)
+            str(dtype), loras, attention)
 
 
 def _prepare_conditioning(pipe: Any, family: Family, plan: LoopPlan, device: Any, dtype: torch.dtype,
@@ -365,7 +365,7 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         # 4. Attention kernel and compiled blocks; hooks: transformer forward(s), rotary tables, step callback (and,
         # for I2V, the clean estimate)
         _apply_accel(family.denoisers(pipe), attention, compiled)
-        compile_key = _compile_key(plan, dtype)
+        compile_key = _compile_key(plan, dtype, attention)
         window = spec.trained_latent_frames if request.window_mode == "window" else None
         condition = family.condition_latent_channels(pipe)
         image_channel = None

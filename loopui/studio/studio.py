@@ -122,6 +122,11 @@ class Studio:
         # Checked against this server's GPUs (all of one kind, or the CPU) before the line.
         if not self.zero_gpu:
             requests.check_runtime(plan.request, self.pool.devices[0])
+        server = self.knobs.runtime
+        if self.public and server["compile"] and plan.request.attention not in ("auto", server["attention"]):
+            raise ValueError(f"attention: this public server compiles its model for its own kernel "
+                             f"({server['attention']}); another would compile it again for everyone: leave "
+                             f"attention auto")
         return plan
 
     def page_loras(self, picks: Any, upload: Any, scale: Any, expert: Any) -> list[tuple]:
