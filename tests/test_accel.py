@@ -300,7 +300,7 @@ def test_compiled_blocks_make_the_same_loop_and_compile_once_per_size(wan_pipe):
 
 def test_stop_acts_between_compiled_blocks(wan_pipe):
     blocks = list(wan_pipe.transformer.blocks)
-    accel.compile_blocks(wan_pipe.transformer)
+    generate_loop(wan_pipe, LoopRequest(**RUN, compile=True), output_type="latent")  # compiled at this size
     start = accel.compile_count()
     stop = threading.Event()
     after_stop: list[int] = []

@@ -52,12 +52,6 @@ def cancel_checkpoint(module: Any, cancel_event: Optional[threading.Event],
             handle.remove()
 
 
-def transformer_blocks(module: Any) -> list:
-    """The blocks of a diffusers transformer: every entry of its top-level ``nn.ModuleList`` attributes
-    (CogVideoX's ``transformer_blocks``, Wan's ``blocks``)."""
-    return [block for child in module.children() if isinstance(child, torch.nn.ModuleList) for block in child]
-
-
 def _on_accelerator(pipe: Any) -> bool:
     device = getattr(pipe, "_execution_device", None)
     return device is not None and torch.device(device).type not in ("cpu", "meta")

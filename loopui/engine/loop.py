@@ -32,7 +32,7 @@ from .decode import decode_with_still, video_to_uint8
 from .families import Family, family_for
 from .families.base import patch_attribute
 from .errors import LoopInterrupted
-from .guards import cancel_checkpoint, ensure_finite, transformer_blocks, vae_memory_defaults
+from .guards import cancel_checkpoint, ensure_finite, vae_memory_defaults
 from .locks import holds_pipeline_lock
 from .noise import clean_estimate
 from .plan import LoopPlan, plan_loop
@@ -408,7 +408,7 @@ def generate_loop(pipe, request: Optional[LoopRequest], output_type: str = "np",
         with ExitStack() as hooks, torch.no_grad():
             for module, denoiser in zip(family.denoisers(pipe), denoisers):
                 hooks.enter_context(patch_attribute(module, "forward", denoiser))
-                hooks.enter_context(cancel_checkpoint(transformer_blocks(module), cancel_event, stop_in_call))
+                hooks.enter_context(cancel_checkpoint(accel.transformer_blocks(module), cancel_event, stop_in_call))
             hooks.enter_context(family.rope_scaled(pipe, plan.rope_scale))
             hooks.enter_context(scheduled(sched, plan.sigmas, generator))
             # The I2V estimate channel reads the clean estimate, and the image controls pull clean parts with it.

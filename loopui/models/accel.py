@@ -296,6 +296,13 @@ def compiled_blocks(module: Any) -> list:
     repeated = getattr(module, "_repeated_blocks", None)
     if repeated:
         return [m for m in module.modules() if type(m).__name__ in repeated]
+    return transformer_blocks(module)
+
+
+def transformer_blocks(module: Any) -> list:
+    """The blocks of a diffusers transformer: every entry of its top-level ``nn.ModuleList`` attributes
+    (CogVideoX's ``transformer_blocks``, Wan's ``blocks``) -- what the Stop check hooks and regional compilation
+    covers where the model lists no ``_repeated_blocks``."""
     return [block for child in module.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
