@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import threading
 
 import pytest
 import torch
 
-from loopui.engine import LoopInterrupted, LoopRequest, generate_loop
+from loopui.engine import LoopRequest, generate_loop
 from loopui.engine.request import ATTENTION_BACKENDS
 from loopui.models import accel
+from stopping import blocks_run_after_stop
 
 WAN = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 RUN = dict(prompt="a red fox", num_inference_steps=2, num_frames=9, height=32, width=48, seed=1)
@@ -302,24 +302,7 @@ def test_stop_acts_between_compiled_blocks(wan_pipe):
     blocks = list(wan_pipe.transformer.blocks)
     generate_loop(wan_pipe, LoopRequest(**RUN, compile=True), output_type="latent")  # compiled at this size
     start = accel.compile_count()
-    stop = threading.Event()
-    after_stop: list[int] = []
-
-    def record(index: int):
-        def hook(module, args, output):
-            if index == 0 and not stop.is_set():
-                stop.set()  # Stop arrives while the call is in its first block
-            elif stop.is_set():
-                after_stop.append(index)
-        return hook
-
-    handles = [block.register_forward_hook(record(i)) for i, block in enumerate(blocks)]
-    try:
-        with pytest.raises(LoopInterrupted, match="stopped during step 1 of 2"):
-            generate_loop(wan_pipe, LoopRequest(**RUN, compile=True), cancel_event=stop)
-    finally:
-        for handle in handles:
-            handle.remove()
+    after_stop = blocks_run_after_stop(wan_pipe, blocks, LoopRequest(**RUN, compile=True), "stopped during step 1 of 2")
     assert after_stop == []
     assert all(block._forward_pre_hooks == {} for block in blocks)
     assert accel.compile_count() == start  # the checks run around the compiled forward: no recompilation

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from loopui.engine import LoopInterrupted, LoopRequest, generate_loop
+from loopui.engine import LoopRequest, generate_loop
+from stopping import blocks_run_after_stop
 
 SMALL = dict(prompt="a red ball", height=32, width=48, num_frames=9, guidance_scale=6.0)
 
@@ -177,24 +178,8 @@ def test_stop_acts_between_transformer_blocks_and_the_checks_go_away(three_block
     after each step, so a call of 16 minutes ran to its end."""
     pipe = three_block_pipe
     blocks = list(pipe.transformer.transformer_blocks)
-    stop = threading.Event()
-    after_stop: list[int] = []
-
-    def record(index: int):
-        def hook(module, args, output):
-            if index == 0 and not stop.is_set():
-                stop.set()  # Stop arrives while the call is in its first block
-            elif stop.is_set():
-                after_stop.append(index)
-        return hook
-
-    handles = [block.register_forward_hook(record(i)) for i, block in enumerate(blocks)]
-    try:
-        with pytest.raises(LoopInterrupted, match="stopped during step 1 of 2"):
-            generate_loop(pipe, LoopRequest(**SMALL, num_inference_steps=2), cancel_event=stop)
-    finally:
-        for handle in handles:
-            handle.remove()
+    after_stop = blocks_run_after_stop(pipe, blocks, LoopRequest(**SMALL, num_inference_steps=2),
+                                       "stopped during step 1 of 2")
     assert after_stop == []
     assert all(block._forward_pre_hooks == {} for block in blocks)  # the checks are gone again
     # Without a Stop the checks change nothing: the same loop as with no cancel event at all.
