@@ -291,6 +291,49 @@ def test_api_step_cache_loop_skips_model_calls(app):
     assert loop["settings"]["model_calls"] < off["settings"]["model_calls"]
 
 
+def test_api_chooses_how_the_model_runs_and_the_sidecar_says_what_ran(app):
+    """``attention``, ``compile`` and ``quantize`` over the API: int8 loads the model with int8 transformer weights
+    (the status line says so), the sidecar records the kernel that ran; a kernel this server cannot run is one
+    line naming ``attention``, and the app keeps serving."""
+    _, client = app
+    small = dict(prompt="ocean waves", num_inference_steps=2, height=32, width=48, num_frames=9, seed=3)
+    *_, files, status = client.predict(attention="native", compile=False, quantize="int8", api_name="/generate",
+                                       **small)
+    settings = _sidecar(files)["settings"]
+    assert (settings["attention"], settings["compile"], settings["quantize"]) == ("native", False, "int8")
+    assert "(int8 transformer)" in status and "attention native" in status
+    with pytest.raises(AppError, match="attention 'sage'"):
+        client.predict(attention="sage", api_name="/generate", **small)
+    *_, status = client.predict(api_name="/generate", **small)
+    assert "Done." in status and "int8" not in status  # the server's own setting again: no quantization
+
+
+def test_a_gallery_click_restores_the_kernel_compile_quantize_and_recipe(tmp_path):
+    from types import SimpleNamespace
+
+    from loopui.studio.results import HistoryEntry
+    from loopui.ui.events import RESTORED_OTHERS, Handlers
+    from loopui.ui.updates import FOLLOW_MODEL
+
+    handlers = Handlers(demo_studio(tmp_path, manager=object()))
+    wan = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    values = {"prompt": "x", "num_frames": 81, "seed": 1, "attention": "sage", "compile": True, "quantize": "int8",
+              "recipe": "causvid-3step"}
+    entry = HistoryEntry(index=1, model=wan, values=values, video="v.mp4", files=[], strip="s.png", thumb="t.png",
+                         caption="#1")
+    out = handlers.restore([entry], SimpleNamespace(index=0))
+    follow = dict(zip(FOLLOW_MODEL, out[1:1 + len(FOLLOW_MODEL)]))
+    others = dict(zip(RESTORED_OTHERS, out[1 + len(FOLLOW_MODEL):]))
+    assert follow["attention"]["value"] == "sage" and follow["recipe"]["value"] == "causvid-3step"
+    assert (others["compile"], others["quantize"]) == ("on", "int8")  # the dropdowns' own spellings
+    # On CogVideoX the kernel stays auto (the model offers no other); "automatic" compile shows as auto.
+    entry.model, entry.values = "THUDM/CogVideoX-5b", {**values, "compile": None, "quantize": None}
+    out = handlers.restore([entry], SimpleNamespace(index=0))
+    follow = dict(zip(FOLLOW_MODEL, out[1:1 + len(FOLLOW_MODEL)]))
+    others = dict(zip(RESTORED_OTHERS, out[1 + len(FOLLOW_MODEL):]))
+    assert follow["attention"]["value"] == "auto" and (others["compile"], others["quantize"]) == ("auto", "auto")
+
+
 def test_api_uses_the_lora_dirs_files_and_public_mode_only_those(app, tmp_path, monkeypatch):
     """A LoRA written in code into the server's --lora-dir is named by its file name (the sidecar records its
     sha256); in public mode any other LoRA is refused by name, and a broken file is one line naming ``loras``."""

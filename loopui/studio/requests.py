@@ -32,6 +32,13 @@ REQUEST_FIELDS: tuple[str, ...] = (
 # The page's compile dropdown: "auto" = the server's setting (LoopRequest.compile = None).
 COMPILE_CHOICES = {"auto": None, "on": True, "off": False}
 
+
+def page_compile(value: Any) -> str:
+    """A request's ``compile`` (None, True, False, or the dropdown's own text) as the page's dropdown shows it."""
+    if value is True or value is False:
+        return "on" if value else "off"
+    return value if isinstance(value, str) and value in COMPILE_CHOICES else "auto"
+
 # Public mode (a shared server, e.g. a Space): what one request may ask for at most.
 # Wan 2.1 1.3B's native 832x480 at 81 frames and Wan 2.2 5B's 121 frames fit; 720p and longer cycles do not.
 # Uploads are capped per input by file size (a clip is larger than an image); the decoded size has the engine's own

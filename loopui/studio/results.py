@@ -123,6 +123,7 @@ def loop_outcome(index: int, render: Any, stem: Path, loaded: Any, notes: Option
 def history_entry(outcome: LoopOutcome, values: dict, model_id: str) -> HistoryEntry:
     """A gallery entry: the UI values that made the loop (to restore them) and its files."""
     kept = {name: values.get(name) for name in RESTORED_FIELDS}
+    kept["recipe"] = values.get("recipe")
     prompt = str(values.get("prompt") or "")
     short = prompt if len(prompt) <= 40 else prompt[:39] + "…"
     seam = "" if outcome.seam_ratio is None else f" · seam {outcome.seam_ratio:.2f}"

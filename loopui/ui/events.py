@@ -22,7 +22,7 @@ from loopui.messages import one_line
 from loopui.studio import Studio, requests
 from loopui.studio.jobs import LeftLine, ProgressClock
 from loopui.studio.knobs import RESOLUTION_PRESETS, help_text, model_spec, shift_note
-from loopui.studio.requests import REQUEST_FIELDS
+from loopui.studio.requests import REQUEST_FIELDS, page_compile
 from loopui.studio.results import MAX_HISTORY, RESTORED_FIELDS, HistoryEntry, error_text, history_entry
 from loopui.ui.components import Page
 from loopui.ui.updates import (
@@ -314,6 +314,13 @@ class Handlers:
                      "flow_shift", "sigmas", "image_channel", "fps"):
             if values.get(name) is not None or name in ("flow_shift", "sigmas"):
                 updates[name] = {**updates[name], "value": values.get(name)}
+        # The speed recipe and the kernel, where the loop's model offers them (a kernel chosen as "auto" stays so).
+        for name, offered in (("recipe", updates["recipe"].get("choices") or []),
+                              ("attention", updates["attention"].get("choices") or [])):
+            if values.get(name) and values[name] in [c[1] if isinstance(c, tuple) else c for c in offered]:
+                updates[name] = {**updates[name], "value": values[name]}
+        values["compile"] = page_compile(values.get("compile"))
+        values["quantize"] = values.get("quantize") or "auto"
         used = [what for what, flag in (("a reference image", entry.used_image), ("a clip", entry.used_video),
                                         ("LoRAs", entry.used_loras)) if flag]
         plural = len(used) > 1 or used == ["LoRAs"]
