@@ -304,7 +304,7 @@ def test_a_gpu_server_generates_at_the_native_size_from_empty_size_boxes(tmp_pat
                 page.goto(demo.local_url, wait_until="domcontentloaded")
                 page.locator("#loopui-generate").wait_for(state="visible", timeout=60000)
                 # Empty once the page has loaded (the load event sets the boxes; before it they showed 0).
-                page.wait_for_function("() => document.querySelector('#loopui-width input').value === ''",
+                page.wait_for_function("() => document.querySelector('#loopui-width input')?.value === ''",
                                        timeout=10000)
                 page.locator("#loopui-prompt textarea").fill("waves")
                 steps = page.locator("#loopui-steps input[type=number]")
