@@ -129,7 +129,8 @@ def test_auto_takes_the_server_setting_first(gpu, monkeypatch):
     assert accel.resolve_attention("native", "cuda") == "native"  # a request that names one wins
     assert accel.resolve_attention("auto", "cpu") == "native"  # a GPU setting does not apply on a CPU
     monkeypatch.setenv(accel.ATTENTION_ENV, "sage")
-    with pytest.raises(ValueError, match=r"^attention 'sage': SageAttention 2 is not installed .*pip install "
+    with pytest.raises(ValueError, match=r"^LOOPUI_ATTENTION=sage: attention 'sage': SageAttention 2 is not "
+                                         r"installed .*pip install "
                                          r"sageattention.*requirements-gpu.txt"):
         accel.resolve_attention("auto", "cuda")
     monkeypatch.setenv(accel.ATTENTION_ENV, "fastest")

@@ -221,6 +221,13 @@ def test_zero_gpu_loads_the_model_at_start_up_and_sizes_the_gpu_time(zero_gpu, m
     assert studio.zero_gpu and studio.pool.devices == ["cuda"] and built["launched"]
     # The GPU is not asked at start-up (ZeroGPU lends it only inside a call): the kernel is chosen there.
     assert studio.knobs.runtime == {"attention": "chosen on the GPU", "compile": False, "quantize": "none"}
+    # Compiling there would compile again in every fresh worker: refused at start, in one line naming the setting.
+    from loopui.studio.requests import server_runtime
+
+    monkeypatch.setenv("LOOPUI_COMPILE", "1")
+    with pytest.raises(ValueError, match="^LOOPUI_COMPILE: a ZeroGPU Space"):
+        server_runtime(None)
+    monkeypatch.delenv("LOOPUI_COMPILE")
     # Loaded before the page was built (so before any visitor's GPU call), all on the GPU.
     assert built["loads_before_build"] == 1
     (model,) = studio.manager.loaded()

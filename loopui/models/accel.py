@@ -165,7 +165,10 @@ def resolve_attention(name: Optional[str], device: Any, dtype: Any = None, paral
             if capability is None and server != "native":
                 logger.info("%s=%s does not apply on %s: attention native", ATTENTION_ENV, server, device)
                 return "native"
-            return resolve_attention(server, device, dtype, parallel)
+            try:
+                return resolve_attention(server, device, dtype, parallel)
+            except ValueError as exc:  # the server's setting, not the request, names the kernel
+                raise ValueError(f"{ATTENTION_ENV}={server}: {exc}") from None
         if capability is None:
             return "native"
         for candidate in AUTO_ORDER:

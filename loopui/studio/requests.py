@@ -126,6 +126,9 @@ def server_runtime(device: Optional[str]) -> dict:
     from loopui.models.quantize import QUANTIZE_ENV, check_mode, resolve_quantize
 
     if device is None:
+        if resolve_compile(None):
+            raise ValueError("LOOPUI_COMPILE: a ZeroGPU Space may run each call in a fresh worker, which would compile "
+                             "the model again every time; unset it")
         attention = os.environ.get(ATTENTION_ENV, "").strip().lower() or "auto"
         if attention not in ATTENTION_NAMES:
             raise ValueError(f"{ATTENTION_ENV} must be one of {', '.join(ATTENTION_NAMES)}; got {attention!r}")
