@@ -60,6 +60,7 @@ __all__ = ["ATTENTION_KERNELS", "AttentionKernel", "compile_blocks", "compile_co
            "use_attention"]
 
 ATTENTION_ENV = "LOOPUI_ATTENTION"
+_BACKEND_LOCK = threading.Lock()
 COMPILE_ENV = "LOOPUI_COMPILE"
 _TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
@@ -243,15 +244,17 @@ def use_attention(modules: Iterable[Any], name: str) -> None:
             continue
         if getattr(module, "_loopui_attention", None) == name:
             continue
-        previous = _AttentionBackendRegistry._active_backend
-        try:
-            module.set_attention_backend(ATTENTION_KERNELS[name].backend)
-        except (RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"attention {name!r}: {first}") from exc
-        finally:
-            # set_attention_backend also makes its backend the process-wide default for processors without one.
-            _AttentionBackendRegistry.set_active_backend(previous)
+        # set_attention_backend also makes its backend the process-wide default for processors without one: put it
+        # back, under a lock, since pipelines on other devices switch their kernels from other threads.
+        with _BACKEND_LOCK:
+            previous = _AttentionBackendRegistry._active_backend
+            try:
+                module.set_attention_backend(ATTENTION_KERNELS[name].backend)
+            except (RuntimeError, ValueError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ValueError(f"attention {name!r}: {first}") from exc
+            finally:
+                _AttentionBackendRegistry.set_active_backend(previous)
         module._loopui_attention = name
         logger.info("attention %s on %s", name, type(module).__name__)
 
