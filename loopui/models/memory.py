@@ -137,7 +137,7 @@ def memory_needs(spec: ModelSpec, pipe: Any) -> tuple[int, int, int]:
 
     modules = {name: m for name, m in _components(pipe)}
     held = {name: module_bytes(m) for name, m in modules.items()}
-    dense = {name: _dense_bytes(m) for name, m in modules.items()}
+    dense = {name: module_bytes(m, dense=True) for name, m in modules.items()}
     saved = sum(dense[n] - held[n] for n in modules)
     need = max(int(spec.vram_gb * _GIB) - saved, 0)
     offload_figure = int((spec.offload_vram_gb or spec.vram_gb * MODEL_OFFLOAD_SHARE) * _GIB)
@@ -156,12 +156,6 @@ def _components(pipe: Any) -> list[tuple[str, Any]]:
     import torch
 
     return [(name, c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
-
-
-def _dense_bytes(module: Any) -> int:
-    # A torchao tensor reports its logical shape and dtype: the size it had before quantization.
-    seen: dict[int, Any] = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def block_lists(module: Any) -> tuple[list[Any], list[str]]:

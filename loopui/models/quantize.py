@@ -178,15 +178,16 @@ def check_pipeline_quantization(pipe: Any, wanted: Optional[str]) -> None:
                          f"ModelManager(quantize={wanted!r}) or quantize_pipeline(pipe, {wanted!r})")
 
 
-def module_bytes(module: Any) -> int:
-    """Bytes the parameters and buffers of ``module`` occupy (a torchao tensor: its inner data and scales)."""
+def module_bytes(module: Any, dense: bool = False) -> int:
+    """Bytes the parameters and buffers of ``module`` occupy (a torchao tensor: its inner data and scales); with
+    ``dense``, the bytes they had before quantization (a torchao tensor reports its logical shape and dtype)."""
     total = 0
     seen: set[int] = set()
     for tensor in _tensors(module):
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        total += tensor_bytes(tensor)
+        total += tensor.numel() * tensor.element_size() if dense else tensor_bytes(tensor)
     return total
 
 
