@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 STEPS_FOR_LOOP = 50
-KERNELS = ("flash", "flash3", "sage", "xformers")
 LOW_VRAM_GOAL_GIB = 24.0
 
 
@@ -39,10 +38,10 @@ def flops_for(bench: Any, model_id: str, height: int, width: int, frames: int):
 
 def installed_kernels(device: str) -> tuple[list[str], dict]:
     """The attention kernels that resolve on ``device``, and why each other one does not."""
-    from loopui.models.accel import resolve_attention
+    from loopui.models.accel import ATTENTION_KERNELS, resolve_attention
 
     ok, missing = [], {}
-    for name in KERNELS:
+    for name in (n for n in ATTENTION_KERNELS if n != "native"):  # the library's own table of kernels
         try:
             ok.append(resolve_attention(name, device))
         except ValueError as exc:
